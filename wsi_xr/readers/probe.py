@@ -1,0 +1,313 @@
+"""Inspect a slide file safely, with tifffile, before any decoder touches it.
+
+cuCIM crashes the interpreter on some valid files (a tiled Deflate TIFF segfaults
+cucim 26.10 on open) and mis-decodes others. :func:`probe` reads only the TIFF
+structure (IFDs, tags, the first bytes of one tile) and decides which backend may read
+the file. Nothing here decodes pixels.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import tifffile
+
+from wsi_xr.errors import SlideOpenError, UnsupportedFormatError
+
+#: TIFF compression codes (tag 259) that cuCIM 26.10 decodes correctly on CPU.
+CUCIM_SAFE_COMPRESSIONS = frozenset({1, 7})  # none, JPEG
+#: Plausible microns per pixel; resolution tags outside this range are placeholders.
+_MPP_RANGE = (0.02, 100.0)
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    """One resolution level of a slide.
+
+    ``downsample`` is the level-0 size divided by this level's size, per axis.
+    ``tile_width``/``tile_height`` are the TIFF tile size, 0 for a stripped page.
+    """
+
+    index: int
+    width: int
+    height: int
+    downsample_x: float
+    downsample_y: float
+    tile_width: int
+    tile_height: int
+    compression: int
+    compression_name: str
+
+    @property
+    def downsample(self) -> float:
+        """The mean downsample of both axes (the OpenSlide convention)."""
+        return (self.downsample_x + self.downsample_y) / 2.0
+
+    @property
+    def tiled(self) -> bool:
+        """Whether this level is stored in TIFF tiles (not strips)."""
+        return self.tile_width > 0
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What :func:`probe` learns about a slide file without decoding pixels."""
+
+    path: str
+    file_size: int
+    mtime_ns: int
+    vendor: str
+    levels: tuple[LevelInfo, ...]
+    mpp: float | None
+    photometric: str
+    samples_per_pixel: int
+    cucim_safe: bool
+    cucim_unsafe_reason: str | None
+
+    @property
+    def width(self) -> int:
+        """Level-0 width in pixels."""
+        return self.levels[0].width
+
+    @property
+    def height(self) -> int:
+        """Level-0 height in pixels."""
+        return self.levels[0].height
+
+    @property
+    def tile_size(self) -> tuple[int, int]:
+        """Level-0 TIFF tile (height, width); (0, 0) for a stripped file."""
+        return self.levels[0].tile_height, self.levels[0].tile_width
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready description (used by ``wsi-xr info --json``)."""
+        return {
+            "path": self.path,
+            "file_size": self.file_size,
+            "vendor": self.vendor,
+            "mpp": self.mpp,
+            "photometric": self.photometric,
+            "cucim_safe": self.cucim_safe,
+            "cucim_unsafe_reason": self.cucim_unsafe_reason,
+            "levels": [
+                {
+                    "level": lv.index,
+                    "width": lv.width,
+                    "height": lv.height,
+                    "downsample": round(lv.downsample, 6),
+                    "tile_width": lv.tile_width,
+                    "tile_height": lv.tile_height,
+                    "compression": lv.compression_name,
+                }
+                for lv in self.levels
+            ],
+        }
+
+
+def check_path(path: str | os.PathLike[str]) -> Path:
+    """Return ``path`` as an absolute Path, or raise :class:`SlideOpenError` saying why not."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise SlideOpenError(f"{p}: no such file. Check the path (relative paths are taken from {Path.cwd()}).")
+    if p.is_dir():
+        raise SlideOpenError(f"{p}: is a directory, not a slide file. Pass the path of a .svs/.tif/.tiff file.")
+    if p.stat().st_size == 0:
+        raise SlideOpenError(f"{p}: is empty (0 bytes). The file was not copied or written completely.")
+    return p.resolve()
+
+
+def probe(path: str | os.PathLike[str]) -> SlideInfo:
+    """Inspect ``path`` with tifffile and describe it; decodes no pixels.
+
+    Raises
+    ------
+    SlideOpenError
+        The file is missing, empty, a directory, or not a TIFF.
+    UnsupportedFormatError
+        A TIFF whose pixel layout or compression no backend can decode.
+    """
+    p = check_path(path)
+    stat = p.stat()
+    try:
+        with tifffile.TiffFile(p) as tf:
+            return _describe(tf, p, stat.st_size, stat.st_mtime_ns)
+    except (SlideOpenError, UnsupportedFormatError):
+        raise
+    except tifffile.TiffFileError as err:
+        raise SlideOpenError(
+            f"{p}: not a readable TIFF slide ({err}). wsi_xr reads Aperio SVS, Philips TIFF and "
+            "generic tiled TIFF files; check that this is one and that it was copied completely."
+        ) from err
+    except Exception as err:  # damaged structures make tifffile raise many types
+        raise SlideOpenError(
+            f"{p}: the TIFF structure is damaged ({type(err).__name__}: {err}). "
+            "The file is probably truncated or corrupt; copy it again from its source."
+        ) from err
+
+
+def _describe(tf: tifffile.TiffFile, p: Path, size: int, mtime_ns: int) -> SlideInfo:
+    if not tf.series:
+        raise UnsupportedFormatError(f"{p}: TIFF without any image. Nothing to read.")
+    series = tf.series[0]
+    pages = [level.keyframe for level in series.levels]
+    first = pages[0]
+    vendor = "aperio" if tf.is_svs else "philips" if tf.is_philips else "generic-tiff"
+    _check_pixel_layout(p, first)
+
+    base_h, base_w = int(first.imagelength), int(first.imagewidth)
+    levels = []
+    for index, page in enumerate(pages):
+        _check_compression(p, page)
+        _check_pixel_layout(p, page)
+        h, w = int(page.imagelength), int(page.imagewidth)
+        code = int(page.compression)
+        levels.append(
+            LevelInfo(
+                index=index,
+                width=w,
+                height=h,
+                downsample_x=base_w / w,
+                downsample_y=base_h / h,
+                tile_width=int(page.tilewidth),
+                tile_height=int(page.tilelength),
+                compression=code,
+                compression_name=_compression_name(code),
+            )
+        )
+    reason = _cucim_unsafe_reason(tf, pages)
+    return SlideInfo(
+        path=str(p),
+        file_size=size,
+        mtime_ns=mtime_ns,
+        vendor=vendor,
+        levels=tuple(levels),
+        mpp=_microns_per_pixel(tf, first),
+        photometric=_photometric_name(first),
+        samples_per_pixel=int(first.samplesperpixel),
+        cucim_safe=reason is None,
+        cucim_unsafe_reason=reason,
+    )
+
+
+def _compression_name(code: int) -> str:
+    try:
+        return tifffile.COMPRESSION(code).name.lower()
+    except ValueError:
+        return f"unknown-{code}"
+
+
+def _photometric_name(page: tifffile.TiffPage) -> str:
+    try:
+        return tifffile.PHOTOMETRIC(int(page.photometric)).name.lower()
+    except ValueError:
+        return f"unknown-{int(page.photometric)}"
+
+
+def _check_compression(p: Path, page: tifffile.TiffPage) -> None:
+    code = int(page.compression)
+    try:
+        tifffile.COMPRESSION(code)
+        known = code == 1 or code in tifffile.TIFF.DECOMPRESSORS
+    except (ValueError, KeyError):
+        known = False
+    if not known:
+        raise UnsupportedFormatError(
+            f"{p}: TIFF compression {_compression_name(code)} (code {code}) cannot be decoded by "
+            "cuCIM or tifffile/imagecodecs. Convert the slide, e.g. with "
+            "`tifffile`/`vips tiffsave --compression jpeg --tile --pyramid`."
+        )
+
+
+def _check_pixel_layout(p: Path, page: tifffile.TiffPage) -> None:
+    if page.dtype is None or page.dtype.itemsize != 1 or page.dtype.kind != "u":
+        raise UnsupportedFormatError(
+            f"{p}: pixels are {page.dtype}, wsi_xr reads 8-bit brightfield RGB slides. "
+            "Convert the image to 8-bit RGB."
+        )
+    if int(page.samplesperpixel) not in (3, 4):
+        raise UnsupportedFormatError(
+            f"{p}: {page.samplesperpixel} sample(s) per pixel; wsi_xr reads RGB or RGBA slides. "
+            "Convert the image to RGB."
+        )
+
+
+def _cucim_unsafe_reason(tf: tifffile.TiffFile, pages: list[tifffile.TiffPage]) -> str | None:
+    """Why cuCIM must not open this file, or ``None`` when it can do so safely."""
+    for page in pages:
+        code = int(page.compression)
+        if code not in CUCIM_SAFE_COMPRESSIONS:
+            return f"{_compression_name(code)} compression (cuCIM 26.10 crashes or fails on it)"
+        if code == 7 and not page.is_tiled:
+            return "JPEG-compressed strips (cuCIM reads only tiled JPEG)"
+        if int(page.planarconfig) != 1:
+            return "separate colour planes (planar configuration 2)"
+        if code == 7 and _photometric_name(page) == "rgb" and _jpeg_stream_is_ycbcr(tf, page):
+            return "JPEG tiles hold YCbCr data but the TIFF says RGB (cuCIM decodes wrong colours)"
+    return None
+
+
+def _jpeg_stream_is_ycbcr(tf: tifffile.TiffFile, page: tifffile.TiffPage) -> bool:
+    """Whether the first JPEG tile of ``page`` declares YCbCr colour (JFIF or Adobe marker).
+
+    Aperio writes RGB JPEG tiles (component ids 1,2,3 with no colour marker) under an
+    RGB photometric tag; decoders honour the tag. A JFIF APP0 or an Adobe APP14 with a
+    colour transform says the data are YCbCr, which only tifffile then decodes right.
+    """
+    offsets, counts = page.dataoffsets, page.databytecounts
+    index = next((i for i, n in enumerate(counts) if n > 0), None)
+    if index is None:
+        return False
+    fh = tf.filehandle
+    fh.seek(offsets[index])
+    head = fh.read(min(int(counts[index]), 4096))
+    return _declares_ycbcr(head) or (page.jpegtables is not None and _declares_ycbcr(page.jpegtables))
+
+
+def _declares_ycbcr(stream: bytes) -> bool:
+    i = 2 if stream[:2] == b"\xff\xd8" else 0
+    while i + 4 <= len(stream) and stream[i] == 0xFF:
+        marker = stream[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = int.from_bytes(stream[i + 2 : i + 4], "big")
+        body = stream[i + 4 : i + 2 + length]
+        if marker == 0xE0 and body.startswith(b"JFIF"):
+            return True
+        if marker == 0xEE and body.startswith(b"Adobe") and len(body) >= 12:
+            return body[11] != 0
+        if marker == 0xDA:  # start of scan: no more headers
+            break
+        i += 2 + length
+    return False
+
+
+_APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)")
+
+
+def _microns_per_pixel(tf: tifffile.TiffFile, page: tifffile.TiffPage) -> float | None:
+    """µm per level-0 pixel from Aperio, Philips or TIFF resolution tags; None if unknown."""
+    candidates: list[float] = []
+    match = _APERIO_MPP.search(page.description or "")
+    if match:
+        candidates.append(float(match.group(1)))
+    if tf.is_philips:
+        meta = tf.philips_metadata or ""
+        spacing = re.search(r'Name="DICOM_PIXEL_SPACING"[^>]*>\s*"?([0-9.eE+-]+)', meta)
+        if spacing:
+            candidates.append(float(spacing.group(1)) * 1000.0)  # millimetres
+    unit = page.tags.get("ResolutionUnit")
+    xres = page.tags.get("XResolution")
+    if unit is not None and xres is not None:
+        num, den = xres.value
+        pixels_per_unit = num / den if den else 0.0
+        per_unit_um = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+        if per_unit_um and pixels_per_unit > 0:
+            candidates.append(per_unit_um / pixels_per_unit)
+    for mpp in candidates:
+        if _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1]:
+            return float(mpp)
+    return None

@@ -1,0 +1,237 @@
+"""A slide as a lazy, chunked xarray object.
+
+:func:`open_slide` gives one level as an ``xr.DataArray`` ``(y, x, c)`` backed by a Dask
+array whose every block is one reader call; :func:`open_pyramid` gives every level as
+an ``xr.DataTree``. Coordinates are level-0 pixel offsets of each pixel's top-left
+corner, so arrays of different levels (and tile grids) align by label.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+from dask.base import tokenize
+
+from wsi_xr.errors import InvalidArgumentError
+from wsi_xr.readers import DAMAGED_POLICIES, LevelInfo, ReaderKey, SlideInfo, choose_backend, probe, read_window, reader_key
+
+__all__ = ["ChunkSpec", "default_chunk_size", "open_pyramid", "open_slide", "slide_array", "slide_dataarray"]
+
+#: Chunk sides are multiples of this (the reference patch size).
+CHUNK_MULTIPLE = 256
+#: The default chunk side we aim for (see benchmarks/RESULTS.md).
+TARGET_CHUNK = 2048
+#: ``chunks=`` may be an int (square), a ``(y, x)`` pair, or a ``{"y": .., "x": ..}`` mapping.
+ChunkSpec = int | tuple[int, int] | dict[str, int] | None
+
+
+class _LevelWindowReader:
+    """An array-like over one level whose ``[y-slice, x-slice, c-slice]`` is one reader call.
+
+    Dask's ``from_array`` calls ``__getitem__`` once per block. It carries only a
+    :class:`ReaderKey`, so it pickles to any worker.
+    """
+
+    def __init__(self, key: ReaderKey, level: LevelInfo, device: str, damaged: str) -> None:
+        self.key = key
+        self.level = level.index
+        self.shape = (level.height, level.width, 3)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 3
+        self.device = device
+        self.damaged = damaged
+
+    def __getitem__(self, index: tuple[slice, slice, slice]) -> Any:
+        ys, xs, cs = index
+        y0, y1, _ = ys.indices(self.shape[0])
+        x0, x1, _ = xs.indices(self.shape[1])
+        pixels = read_window(
+            self.key, self.level, y0, x0, y1 - y0, x1 - x0, device=self.device, damaged=self.damaged
+        )
+        return pixels[:, :, cs]
+
+
+def default_chunk_size(level: LevelInfo) -> int:
+    """Smallest multiple of lcm(TIFF tile, 256) that is at least :data:`TARGET_CHUNK`.
+
+    Every chunk border then falls on a TIFF tile border, so no tile is decoded twice.
+    """
+    base = CHUNK_MULTIPLE
+    if level.tiled and level.tile_width == level.tile_height:
+        base = math.lcm(level.tile_width, CHUNK_MULTIPLE)
+    return base * max(1, -(-TARGET_CHUNK // base))
+
+
+def _chunk_sides(chunks: ChunkSpec, level: LevelInfo) -> tuple[int, int]:
+    if chunks is None:
+        side = default_chunk_size(level)
+        return side, side
+    if isinstance(chunks, dict):
+        sides: tuple[Any, Any] = (chunks.get("y", -1), chunks.get("x", -1))
+    elif isinstance(chunks, (int, np.integer)):
+        sides = (int(chunks), int(chunks))
+    elif isinstance(chunks, (tuple, list)) and len(chunks) == 2:
+        sides = (chunks[0], chunks[1])
+    else:
+        raise InvalidArgumentError(f"chunks={chunks!r}: give an int, a (y, x) pair, or {{'y': .., 'x': ..}}.")
+    out = []
+    for side, size in zip(sides, (level.height, level.width)):
+        if side == -1:
+            side = size
+        if not isinstance(side, (int, np.integer)) or isinstance(side, bool) or side <= 0:
+            raise InvalidArgumentError(f"chunks={chunks!r}: chunk sides must be positive integers (or -1 for whole).")
+        out.append(int(side))
+    return out[0], out[1]
+
+
+def level_coords(info: SlideInfo, level: int) -> dict[str, np.ndarray]:
+    """Integer level-0 pixel offsets of the rows and columns of ``level``."""
+    lv = info.levels[level]
+    return {
+        "y": np.round(np.arange(lv.height) * lv.downsample_y).astype(np.int64),
+        "x": np.round(np.arange(lv.width) * lv.downsample_x).astype(np.int64),
+        "c": np.array(["R", "G", "B"]),
+    }
+
+
+def slide_array(
+    info: SlideInfo,
+    level: int = 0,
+    chunks: ChunkSpec = None,
+    backend: str = "auto",
+    device: str = "cpu",
+    damaged: str = "raise",
+) -> da.Array:
+    """The lazy Dask array ``(y, x, 3)`` uint8 of one level of a probed slide.
+
+    Building it reads no pixels. Each block is one reader call; edge blocks are exact.
+    """
+    if not 0 <= level < len(info.levels):
+        raise InvalidArgumentError(
+            f"{info.path}: level={level} does not exist; the slide has levels 0..{len(info.levels) - 1}."
+        )
+    if device not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"device={device!r}: use 'cpu' or 'cuda'.")
+    if damaged not in DAMAGED_POLICIES:
+        raise InvalidArgumentError(f"damaged={damaged!r}: use one of {DAMAGED_POLICIES}.")
+    name = choose_backend(info, backend)
+    lv = info.levels[level]
+    cy, cx = _chunk_sides(chunks, lv)
+    key = reader_key(info, name)
+    if device == "cuda":
+        import cupy
+
+        meta = cupy.empty((0, 0, 0), dtype=np.uint8)
+    else:
+        meta = np.empty((0, 0, 0), dtype=np.uint8)
+    token = tokenize(info.path, info.file_size, info.mtime_ns, name, level, cy, cx, device, damaged)
+    return da.from_array(
+        _LevelWindowReader(key, lv, device, damaged),
+        chunks=(cy, cx, 3),
+        name=f"wsi-read-{token}",
+        meta=meta,
+        asarray=False,
+        fancy=False,
+    )
+
+
+def open_slide(
+    path: str | os.PathLike[str],
+    level: int = 0,
+    chunks: ChunkSpec = None,
+    backend: str = "auto",
+    *,
+    device: str = "cpu",
+    damaged: str = "raise",
+) -> xr.DataArray:
+    """Open one level of a slide as a lazy ``xr.DataArray`` ``(y, x, c)`` of uint8 RGB.
+
+    Parameters
+    ----------
+    path
+        An Aperio SVS, Philips TIFF or generic (tiled or stripped) TIFF file.
+    level
+        Pyramid level; 0 is full resolution.
+    chunks
+        Block size in pixels: an int, a ``(y, x)`` pair or ``{"y": .., "x": ..}``.
+        Default: a multiple of 256 aligned to the file's TIFF tiles (~2048 px).
+    backend
+        ``"auto"`` (cuCIM when the file is safe for it, else tifffile), ``"cucim"`` or
+        ``"tifffile"``.
+    device
+        ``"cuda"`` makes every block a CuPy array decoded on the GPU (needs CuPy).
+    damaged
+        What a block touching a damaged TIFF tile does: ``"raise"`` a
+        :class:`~wsi_xr.SlideReadError` (default), or ``"fill"`` those pixels with zeros
+        (for callers that track damage themselves, like :func:`wsi_xr.tissue_mask`).
+
+    Returns
+    -------
+    xr.DataArray
+        Named ``image``; coordinates ``y``/``x`` are level-0 pixel offsets, ``c`` is
+        ``["R", "G", "B"]``; attrs hold ``mpp``, ``level``, ``downsample``, ``backend``,
+        ``vendor``, ``source`` and the file's tile size and compression.
+
+    Raises
+    ------
+    WsiXrError
+        The file is missing or unreadable, or an argument is invalid.
+    """
+    return slide_dataarray(probe(path), level, chunks, backend, device, damaged)
+
+
+def open_pyramid(
+    path: str | os.PathLike[str], chunks: ChunkSpec = None, backend: str = "auto", *, device: str = "cpu"
+) -> xr.DataTree:
+    """Open every level of a slide as an ``xr.DataTree``: nodes ``level_0``, ``level_1``, ...
+
+    Each node holds the level's :func:`open_slide` array as variable ``image``; the root
+    holds the slide's metadata as attrs. Nothing is read.
+    """
+    info = probe(path)
+    nodes: dict[str, xr.Dataset] = {
+        "/": xr.Dataset(
+            attrs={"source": info.path, "vendor": info.vendor, "mpp": info.mpp, "levels": len(info.levels)}
+        )
+    }
+    for lv in info.levels:
+        nodes[f"level_{lv.index}"] = slide_dataarray(info, lv.index, chunks, backend, device).to_dataset()
+    return xr.DataTree.from_dict(nodes)
+
+
+def slide_dataarray(
+    info: SlideInfo,
+    level: int = 0,
+    chunks: ChunkSpec = None,
+    backend: str = "auto",
+    device: str = "cpu",
+    damaged: str = "raise",
+) -> xr.DataArray:
+    """:func:`open_slide` for an already probed file (see there for the parameters)."""
+    data = slide_array(info, level, chunks, backend, device, damaged)  # validates level and device
+    lv = info.levels[level]
+    return xr.DataArray(
+        data,
+        dims=("y", "x", "c"),
+        coords=level_coords(info, level),
+        name="image",
+        attrs={
+            "source": info.path,
+            "vendor": info.vendor,
+            "backend": choose_backend(info, backend),
+            "level": level,
+            "downsample": lv.downsample,
+            "mpp": info.mpp,
+            "level_mpp": None if info.mpp is None else info.mpp * lv.downsample,
+            "tile_size": [lv.tile_height, lv.tile_width],
+            "compression": lv.compression_name,
+            "file_size": info.file_size,
+            "mtime_ns": info.mtime_ns,
+            "damaged": damaged,
+        },
+    )
