@@ -37,7 +37,14 @@ class _LevelWindowReader:
     :class:`ReaderKey`, so it pickles to any worker.
     """
 
-    def __init__(self, key: ReaderKey, level: LevelInfo, device: str, damaged: str) -> None:
+    def __init__(
+        self,
+        key: ReaderKey,
+        level: LevelInfo,
+        device: str,
+        damaged: str,
+        skip: tuple[np.ndarray, int, int] | None = None,
+    ) -> None:
         self.key = key
         self.level = level.index
         self.shape = (level.height, level.width, 3)
@@ -45,15 +52,28 @@ class _LevelWindowReader:
         self.ndim = 3
         self.device = device
         self.damaged = damaged
+        self.skip = skip
 
     def __getitem__(self, index: tuple[slice, slice, slice]) -> Any:
         ys, xs, cs = index
         y0, y1, _ = ys.indices(self.shape[0])
         x0, x1, _ = xs.indices(self.shape[1])
+        if self.skip is not None:
+            skipped, chunk_y, chunk_x = self.skip
+            if skipped[y0 // chunk_y, x0 // chunk_x]:
+                return _zeros(self.device, (y1 - y0, x1 - x0, self.shape[2]))[:, :, cs]
         pixels = read_window(
             self.key, self.level, y0, x0, y1 - y0, x1 - x0, device=self.device, damaged=self.damaged
         )
         return pixels[:, :, cs]
+
+
+def _zeros(device: str, shape: tuple[int, ...]) -> Any:
+    if device == "cuda":
+        import cupy
+
+        return cupy.zeros(shape, dtype=np.uint8)
+    return np.zeros(shape, dtype=np.uint8)
 
 
 def default_chunk_size(level: LevelInfo) -> int:
@@ -106,10 +126,13 @@ def slide_array(
     backend: str = "auto",
     device: str = "cpu",
     damaged: str = "raise",
+    skip: np.ndarray | None = None,
 ) -> da.Array:
     """The lazy Dask array ``(y, x, 3)`` uint8 of one level of a probed slide.
 
     Building it reads no pixels. Each block is one reader call; edge blocks are exact.
+    ``skip`` (bool, one per block) marks blocks that are not read at all: they come
+    back as zeros (the tissue mask uses this for chunks its coarse pass ruled out).
     """
     if not 0 <= level < len(info.levels):
         raise InvalidArgumentError(
@@ -129,9 +152,10 @@ def slide_array(
         meta = cupy.empty((0, 0, 0), dtype=np.uint8)
     else:
         meta = np.empty((0, 0, 0), dtype=np.uint8)
-    token = tokenize(info.path, info.file_size, info.mtime_ns, name, level, cy, cx, device, damaged)
+    skip_spec = None if skip is None else (np.asarray(skip, dtype=bool), cy, cx)
+    token = tokenize(info.path, info.file_size, info.mtime_ns, name, level, cy, cx, device, damaged, skip)
     return da.from_array(
-        _LevelWindowReader(key, lv, device, damaged),
+        _LevelWindowReader(key, lv, device, damaged, skip_spec),
         chunks=(cy, cx, 3),
         name=f"wsi-read-{token}",
         meta=meta,

@@ -1,0 +1,138 @@
+"""Readers: the safe probe, backend choice, pixel agreement of cuCIM and tifffile, bad files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+import wsi_xr
+from wsi_xr.readers import choose_backend, probe, read_window, reader_key
+from wsi_xr.readers.integrity import jpeg_structure_problem, scan_level
+
+from .conftest import DATA, data_file
+
+
+def test_probe_aperio(cmu: Path) -> None:
+    info = probe(cmu)
+    assert info.vendor == "aperio"
+    assert (info.width, info.height) == (2220, 2967)
+    assert info.mpp == pytest.approx(0.499)
+    assert info.tile_size == (240, 240)
+    assert info.levels[0].compression_name == "jpeg"
+    assert info.cucim_safe and choose_backend(info) == "cucim"
+
+
+def test_probe_stripped_and_tiny() -> None:
+    kidney = probe(data_file("kidney-48-5.tif"))
+    assert (kidney.width, kidney.height) == (1493, 901)
+    assert not kidney.levels[0].tiled and kidney.tile_size == (0, 0)
+    tiny = probe(data_file("tiny-16px.svs"))
+    assert (tiny.width, tiny.height) == (16, 16)
+
+
+def test_deflate_never_reaches_cucim() -> None:
+    path = data_file("bad/deflate-tiled.tiff")
+    info = probe(path)
+    assert not info.cucim_safe and "deflate" in (info.cucim_unsafe_reason or "")
+    assert choose_backend(info) == "tifffile"
+    with pytest.raises(wsi_xr.InvalidArgumentError, match="deflate-tiled.tiff"):
+        choose_backend(info, "cucim")
+    assert len(info.levels) == 4
+
+
+def _random_windows(rng: np.random.Generator, height: int, width: int, n: int) -> list[tuple[int, int, int, int]]:
+    windows = [(height - 37, width - 53, 37, 53), (0, 0, min(height, 300), min(width, 300))]
+    for _ in range(n):
+        h, w = int(rng.integers(1, min(height, 700) + 1)), int(rng.integers(1, min(width, 700) + 1))
+        windows.append((int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w))
+    return windows
+
+
+@pytest.mark.parametrize("name", ["cmu", "synth_slide"])
+def test_cucim_equals_tifffile_every_level(name: str, request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(name)
+    info = probe(path)
+    rng = np.random.default_rng(0)
+    with tifffile.TiffFile(path) as tf:
+        for level in info.levels:
+            truth = tf.series[0].levels[level.index].asarray()  # a second, independent decode
+            for y, x, h, w in _random_windows(rng, level.height, level.width, 12):
+                a = read_window(reader_key(info, "cucim"), level.index, y, x, h, w)
+                b = read_window(reader_key(info, "tifffile"), level.index, y, x, h, w)
+                np.testing.assert_array_equal(a, truth[y : y + h, x : x + w, :3])
+                np.testing.assert_array_equal(b, truth[y : y + h, x : x + w, :3])
+
+
+@pytest.mark.parametrize("name", ["kidney-48-5.tif", "tiny-16px.svs"])
+def test_small_real_files_open_correctly(name: str) -> None:
+    path = data_file(name)
+    image = wsi_xr.open_slide(path)
+    truth = tifffile.imread(path)[..., :3]
+    assert image.shape == truth.shape and image.dtype == np.uint8
+    np.testing.assert_array_equal(image.values, truth)
+
+
+def test_jpeg_structure_check() -> None:
+    assert jpeg_structure_problem(b"\xff\xd8\xff\xc0\x00\x11" + bytes(15) + b"\xff\xda\x00\x0c" + bytes(10), b"\xff\xd9") is None
+    assert "start-of-image" in jpeg_structure_problem(b"\x00\x00", b"\xff\xd9")
+    assert "end-of-image" in jpeg_structure_problem(b"\xff\xd8\xff\xda\x00\x02", b"\x00\x00")
+    assert "bogus length" in jpeg_structure_problem(b"\xff\xd8\xff\xdb\x00\x0c" + bytes(12), b"\xff\xd9")
+
+
+def test_damaged_tile_is_found_and_never_decoded() -> None:
+    path = data_file("bad/corrupt-jpeg-tile.svs")
+    grid = scan_level(str(path), 0)
+    assert grid.damaged.tolist() == [[True]]
+    image = wsi_xr.open_slide(path)
+    with pytest.raises(wsi_xr.SlideReadError, match="corrupt-jpeg-tile.svs.*damaged"):
+        image.values
+    filled = wsi_xr.open_slide(path, damaged="fill").values
+    assert filled.shape == (16, 16, 3) and not filled.any()
+    # the sound copy of the same slide has no damaged tiles
+    assert not scan_level(str(data_file("tiny-16px.svs")), 0).damaged.any()
+
+
+_OPEN_IN_SUBPROCESS = """
+import json, sys
+import numpy as np
+import wsi_xr
+path = sys.argv[1]
+try:
+    image = wsi_xr.open_slide(path)
+    pixels = image.values
+except wsi_xr.WsiXrError as err:
+    print(json.dumps({"error": type(err).__name__, "message": str(err)}))
+else:
+    np.save(sys.argv[2], pixels)
+    print(json.dumps({"backend": image.attrs["backend"], "shape": list(pixels.shape)}))
+"""
+
+
+@pytest.mark.parametrize("name", ["broken.svs", "corrupt-jpeg-tile.svs", "deflate-tiled.tiff", "unknown-compression.tiff", "missing.svs"])
+def test_bad_files_error_or_read_correctly_without_crash(name: str, tmp_path: Path) -> None:
+    bad = DATA / "bad"
+    if not bad.exists():
+        pytest.skip(f"{bad} not found (set WSI_XR_TESTDATA)")
+    path = bad / name
+    out = tmp_path / "pixels.npy"
+    run = subprocess.run([sys.executable, "-c", _OPEN_IN_SUBPROCESS, str(path), str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"subprocess died (signal or crash): rc={run.returncode}\n{run.stderr[-2000:]}"
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    if name == "deflate-tiled.tiff":
+        assert result["backend"] == "tifffile"
+        np.testing.assert_array_equal(np.load(out), tifffile.imread(path)[..., :3])
+    else:
+        assert "error" in result, f"{name} should not read: {result}"
+        assert name in result["message"]
+
+
+def test_read_window_rejects_out_of_bounds(cmu: Path) -> None:
+    info = probe(cmu)
+    with pytest.raises(wsi_xr.InvalidArgumentError, match="outside level 0"):
+        read_window(reader_key(info, "cucim"), 0, 2900, 0, 100, 100)

@@ -1,0 +1,214 @@
+"""The two-stage variance tissue mask, blockwise on the image's Dask array.
+
+Reference rule (the notebook): a ``patch`` x ``patch`` patch is foreground when the
+population variance of its uint8 values exceeds ``t``; each ``tile`` x ``tile`` tile of
+a foreground patch is kept when its own variance exceeds ``t``. Here both statistics
+come from one read of each block (:func:`wsi_xr.tissue.kernels.block_statistics`).
+
+Edges: the tile grid holds full tiles only (partial tiles at the right and bottom edges
+are not tissue); a patch cut by the slide edge is scored over the pixels of its full
+tiles. Damaged TIFF tiles (found from the file structure) are reported in
+``read_error``; their pixels enter no statistic and they are never tissue.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from wsi_xr.errors import InvalidArgumentError
+from wsi_xr.readers import SlideInfo, choose_backend, damaged_segments, probe, reader_key
+from wsi_xr.slide import slide_array
+from wsi_xr.tissue.coarse import blocks_with_possible_tissue, choose_coarse_level
+from wsi_xr.tissue.kernels import array_namespace, block_statistics, to_numpy
+from wsi_xr.tissue.threshold import auto_threshold
+
+__all__ = ["tissue_mask", "validate_mask_arguments"]
+
+
+def validate_mask_arguments(tile: int, patch: int, threshold: float | str) -> None:
+    """Raise :class:`InvalidArgumentError` for impossible tile/patch/threshold values."""
+    for name, value in (("tile", tile), ("patch", patch)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+            raise InvalidArgumentError(f"{name}={value!r}: must be a positive integer number of pixels.")
+    if patch % tile:
+        raise InvalidArgumentError(f"patch={patch} is not a multiple of tile={tile}; use e.g. patch={tile * 4}.")
+    if isinstance(threshold, str):
+        if threshold != "auto":
+            raise InvalidArgumentError(f"threshold={threshold!r}: give a number (variance, uint8 units) or 'auto'.")
+    elif not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not np.isfinite(threshold) or threshold < 0:
+        raise InvalidArgumentError(f"threshold={threshold!r}: must be a finite variance >= 0, or 'auto'.")
+
+
+def _block_statistics_task(pixels: Any, excluded: np.ndarray, read: np.ndarray, *, tile: int, patch: int) -> np.ndarray:
+    """One block -> float64 ``(tiles_y, tiles_x, 2)``: tile variance, its patch's variance."""
+    nty, ntx = pixels.shape[0] // tile, pixels.shape[1] // tile
+    if not bool(read.reshape(-1)[0]):
+        return np.full((nty, ntx, 2), np.nan)
+    xp = array_namespace(pixels)
+    excluded_here = xp.asarray(excluded[..., 0]) if excluded[..., 0].any() else None
+    tile_var, patch_var = block_statistics(pixels, tile, patch, excluded_here)
+    return np.stack([to_numpy(tile_var), to_numpy(patch_var)], axis=-1)
+
+
+def _source_slide(image: xr.DataArray) -> tuple[SlideInfo, dict[str, Any]] | None:
+    """The probed slide and read settings if ``image`` is an unmodified :func:`open_slide` array."""
+    attrs = image.attrs
+    if not isinstance(image.data, da.Array) or "source" not in attrs or "level" not in attrs:
+        return None
+    try:
+        info = probe(attrs["source"])
+    except Exception:
+        return None
+    settings = {
+        "level": int(attrs["level"]),
+        "chunks": (image.data.chunks[0][0], image.data.chunks[1][0]),
+        "backend": attrs.get("backend", "auto"),
+        "device": "cuda" if type(image.data._meta).__module__.startswith("cupy") else "cpu",
+    }
+    try:
+        expected = slide_array(info, damaged=attrs.get("damaged", "raise"), **settings)
+    except Exception:
+        return None
+    return (info, settings) if expected.name == image.data.name else None
+
+
+def _damaged_tiles(info: SlideInfo, level: int, backend: str, tile: int, shape: tuple[int, int]) -> np.ndarray:
+    """Bool tile grid: tiles with any pixel in a damaged TIFF tile."""
+    grid = damaged_segments(reader_key(info, choose_backend(info, backend)), level)
+    nty, ntx = shape
+    if not grid.damaged.any():
+        return np.zeros((nty, ntx), dtype=bool)
+    pixel_bad = grid.pixel_mask(0, 0, nty * tile, ntx * tile)
+    return pixel_bad.reshape(nty, tile, ntx, tile).any(axis=(1, 3))
+
+
+def tissue_mask(
+    image: xr.DataArray,
+    *,
+    tile: int = 64,
+    patch: int = 256,
+    threshold: float | str = "auto",
+    coarse: str | int = "auto",
+) -> xr.Dataset:
+    """Two-stage variance tissue mask of a slide image, lazily and blockwise.
+
+    Parameters
+    ----------
+    image
+        ``(y, x, c)`` uint8 DataArray, normally from :func:`wsi_xr.open_slide`; its chunks
+        must be multiples of ``patch`` (except the last one along each axis).
+    tile, patch
+        Tile and patch sides in pixels (the reference: 64 and 256).
+    threshold
+        Variance threshold in reference units (uint8 values), or ``"auto"``: Otsu on
+        the log of the tile variances, with a fallback for one-mode slides
+        (:func:`wsi_xr.tissue.threshold.auto_threshold`).
+    coarse
+        ``"auto"``: use a lower pyramid level to skip chunks without tissue (no skip
+        when the file has no pyramid); ``"none"``; or the level number to use.
+
+    Returns
+    -------
+    xr.Dataset
+        ``tile_mask``, ``tile_variance`` (float32, NaN where not read), ``read_error``
+        on ``(tile_y, tile_x)``; ``patch_mask`` on ``(patch_y, patch_x)``; the 0-d
+        ``threshold`` used. Coordinates are level-0 offsets of tile/patch corners.
+        Lazy: only the coarse level (and the TIFF structure) are read here; level-0
+        pixels are read on compute, each once. With ``threshold="auto"`` the
+        chosen number is the ``threshold`` variable (computed with the mask) and
+        ``attrs["threshold"]`` says ``"auto"`` until a writer fills it in.
+    """
+    validate_mask_arguments(tile, patch, threshold)
+    if tuple(image.dims) != ("y", "x", "c"):
+        raise InvalidArgumentError(f"tissue_mask needs an image with dims ('y', 'x', 'c'), got {image.dims}.")
+    data = image.data if isinstance(image.data, da.Array) else da.from_array(image.data, chunks=(patch * 8, patch * 8, -1))
+    for axis, name in ((0, "y"), (1, "x")):
+        bad = [c for c in data.chunks[axis][:-1] if c % patch]
+        if bad:
+            raise InvalidArgumentError(
+                f"image chunks along {name} ({bad[0]} px) are not multiples of patch={patch}; "
+                f"open the slide with chunks={max(patch, (data.chunks[axis][0] // patch) * patch) or patch} "
+                "(or another multiple of the patch size)."
+            )
+    nty, ntx = image.sizes["y"] // tile, image.sizes["x"] // tile
+    tile_chunks = (tuple(c // tile for c in data.chunks[0]), tuple(c // tile for c in data.chunks[1]))
+    n_blocks = (len(data.chunks[0]), len(data.chunks[1]))
+
+    excluded = np.zeros((nty, ntx), dtype=bool)
+    read = np.ones(n_blocks, dtype=bool)
+    coarse_level: int | None = None
+    source = _source_slide(image)
+    if source is not None:
+        info, settings = source
+        level = settings["level"]
+        coarse_level = choose_coarse_level(info, level, coarse)
+        if coarse_level is not None:
+            read = blocks_with_possible_tissue(info, level, coarse_level, data.chunks[:2], settings["backend"])
+        excluded = _damaged_tiles(info, level, settings["backend"], tile, (nty, ntx))
+        data = slide_array(info, damaged="fill", skip=~read, **settings)
+    elif coarse not in ("auto", "none"):
+        raise InvalidArgumentError(
+            f"coarse={coarse!r} needs an image straight from wsi_xr.open_slide (this one was modified)."
+        )
+
+    stats = da.map_blocks(
+        _block_statistics_task,
+        data,
+        da.from_array(excluded[..., None], chunks=tile_chunks + ((1,),)),
+        da.from_array(read[..., None], chunks=(1, 1, 1)),
+        chunks=tile_chunks + ((2,),),
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0), dtype=np.float64),
+        tile=tile,
+        patch=patch,
+        name="wsi-tile-stats",
+    )
+    tile_var = stats[..., 0]
+    patch_var_per_tile = stats[..., 1]
+    k = patch // tile
+    patch_var = stats[::k, ::k, 1]
+
+    if threshold == "auto":
+        chosen = dask.delayed(auto_threshold, pure=True)(tile_var)
+        value: Any = da.from_delayed(chosen[0], shape=(), dtype=np.float64)
+        method: Any = "auto"
+    else:
+        value = float(threshold)
+        method = "given"
+    read_error = xr.DataArray(excluded, dims=("tile_y", "tile_x"))
+    tile_mask = (tile_var > value) & (patch_var_per_tile > value) & ~excluded
+    y, x = image["y"].values, image["x"].values
+    coords = {
+        "tile_y": y[: nty * tile : tile],
+        "tile_x": x[: ntx * tile : tile],
+        "patch_y": y[: nty * tile : patch],
+        "patch_x": x[: ntx * tile : patch],
+    }
+    attrs = {
+        "tile": tile,
+        "patch": patch,
+        "threshold": value if isinstance(value, float) else "auto",
+        "threshold_method": method,
+        "coarse": str(coarse),
+        "coarse_level": -1 if coarse_level is None else coarse_level,
+        "chunks_total": int(read.size),
+        "chunks_read": int(read.sum()),
+        **{key: image.attrs[key] for key in ("source", "level", "downsample", "mpp", "backend") if key in image.attrs},
+    }
+    return xr.Dataset(
+        {
+            "tile_mask": (("tile_y", "tile_x"), tile_mask),
+            "tile_variance": (("tile_y", "tile_x"), tile_var.astype(np.float32)),
+            "patch_mask": (("patch_y", "patch_x"), patch_var > value),
+            "read_error": read_error,
+            "threshold": ((), value),
+        },
+        coords=coords,
+        attrs=attrs,
+    )
