@@ -66,6 +66,78 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threshold(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a number") from None
+
+
+def _coarse(text: str) -> str | int:
+    if text in ("auto", "none"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use auto, none or a level number") from None
+
+
+def cmd_mask(args: argparse.Namespace) -> int:
+    """Compute the tissue mask of a slide and write it to Zarr."""
+    from wsi_xr.cluster import compute, dask_client
+    from wsi_xr.slide import open_slide
+    from wsi_xr.store import check_output, write_zarr
+    from wsi_xr.tissue import resolve_threshold, tissue_mask, validate_mask_arguments
+
+    validate_mask_arguments(args.tile, args.patch, args.threshold)
+    check_output(args.out, overwrite=args.overwrite)
+    start = time.perf_counter()
+    image = open_slide(args.slide, chunks=args.chunk)
+    mask = tissue_mask(image, tile=args.tile, patch=args.patch, threshold=args.threshold, coarse=args.coarse)
+    with dask_client(args.scheduler or "threads") as client:
+        (computed,) = compute(mask, client=client, progress=not args.quiet)
+    computed = resolve_threshold(computed)
+    write_zarr(computed, args.out, overwrite=args.overwrite)
+    tiles = computed.tile_mask
+    patches = computed.patch_mask
+    fraction = float(tiles.mean()) if tiles.size else 0.0
+    print(
+        f"{Path(args.slide).name}: patches kept {int(patches.sum())}/{patches.size}, "
+        f"tiles kept {int(tiles.sum())}/{tiles.size} ({fraction:.1%}), "
+        f"threshold {computed.attrs['threshold']:.2f} ({computed.attrs['threshold_method']}), "
+        f"read errors {int(computed.read_error.sum())}, "
+        f"chunks read {computed.attrs['chunks_read']}/{computed.attrs['chunks_total']}, "
+        f"{time.perf_counter() - start:.2f} s -> {args.out}"
+    )
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw the slide thumbnail with the stored tile mask overlaid."""
+    import xarray as xr
+
+    from wsi_xr.plot import plot_mask_overlay
+    from wsi_xr.store import open_store
+
+    mask = open_store(args.store, group=args.group)
+    slide = args.slide or mask.attrs.get("source")
+    if not slide:
+        raise InvalidArgumentError(f"{args.store}: no slide path stored; pass --slide SLIDE.")
+    out = plot_mask_overlay(mask, slide, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_mask_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tile", type=_positive_int, default=64, help="tile side in pixels (default 64)")
+    p.add_argument("--patch", type=_positive_int, default=256, help="patch side in pixels (default 256)")
+    p.add_argument("--threshold", type=_threshold, default="auto", help="variance threshold, or auto (default)")
+    p.add_argument("--coarse", type=_coarse, default="auto", help="auto, none, or the pyramid level for the coarse skip")
+    p.add_argument("--chunk", type=_positive_int, default=None, help="chunk side in pixels (multiple of --patch)")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -100,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("mask", help="tissue mask of a slide, written to Zarr")
+    p.add_argument("slide")
+    p.add_argument("out", help="output Zarr store (a folder)")
+    _add_mask_options(p)
+    p.add_argument("--scheduler", default=None, help="address of a Dask scheduler (default: local threads)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_mask)
+
+    p = sub.add_parser("plot", help="thumbnail with the tile mask overlaid, as PNG")
+    p.add_argument("store", help="a Zarr store written by `wsi-xr mask` or `wsi-xr run`")
+    p.add_argument("--slide", default=None, help="the slide (default: the path stored in the store)")
+    p.add_argument("--group", default=None, help="group of a cohort store (slide name)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -153,10 +153,11 @@ def slide_array(
     else:
         meta = np.empty((0, 0, 0), dtype=np.uint8)
     skip_spec = None if skip is None else (np.asarray(skip, dtype=bool), cy, cx)
-    token = tokenize(info.path, info.file_size, info.mtime_ns, name, level, cy, cx, device, damaged, skip)
+    block_chunks = da.core.normalize_chunks((cy, cx, 3), (lv.height, lv.width, 3))
+    token = tokenize(info.path, info.file_size, info.mtime_ns, name, level, block_chunks, device, damaged, skip)
     return da.from_array(
         _LevelWindowReader(key, lv, device, damaged, skip_spec),
-        chunks=(cy, cx, 3),
+        chunks=block_chunks,
         name=f"wsi-read-{token}",
         meta=meta,
         asarray=False,

@@ -28,7 +28,7 @@ from wsi_xr.tissue.coarse import blocks_with_possible_tissue, choose_coarse_leve
 from wsi_xr.tissue.kernels import array_namespace, block_statistics, to_numpy
 from wsi_xr.tissue.threshold import auto_threshold
 
-__all__ = ["tissue_mask", "validate_mask_arguments"]
+__all__ = ["resolve_threshold", "tissue_mask", "validate_mask_arguments"]
 
 
 def validate_mask_arguments(tile: int, patch: int, threshold: float | str) -> None:
@@ -212,3 +212,17 @@ def tissue_mask(
         coords=coords,
         attrs=attrs,
     )
+
+
+def resolve_threshold(mask: xr.Dataset) -> xr.Dataset:
+    """After computing an ``"auto"`` mask, record the number used in ``attrs``.
+
+    Sets ``attrs["threshold"]`` to the value of the ``threshold`` variable and
+    ``attrs["threshold_method"]`` to ``"otsu"`` or ``"default"``. Returns a new Dataset.
+    """
+    out = mask.copy()
+    if out.attrs.get("threshold") == "auto":
+        value = float(out["threshold"].values)
+        out.attrs["threshold"] = value
+        out.attrs["threshold_method"] = auto_threshold(out["tile_variance"].values)[1]
+    return out

@@ -1,0 +1,72 @@
+"""Zarr output: write a mask/latent Dataset atomically, open it back."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+
+import xarray as xr
+
+from wsi_xr.errors import StoreError
+
+
+def check_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Refuse an existing output unless ``overwrite``; check the parent folder is writable."""
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise StoreError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it.")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise StoreError(f"{out}: the folder {parent} does not exist; create it first.")
+    if not os.access(parent, os.W_OK):
+        raise StoreError(f"{out}: the folder {parent} is not writable; choose another output path.")
+    return out
+
+
+def json_safe_attrs(attrs: dict) -> dict:
+    """Attrs that Zarr can store as JSON (None stays None, numpy scalars become Python)."""
+    safe = {}
+    for key, value in attrs.items():
+        if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+            value = value.item()
+        safe[key] = value
+    return safe
+
+
+def write_zarr(ds: xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write ``ds`` to a Zarr v3 store (compressed, consolidated), all or nothing.
+
+    The store is written under a temporary name beside ``path`` and renamed into place
+    only when complete, so an interrupted write never leaves a store that looks whole.
+    """
+    out = check_output(path, overwrite=overwrite)
+    partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    ds = ds.copy()
+    ds.attrs = json_safe_attrs(ds.attrs)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            ds.to_zarr(partial, mode="w-", zarr_format=3, consolidated=True)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(partial, out)
+    except OSError as err:
+        raise StoreError(f"{out}: could not write the store ({err}); nothing was kept.") from err
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+    return out
+
+
+def open_store(path: str | os.PathLike[str], group: str | None = None) -> xr.Dataset:
+    """Open a store written by wsi_xr (one slide, or one ``group`` of a cohort)."""
+    p = Path(path)
+    if not p.exists():
+        raise StoreError(f"{p}: no such store. Check the path.")
+    try:
+        return xr.open_zarr(p, group=group, consolidated=None)
+    except Exception as err:
+        raise StoreError(f"{p}: not a readable wsi_xr Zarr store ({type(err).__name__}: {err}).") from err
