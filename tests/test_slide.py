@@ -24,8 +24,9 @@ def test_open_slide_dims_coords_attrs(cmu: Path) -> None:
         assert key in image.attrs
     assert image.attrs["backend"] == "cucim" and image.attrs["vendor"] == "aperio"
     # default chunks: multiple of 256 and of the 240-px TIFF tile
-    cy = image.data.chunks[0][0]
-    assert cy % 256 == 0 and cy % 240 == 0
+    side = default_chunk_size(wsi_xr.probe(cmu).levels[0])
+    assert side == 3840  # lcm(240, 256): chunk borders fall on TIFF tile borders
+    assert image.data.chunks[0] == (2967,)  # one exact block: the slide is smaller
     np.testing.assert_array_equal(image.values, tifffile.imread(cmu))
 
 
@@ -88,8 +89,9 @@ def test_tiles_accessor(synth_slide: Path) -> None:
     assert tiles.dims == ("tile_y", "tile_x", "y_in_tile", "x_in_tile", "c")
     assert tiles.shape == (2600 // 64, 3000 // 64, 64, 64, 3)
     assert tiles.tile_x.values[3] == 192 and tiles.tile_y.values[-1] == (2600 // 64 - 1) * 64
-    # whole tiles per block: no rechunk, same number of blocks as the image
-    assert tiles.data.npartitions == image.data.npartitions
+    # whole tiles per block: no rechunk (512-px blocks = 8 tiles; the 40/440-px edge
+    # blocks keep only their full tiles)
+    assert tiles.data.chunks[0] == (8,) * 5 and tiles.data.chunks[1] == (8,) * 5 + (6,)
     full = tifffile.imread(synth_slide, level=0)
     np.testing.assert_array_equal(tiles.isel(tile_y=7, tile_x=11).values, full[7 * 64 : 8 * 64, 11 * 64 : 12 * 64])
     # on level 1 tile coordinates are level-0 offsets

@@ -130,6 +130,34 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Make a synthetic slide, mask it, write the store and a figure; print where they are."""
+    from wsi_xr.plot import plot_mask_overlay
+    from wsi_xr.slide import open_slide
+    from wsi_xr.store import write_zarr
+    from wsi_xr.synth import write_synthetic_slide
+    from wsi_xr.tissue import resolve_threshold, tissue_mask
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    slide = out / "synthetic-slide.tif"
+    write_synthetic_slide(slide, args.size, args.size, seed=args.seed)
+    print(f"synthetic slide  {slide}  ({args.size} x {args.size}, {time.perf_counter() - start:.1f} s)")
+    cmd_info(argparse.Namespace(slide=str(slide), json=False))
+    mask = tissue_mask(open_slide(slide))
+    from wsi_xr.cluster import compute
+
+    (computed,) = compute(mask, progress=True)
+    computed = resolve_threshold(computed)
+    store = write_zarr(computed, out / "mask.zarr", overwrite=True)
+    figure = plot_mask_overlay(computed, slide, out / "mask-overlay.png")
+    print(f"tissue mask      {store}  ({int(computed.tile_mask.sum())} tissue tiles, threshold {computed.attrs['threshold']:.1f})")
+    print(f"figure           {figure}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def _add_mask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=_positive_int, default=64, help="tile side in pixels (default 64)")
     p.add_argument("--patch", type=_positive_int, default=256, help="patch side in pixels (default 256)")
@@ -181,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_mask)
+
+    p = sub.add_parser("demo", help="run the pipeline on a built-in synthetic slide")
+    p.add_argument("--out", default="demo_output", help="folder for the outputs (default demo_output)")
+    p.add_argument("--size", type=_positive_int, default=8192, help="side of the synthetic slide (default 8192)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("plot", help="thumbnail with the tile mask overlaid, as PNG")
     p.add_argument("store", help="a Zarr store written by `wsi-xr mask` or `wsi-xr run`")

@@ -6,6 +6,7 @@ here; cuCIM crashes the process on some others.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -25,6 +26,7 @@ class CuCIMReader:
             raise ValueError(f"{info.path}: not safe for cuCIM: {info.cucim_unsafe_reason}")
         self.info = info
         self._image = CuImage(info.path)
+        self._downsamples = tuple(float(d) for d in self._image.resolutions["level_downsamples"])
 
     def read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
         """Decode a window of ``level`` into host memory."""
@@ -39,9 +41,11 @@ class CuCIMReader:
         return cupy.asarray(region)[..., :3]
 
     def _read(self, level: int, y: int, x: int, height: int, width: int, *, device: str) -> Any:
-        lv = self.info.levels[level]
-        # cuCIM takes the location in level-0 pixels and the size in level pixels.
-        location = (round(x * lv.downsample_x), round(y * lv.downsample_y))
+        # cuCIM takes the location in level-0 pixels and the size in level pixels; it
+        # finds the level pixel as floor(location / downsample) with its own (mean)
+        # downsample, so the smallest location that maps to (x, y) is ceil(x * ds).
+        ds = self._downsamples[level]
+        location = (math.ceil(x * ds), math.ceil(y * ds))
         return self._image.read_region(location, (width, height), level=level, device=device)
 
     def close(self) -> None:

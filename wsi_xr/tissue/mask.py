@@ -16,7 +16,6 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -54,6 +53,10 @@ def _block_statistics_task(pixels: Any, excluded: np.ndarray, read: np.ndarray, 
     excluded_here = xp.asarray(excluded[..., 0]) if excluded[..., 0].any() else None
     tile_var, patch_var = block_statistics(pixels, tile, patch, excluded_here)
     return np.stack([to_numpy(tile_var), to_numpy(patch_var)], axis=-1)
+
+
+def _auto_threshold_block(variances: np.ndarray) -> np.ndarray:
+    return np.full((1, 1), auto_threshold(variances)[0])
 
 
 def _source_slide(image: xr.DataArray) -> tuple[SlideInfo, dict[str, Any]] | None:
@@ -175,8 +178,10 @@ def tissue_mask(
     patch_var = stats[::k, ::k, 1]
 
     if threshold == "auto":
-        chosen = dask.delayed(auto_threshold, pure=True)(tile_var)
-        value: Any = da.from_delayed(chosen[0], shape=(), dtype=np.float64)
+        # A dask-array reduction (not dask.delayed) so that computing it together with
+        # the mask shares the one read of every block.
+        whole = tile_var.rechunk((-1, -1))
+        value: Any = da.map_blocks(_auto_threshold_block, whole, chunks=((1,), (1,)), dtype=np.float64)[0, 0]
         method: Any = "auto"
     else:
         value = float(threshold)
