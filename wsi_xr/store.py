@@ -70,3 +70,70 @@ def open_store(path: str | os.PathLike[str], group: str | None = None) -> xr.Dat
         return xr.open_zarr(p, group=group, consolidated=None)
     except Exception as err:
         raise StoreError(f"{p}: not a readable wsi_xr Zarr store ({type(err).__name__}: {err}).") from err
+
+
+# --------------------------------------------------------------------------------------
+# The pipeline's store: chunk-by-chunk region writes with completion bookkeeping.
+# --------------------------------------------------------------------------------------
+
+LOCK_NAME = ".wsi_xr.lock"
+
+
+class StoreLock:
+    """An exclusive lock on a store folder: a file holding the owner's PID and host.
+
+    A second run finds the file and refuses while the owner lives; a lock left by a
+    killed run (its PID is gone) is taken over.
+    """
+
+    def __init__(self, store: Path) -> None:
+        self.path = store / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`StoreError` naming the owner."""
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self.path.read_text().strip() if self.path.exists() else ""
+                pid_text, _, host = owner.partition(" ")
+                if host == socket.gethostname() and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+                    self.path.unlink(missing_ok=True)  # stale: its run was killed
+                    continue
+                raise StoreError(
+                    f"{self.path.parent}: in use by another wsi_xr run (PID {pid_text or '?'} on {host or '?'}). "
+                    f"Wait for it to finish, or delete {self.path} if that run is gone."
+                ) from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(me)
+            self.held = True
+            return
+        raise StoreError(f"{self.path.parent}: could not take the lock {self.path}.")
+
+    def release(self) -> None:
+        """Give the lock back."""
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "StoreLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
