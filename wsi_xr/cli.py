@@ -130,13 +130,84 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Mask and encode slide(s) into a Zarr store (one group per slide for several)."""
+    from wsi_xr.cluster import dask_client
+    from wsi_xr.pipeline import process_slide, process_slides, write_parquet
+
+    if len(args.paths) < 2:
+        raise InvalidArgumentError("give at least one SLIDE and the output OUT.zarr.")
+    *slides, out = args.paths
+    if any(str(s).endswith(".zarr") for s in slides):
+        raise InvalidArgumentError(f"{[s for s in slides if str(s).endswith('.zarr')][0]}: a store given as a slide; the store comes last.")
+    options = {
+        "weights": args.weights,
+        "tile": args.tile,
+        "patch": args.patch,
+        "threshold": args.threshold,
+        "coarse": args.coarse,
+        "chunks": args.chunk,
+        "batch_size": args.batch_size,
+        "overwrite": args.overwrite,
+        "progress": not args.quiet,
+    }
+    start = time.perf_counter()
+    scheduler = args.scheduler or ("threads" if args.workers is None and args.threads_per_worker is None else None)
+    with dask_client(scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker, processes=args.workers is not None) as client:
+        if len(slides) == 1:
+            ds = process_slide(slides[0], out, client=client, **options)
+            summaries = [(Path(slides[0]).name, ds)]
+        else:
+            tree = process_slides(slides, out, client=client, **options)
+            summaries = [(name, tree[name].to_dataset()) for name in tree.children]
+    for name, ds in summaries:
+        print(
+            f"{name}: tissue tiles {ds.attrs['tissue_tiles']}/{ds.tile_mask.size}, threshold "
+            f"{ds.attrs['threshold']:.2f} ({ds.attrs['threshold_method']}), read errors {ds.attrs['read_errors']}, "
+            f"chunks read {ds.attrs['chunks_read']}/{ds.attrs['chunks_total']}"
+        )
+    if args.parquet:
+        frame = write_parquet(out, args.parquet)
+        print(f"wrote {len(frame)} rows to {args.parquet}")
+    print(f"done in {time.perf_counter() - start:.1f} s -> {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the VAE on tissue tiles of the given slides; write the weights file."""
+    from wsi_xr.models import save_vae, train_vae
+    from wsi_xr.sampling import sample_tissue_tiles
+    from wsi_xr.store import check_output
+
+    check_output(args.out, overwrite=True)
+    tiles, origins = sample_tissue_tiles(args.slides, max_tiles=args.max_tiles, seed=args.seed)
+    print(f"{len(tiles)} tissue tiles from {len(args.slides)} slide(s)")
+    result = train_vae(tiles, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device, progress=not args.quiet)
+    metadata = {
+        **result.metadata(),
+        "slides": [Path(s).name for s in args.slides],
+        "tiles": len(tiles),
+        "command": "wsi-xr train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else "train_vae",
+    }
+    save_vae(result.model, args.out, metadata=metadata)
+    print(f"validation loss per tile {result.val_loss:.2f} after {args.epochs} epochs -> {args.out}")
+    return 0
+
+
+def cmd_plot_recon(args: argparse.Namespace) -> int:
+    """Real tissue tiles above their VAE reconstructions."""
+    from wsi_xr.plot import plot_reconstructions
+
+    out = plot_reconstructions(args.weights, args.slide, args.out, n=args.n, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Make a synthetic slide, mask it, write the store and a figure; print where they are."""
-    from wsi_xr.plot import plot_mask_overlay
-    from wsi_xr.slide import open_slide
-    from wsi_xr.store import write_zarr
+    """Synthetic slide -> whole pipeline with the shipped weights -> store, Parquet, figures."""
+    from wsi_xr.pipeline import process_slide, write_parquet
+    from wsi_xr.plot import plot_latent_map, plot_mask_overlay
     from wsi_xr.synth import write_synthetic_slide
-    from wsi_xr.tissue import resolve_threshold, tissue_mask
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,15 +216,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     write_synthetic_slide(slide, args.size, args.size, seed=args.seed)
     print(f"synthetic slide  {slide}  ({args.size} x {args.size}, {time.perf_counter() - start:.1f} s)")
     cmd_info(argparse.Namespace(slide=str(slide), json=False))
-    mask = tissue_mask(open_slide(slide))
-    from wsi_xr.cluster import compute
-
-    (computed,) = compute(mask, progress=True)
-    computed = resolve_threshold(computed)
-    store = write_zarr(computed, out / "mask.zarr", overwrite=True)
-    figure = plot_mask_overlay(computed, slide, out / "mask-overlay.png")
-    print(f"tissue mask      {store}  ({int(computed.tile_mask.sum())} tissue tiles, threshold {computed.attrs['threshold']:.1f})")
-    print(f"figure           {figure}")
+    store = out / "result.zarr"
+    ds = process_slide(slide, store, overwrite=True, progress=True)
+    frame = write_parquet(store, out / "tiles.parquet")
+    overlay = plot_mask_overlay(ds, slide, out / "mask-overlay.png")
+    latent_map = plot_latent_map(ds, out / "latent-map.png", slide=slide)
+    print(f"store            {store}  ({ds.attrs['tissue_tiles']} tissue tiles, threshold {ds.attrs['threshold']:.1f})")
+    print(f"parquet          {out / 'tiles.parquet'}  ({len(frame)} rows)")
+    print(f"figures          {overlay}\n                 {latent_map}")
+    print("open it:         xr.open_zarr('%s')" % store)
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -209,6 +280,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_mask)
+
+    p = sub.add_parser("run", help="mask + encode slide(s) into a Zarr store (resumable)")
+    p.add_argument("paths", nargs="+", metavar="SLIDE... OUT.zarr")
+    p.add_argument("--weights", default=None, help="VAE weights file (default: the shipped weights)")
+    p.add_argument("--parquet", default=None, help="also write one row per tissue tile to this Parquet file")
+    _add_mask_options(p)
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (tcp://host:port)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="LocalCluster worker processes")
+    p.add_argument("--threads-per-worker", type=_positive_int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace a store made with other parameters")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="train the VAE on tissue tiles of slides")
+    p.add_argument("slides", nargs="+")
+    p.add_argument("--out", required=True, help="weights file to write")
+    p.add_argument("--epochs", type=_positive_int, default=10)
+    p.add_argument("--max-tiles", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot-recon", help="tissue tiles above their VAE reconstructions")
+    p.add_argument("weights")
+    p.add_argument("slide")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=_positive_int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_plot_recon)
 
     p = sub.add_parser("demo", help="run the pipeline on a built-in synthetic slide")
     p.add_argument("--out", default="demo_output", help="folder for the outputs (default demo_output)")

@@ -32,7 +32,7 @@ from wsi_xr.encode import ModelRef, encode_block, model_ref
 from wsi_xr.errors import InvalidArgumentError, StoreError, WsiXrError
 from wsi_xr.readers import SlideInfo, choose_backend, probe
 from wsi_xr.slide import ChunkSpec, level_coords, slide_array
-from wsi_xr.store import StoreLock, json_safe_attrs
+from wsi_xr.store import StoreLock, consolidate, json_safe_attrs
 from wsi_xr.tissue.coarse import blocks_with_possible_tissue, choose_coarse_level
 from wsi_xr.tissue.kernels import block_statistics, to_numpy
 from wsi_xr.tissue.mask import _damaged_tiles, validate_mask_arguments
@@ -357,7 +357,7 @@ def process_slide(
                 # chunks already done neither read nor encode: their tasks only confirm them
                 compute(results, client=client, progress=progress)
             attrs = _finalize(g, plan)
-            zarr.consolidate_metadata(store_path)
+            consolidate(store_path)
         except OSError as err:
             raise StoreError(f"{store_path}: writing failed ({err}); the store is not marked complete. Free space or fix permissions, then run again.") from err
     log.info("%s: %d tissue tiles in %.1f s", Path(str(path)).name, attrs["tissue_tiles"], time.perf_counter() - start)
@@ -387,7 +387,7 @@ def process_slides(paths: Sequence[str | os.PathLike[str]], store: str | os.Path
         process_slide(path, store, group=name, **kwargs)
     root = zarr.open_group(store, mode="a", zarr_format=3)
     root.attrs["slides"] = {name: str(Path(str(p)).resolve()) for name, p in zip(names, paths)}
-    zarr.consolidate_metadata(store)
+    consolidate(store)
     return xr.open_datatree(store, engine="zarr")
 
 

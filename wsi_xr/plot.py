@@ -68,3 +68,87 @@ def plot_mask_overlay(mask: xr.Dataset, slide: str | os.PathLike[str], out: str 
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def latent_rgb(latent: np.ndarray, tissue: np.ndarray) -> np.ndarray:
+    """The first three principal components of the tissue tiles' latents as RGB in [0, 1].
+
+    Returns ``(tile_y, tile_x, 3)`` float with NaN where not tissue.
+    """
+    rgb = np.full(tissue.shape + (3,), np.nan)
+    vectors = latent[tissue].astype(np.float64)
+    if len(vectors) < 2:
+        return rgb
+    centred = vectors - vectors.mean(axis=0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    scores = centred @ components[:3].T
+    if scores.shape[1] < 3:
+        scores = np.pad(scores, ((0, 0), (0, 3 - scores.shape[1])))
+    low, high = np.percentile(scores, 1, axis=0), np.percentile(scores, 99, axis=0)
+    rgb[tissue] = np.clip((scores - low) / np.maximum(high - low, 1e-12), 0, 1)
+    return rgb
+
+
+def plot_latent_map(ds: xr.Dataset, out: str | os.PathLike[str], slide: str | os.PathLike[str] | None = None) -> Path:
+    """Write a PNG: the latent cube's first 3 principal components as RGB on the tile grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tissue = np.asarray(ds.tile_mask.values, dtype=bool)
+    rgb = latent_rgb(np.asarray(ds.latent.values), tissue)
+    shown = np.where(np.isnan(rgb), 1.0, rgb)
+    tile = int(ds.attrs.get("tile", 64))
+    width = int(ds.tile_x.values[-1]) + tile if ds.sizes["tile_x"] else 1
+    height = int(ds.tile_y.values[-1]) + tile if ds.sizes["tile_y"] else 1
+    panels = 2 if slide is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 6 * height / max(width, 1) + 0.8), dpi=110, squeeze=False)
+    if slide is not None:
+        thumb = thumbnail(slide)
+        axes[0, 0].imshow(thumb.values, extent=(0, int(thumb.x[-1]) + 1, int(thumb.y[-1]) + 1, 0))
+        axes[0, 0].set_title("slide")
+    axes[0, -1].imshow(shown, extent=(0, width, height, 0), interpolation="nearest")
+    axes[0, -1].set_title(f"latent map: PCs 1-3 of {int(tissue.sum())} tissue tiles as RGB")
+    for ax in axes[0]:
+        ax.set_xlabel("x (level-0 px)")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_reconstructions(
+    weights: str | os.PathLike[str] | None, slide: str | os.PathLike[str], out: str | os.PathLike[str], *, n: int = 10, seed: int = 0
+) -> Path:
+    """Write a PNG: ``n`` real tissue tiles (top row) above their VAE reconstructions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from wsi_xr.models import load_vae, tiles_to_tensor
+    from wsi_xr.sampling import sample_tissue_tiles
+
+    model = load_vae(weights)
+    tiles, origins = sample_tissue_tiles([slide], max_tiles=n, seed=seed)
+    with torch.inference_mode():
+        _, mu, _ = model.encode(tiles_to_tensor(tiles))
+        recon = model.decode(mu).permute(0, 2, 3, 1).numpy()
+    fig, axes = plt.subplots(2, len(tiles), figsize=(1.3 * len(tiles), 3.0), dpi=110, squeeze=False)
+    for i in range(len(tiles)):
+        axes[0, i].imshow(tiles[i])
+        axes[1, i].imshow(np.clip(recon[i], 0, 1))
+        axes[0, i].set_title(f"{origins[i]['x']},{origins[i]['y']}", fontsize=6)
+        for ax in axes[:, i]:
+            ax.axis("off")
+    axes[0, 0].text(-8, 32, "tile", rotation=90, va="center", ha="right", fontsize=8)
+    axes[1, 0].text(-8, 32, "VAE", rotation=90, va="center", ha="right", fontsize=8)
+    fig.suptitle(f"{Path(str(slide)).name}: tissue tiles and reconstructions from the 32 latents ({Path(str(weights)).name if weights else 'default weights'})", fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

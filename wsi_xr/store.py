@@ -76,18 +76,24 @@ def open_store(path: str | os.PathLike[str], group: str | None = None) -> xr.Dat
 # The pipeline's store: chunk-by-chunk region writes with completion bookkeeping.
 # --------------------------------------------------------------------------------------
 
-LOCK_NAME = ".wsi_xr.lock"
+def consolidate(store: str | os.PathLike[str]) -> None:
+    """Consolidate a store's metadata (zarr warns that v3 has no spec for it yet)."""
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(store)
 
 
 class StoreLock:
-    """An exclusive lock on a store folder: a file holding the owner's PID and host.
+    """An exclusive lock on a store: a file beside it (``.NAME.lock``) holding the owner's PID and host.
 
     A second run finds the file and refuses while the owner lives; a lock left by a
     killed run (its PID is gone) is taken over.
     """
 
     def __init__(self, store: Path) -> None:
-        self.path = store / LOCK_NAME
+        self.path = store.parent / f".{store.name}.lock"
         self.held = False
 
     def acquire(self) -> None:
