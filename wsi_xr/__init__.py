@@ -21,6 +21,28 @@ from wsi_xr.errors import (
 )
 from wsi_xr.readers import probe
 from wsi_xr.slide import open_pyramid, open_slide
+from wsi_xr.tissue import tissue_mask
+
+# Names whose modules import torch are loaded on first use (``import wsi_xr`` stays fast).
+_LAZY = {
+    "encode": "wsi_xr.encode",
+    "process_slide": "wsi_xr.pipeline",
+    "process_slides": "wsi_xr.pipeline",
+    "to_dataframe": "wsi_xr.pipeline",
+    "write_parquet": "wsi_xr.pipeline",
+    "load_vae": "wsi_xr.models",
+    "save_vae": "wsi_xr.models",
+    "train_vae": "wsi_xr.models",
+    "VAE2": "wsi_xr.models",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'wsi_xr' has no attribute {name!r}")
 
 try:
     __version__ = version("wsi_xr")
@@ -39,4 +61,6 @@ __all__ = [
     "open_pyramid",
     "open_slide",
     "probe",
+    "tissue_mask",
+    *_LAZY,
 ]

@@ -173,7 +173,7 @@ def _create_group(group: zarr.Group, plan: RunPlan) -> None:
 
 
 def _open_or_create(store: Path, group_name: str | None, plan: RunPlan, overwrite: bool) -> zarr.Group:
-    root = zarr.open_group(store, mode="a", zarr_format=3)
+    root = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
     group = root.require_group(group_name) if group_name else root
     existing = dict(group.attrs).get("wsi_xr_run")
     if existing is None:
@@ -210,7 +210,7 @@ def _chunk_task(
     (y0, y1), (x0, x1), _ = block_info[0]["array-location"]
     ty0, tx0 = y0 // plan.tile, x0 // plan.tile
     nty, ntx = (y1 - y0) // plan.tile, (x1 - x0) // plan.tile
-    root = zarr.open_group(store, mode="r+", zarr_format=3)
+    root = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
     g = root[group] if group else root
     count = 0
     if bool(read.reshape(-1)[0]) and nty and ntx:
@@ -385,7 +385,7 @@ def process_slides(paths: Sequence[str | os.PathLike[str]], store: str | os.Path
     names = _group_names(paths)
     for path, name in zip(paths, names):
         process_slide(path, store, group=name, **kwargs)
-    root = zarr.open_group(store, mode="a", zarr_format=3)
+    root = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
     root.attrs["slides"] = {name: str(Path(str(p)).resolve()) for name, p in zip(names, paths)}
     consolidate(store)
     return xr.open_datatree(store, engine="zarr")

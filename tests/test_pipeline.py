@@ -1,0 +1,185 @@
+"""End-to-end pipeline: latents vs a direct encoder call, one decode per pixel, Parquet,
+cohorts, resume after SIGKILL, refusal of mismatched/locked stores, a real distributed
+cluster."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+import xarray as xr
+
+import wsi_xr
+from wsi_xr.models import VAE2, encode_tiles, load_vae, save_vae
+from wsi_xr.pipeline import process_slide, process_slides, to_dataframe, write_parquet
+from wsi_xr.readers import read_stats, reset_read_stats
+from wsi_xr.synth import write_synthetic_slide
+
+CLI = [sys.executable, "-m", "wsi_xr.cli"]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fixed, randomly initialised VAE (exactness of the plumbing does not need training)."""
+    torch.manual_seed(1234)
+    path = tmp_path_factory.mktemp("weights") / "vae.pt"
+    save_vae(VAE2().eval(), path)
+    return path
+
+
+def _check_latents_against_direct_encoder(ds: xr.Dataset, slide: Path, weights: Path) -> None:
+    pixels = tifffile.imread(slide, level=0)[..., :3]  # an independent read of the slide
+    mask = ds.tile_mask.values
+    rows, cols = np.nonzero(mask)
+    ys, xs = ds.tile_y.values[rows], ds.tile_x.values[cols]
+    tiles = np.stack([pixels[y : y + 64, x : x + 64] for y, x in zip(ys, xs)])
+    expected = encode_tiles(load_vae(weights), tiles)
+    latent = ds.latent.values
+    np.testing.assert_allclose(latent[rows, cols], expected, atol=1e-4)
+    assert np.isnan(latent[~mask]).all()
+    frame = to_dataframe(ds)
+    assert len(frame) == int(mask.sum())
+    assert (frame["x"].values == xs).all() and (frame["y"].values == ys).all()
+    np.testing.assert_allclose(frame[[f"latent_{i}" for i in range(32)]].values, expected, atol=1e-4)
+
+
+def test_latents_equal_direct_encoder_on_cmu(cmu: Path, weights: Path, tmp_path: Path) -> None:
+    ds = process_slide(cmu, tmp_path / "cmu.zarr", weights=weights, chunks=512, progress=False).compute()
+    assert ds.attrs["complete"] and ds.attrs["weights_sha256"] and ds.attrs["source"] == str(cmu)
+    assert 500 < ds.attrs["tissue_tiles"] < 1000
+    _check_latents_against_direct_encoder(ds, cmu, weights)
+
+
+def test_pipeline_matches_tissue_mask_and_reads_once(synth_slide: Path, weights: Path, tmp_path: Path) -> None:
+    reset_read_stats()
+    with dask.config.set(scheduler="threads"):
+        ds = process_slide(synth_slide, tmp_path / "s.zarr", weights=weights, chunks=512, coarse="none", progress=False)
+    stats = read_stats()
+    assert stats.pixels_requested == 3000 * 2600, "each level-0 pixel must be decoded once for mask + latents"
+    assert stats.calls == 6 * 6
+    ds = ds.compute()
+    mask = wsi_xr.tissue_mask(wsi_xr.open_slide(synth_slide, chunks=512), threshold=ds.attrs["threshold"], coarse="none").compute()
+    np.testing.assert_array_equal(ds.tile_mask.values, mask.tile_mask.values)
+    np.testing.assert_array_equal(ds.patch_mask.values, mask.patch_mask.values)
+    np.testing.assert_allclose(ds.tile_variance.values, mask.tile_variance.values, rtol=1e-6)
+    _check_latents_against_direct_encoder(ds, synth_slide, weights)
+
+
+def test_cohort_groups_datatree_and_parquet(synth_slide: Path, cmu: Path, weights: Path, tmp_path: Path) -> None:
+    store = tmp_path / "cohort.zarr"
+    tree = process_slides([synth_slide, cmu, synth_slide], store, weights=weights, progress=False)
+    names = [Path(synth_slide).stem, cmu.stem, Path(synth_slide).stem + "-2"]
+    assert sorted(tree.children) == sorted(names)
+    reopened = xr.open_datatree(store, engine="zarr")
+    assert int(reopened[names[1]].tile_mask.sum()) == reopened[names[1]].attrs["tissue_tiles"]
+    frame = write_parquet(store, tmp_path / "cohort.parquet")
+    back = pd.read_parquet(tmp_path / "cohort.parquet")
+    assert list(back.columns[:3]) == ["slide", "x", "y"] and len(back) == len(frame)
+    assert back.groupby("slide").size().to_dict() == {n: int(reopened[n].tile_mask.sum()) for n in names}
+
+
+def test_mismatched_and_locked_store_refused(synth_slide: Path, cmu: Path, weights: Path, tmp_path: Path) -> None:
+    store = tmp_path / "one.zarr"
+    process_slide(synth_slide, store, weights=weights, progress=False)
+    with pytest.raises(wsi_xr.StoreError, match="different slide or with different parameters"):
+        process_slide(cmu, store, weights=weights, progress=False)
+    with pytest.raises(wsi_xr.StoreError, match="threshold_setting"):
+        process_slide(synth_slide, store, weights=weights, threshold=50.0, progress=False)
+    replaced = process_slide(cmu, store, weights=weights, overwrite=True, progress=False)
+    assert replaced.attrs["source"] == str(cmu)
+    lock = store.parent / f".{store.name}.lock"
+    lock.write_text(f"{os.getpid()} {socket.gethostname()}")  # a live owner: this process
+    with pytest.raises(wsi_xr.StoreError, match="in use by another wsi_xr run"):
+        process_slide(cmu, store, weights=weights, progress=False)
+    lock.write_text(f"999999999 {socket.gethostname()}")  # a dead owner: taken over
+    process_slide(cmu, store, weights=weights, progress=False)
+    assert not lock.exists()
+
+
+def _done_chunks(store: Path) -> int:
+    folder = store / "chunk_done" / "c"
+    return sum(len(files) for _, _, files in os.walk(folder)) if folder.exists() else 0
+
+
+def test_resume_after_sigkill(tmp_path: Path, weights: Path) -> None:
+    slide = tmp_path / "resume.tif"
+    write_synthetic_slide(slide, 4096, 4096, seed=21, tissue_fraction=0.5)
+    args = [str(slide), "--weights", str(weights), "--chunk", "256", "--coarse", "none", "--quiet"]
+    reference = tmp_path / "reference.zarr"
+    subprocess.run(CLI + ["run", *args[:1], str(reference), *args[1:]], check=True, capture_output=True)
+
+    store = tmp_path / "killed.zarr"
+    proc = subprocess.Popen(CLI + ["run", *args[:1], str(store), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while _done_chunks(store) < 20 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make the slide larger"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _done_chunks(store)
+    assert 0 < killed_at < 256
+    partial = xr.open_zarr(store, consolidated=False)
+    assert partial.attrs["complete"] is False  # never marked complete with chunks missing
+
+    reset_read_stats()
+    rerun = subprocess.run(CLI + ["run", *args[:1], str(store), *args[1:]], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    a, b = xr.open_zarr(reference).compute(), xr.open_zarr(store).compute()
+    assert b.attrs["complete"] is True
+    for name in ("tile_mask", "patch_mask", "read_error", "tile_variance", "patch_variance", "latent"):
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    assert a.attrs["threshold"] == b.attrs["threshold"]
+
+
+def test_cli_run_rejects_bad_input(tmp_path: Path, synth_slide: Path) -> None:
+    missing = subprocess.run(CLI + ["run", str(tmp_path / "nope.svs"), str(tmp_path / "o.zarr")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "nope.svs" in missing.stderr and "Traceback" not in missing.stderr
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a model")
+    bad = subprocess.run(CLI + ["run", str(synth_slide), str(tmp_path / "o.zarr"), "--weights", str(junk)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "junk.pt" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_distributed_cluster_by_address(synth_slide: Path, weights: Path, tmp_path: Path) -> None:
+    pytest.importorskip("distributed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    scheduler = subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        for _ in range(2):
+            workers.append(
+                subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+        out = tmp_path / "dist.zarr"
+        run = subprocess.run(CLI + ["run", str(synth_slide), str(out), "--weights", str(weights), "--chunk", "512", "--scheduler", address, "--quiet"], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        local = process_slide(synth_slide, tmp_path / "local.zarr", weights=weights, chunks=512, progress=False).compute()
+        remote = xr.open_zarr(out).compute()
+        for name in ("tile_mask", "tile_variance", "latent"):
+            np.testing.assert_allclose(remote[name].values, local[name].values, atol=1e-6, err_msg=name)
+    finally:
+        for proc in workers + [scheduler]:
+            proc.terminate()
+        for proc in workers + [scheduler]:
+            proc.wait(timeout=30)
