@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from wsi_xr.errors import InvalidArgumentError, WsiXrError
 
@@ -203,6 +203,38 @@ def cmd_plot_recon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(kind: type) -> Any:
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(part) for part in text.split(",") if part]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated list") from None
+
+    return parse
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmark chunkings, backends and schedulers on a slide (or a synthetic one)."""
+    from wsi_xr.bench import HEADER, plot_report, run_benchmark
+    from wsi_xr.synth import write_synthetic_slide
+
+    slide = args.slide
+    if slide is None:
+        import tempfile
+
+        slide = str(Path(tempfile.mkdtemp(prefix="wsi_xr-bench-")) / f"synthetic-{args.size}.tif")
+        write_synthetic_slide(slide, args.size, args.size, seed=0)
+        print(f"benchmarking a synthetic {args.size} x {args.size} slide: {slide}")
+    print(HEADER)
+    report = run_benchmark(slide, chunks=args.chunks, stages=args.stage, backends=args.backend, schedulers=args.scheduler, repeat=args.repeat, weights=args.weights)
+    if args.out:
+        Path(args.out).write_text(report.to_json())
+        print(f"wrote {args.out}")
+    if args.plot:
+        print(f"wrote {plot_report(report, args.plot)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthetic slide -> whole pipeline with the shipped weights -> store, Parquet, figures."""
     from wsi_xr.pipeline import process_slide, write_parquet
@@ -312,6 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_plot_recon)
+
+    p = sub.add_parser("bench", help="benchmark chunkings / backends / schedulers")
+    p.add_argument("slide", nargs="?", default=None, help="slide to measure (default: a synthetic one)")
+    p.add_argument("--size", type=_positive_int, default=8192, help="side of the synthetic slide (default 8192)")
+    p.add_argument("--chunks", type=_csv(int), default=[512, 1024, 2048, 4096])
+    p.add_argument("--stage", type=_csv(str), default=["read"], help="read,mask,pipeline")
+    p.add_argument("--backend", type=_csv(str), default=["cucim"], help="cucim,tifffile")
+    p.add_argument("--scheduler", type=_csv(str), default=["threads"], help="threads,processes,distributed")
+    p.add_argument("--repeat", type=_positive_int, default=3)
+    p.add_argument("--weights", default=None, help="VAE weights for --stage pipeline")
+    p.add_argument("--out", default=None, help="write results as JSON")
+    p.add_argument("--plot", default=None, help="write a throughput plot (PNG)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="run the pipeline on a built-in synthetic slide")
     p.add_argument("--out", default="demo_output", help="folder for the outputs (default demo_output)")
