@@ -210,7 +210,7 @@ def _check_compression(p: Path, page: tifffile.TiffPage) -> None:
     code = int(page.compression)
     try:
         tifffile.COMPRESSION(code)
-        known = code == 1 or code in tifffile.TIFF.DECOMPRESSORS
+        known = code in CUCIM_SAFE_COMPRESSIONS or code in tifffile.TIFF.DECOMPRESSORS
     except (ValueError, KeyError):
         known = False
     if not known:

@@ -1,0 +1,50 @@
+"""The VAE layer: the reference ``VAE2`` model, its loss, weight files and training.
+
+Depends on torch, NumPy and tqdm only (and :mod:`wsi_xr.errors`).
+
+>>> from wsi_xr.models import load_vae, encode_tiles
+>>> model = load_vae("vae.pt")                      # eval mode, on the CPU
+>>> mu = encode_tiles(model, tiles)                 # (N, 64, 64, 3) uint8 -> (N, 32) float32
+"""
+
+from __future__ import annotations
+
+from wsi_xr.models.train import TrainResult, reconstruction_errors, train_vae
+from wsi_xr.models.vae import (
+    CHANNELS,
+    KLD_SCALE,
+    LATENT_SIZE,
+    TILE_SIZE,
+    VAE2,
+    encode_tiles,
+    tiles_to_tensor,
+    torch_device,
+    vae_loss,
+)
+from wsi_xr.models.weights import (
+    default_weights_path,
+    load_vae,
+    read_metadata,
+    save_vae,
+    weights_hash,
+)
+
+__all__ = [
+    "CHANNELS",
+    "KLD_SCALE",
+    "LATENT_SIZE",
+    "TILE_SIZE",
+    "VAE2",
+    "TrainResult",
+    "default_weights_path",
+    "encode_tiles",
+    "load_vae",
+    "read_metadata",
+    "reconstruction_errors",
+    "save_vae",
+    "tiles_to_tensor",
+    "torch_device",
+    "train_vae",
+    "vae_loss",
+    "weights_hash",
+]
