@@ -189,7 +189,8 @@ def open_slide(
         ``"auto"`` (cuCIM when the file is safe for it, else tifffile), ``"cucim"`` or
         ``"tifffile"``.
     device
-        ``"cuda"`` makes every block a CuPy array decoded on the GPU (needs CuPy).
+        ``"cuda"`` makes every block a CuPy array in GPU memory (decoded on the CPU and
+        copied: faster and exact, see the cuCIM backend notes; needs CuPy).
     damaged
         What a block touching a damaged TIFF tile does: ``"raise"`` a
         :class:`~wsi_xr.SlideReadError` (default), or ``"fill"`` those pixels with zeros

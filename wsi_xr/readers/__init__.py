@@ -134,7 +134,7 @@ def read_window(
     with ``damaged="raise"`` the read fails with :class:`SlideReadError` naming them;
     with ``damaged="fill"`` their pixels are zeros and the caller is expected to flag
     them (the tissue mask reports them in ``read_error``).
-    ``device="cuda"`` returns a CuPy array (cuCIM decodes into GPU memory).
+    ``device="cuda"`` returns a CuPy array (decoded on the CPU, copied to the GPU).
     """
     if damaged not in DAMAGED_POLICIES:
         raise InvalidArgumentError(f"damaged={damaged!r}: use one of {DAMAGED_POLICIES}.")
@@ -163,12 +163,10 @@ def read_window(
                 import cupy
 
                 pixels = cupy.asarray(pixels)
-        elif device == "cuda":
-            pixels = reader.read_device(level, y, x, height, width) if hasattr(reader, "read_device") else None
-            if pixels is None:
-                import cupy
+        elif device == "cuda":  # CPU decode, then one host-to-device copy (see cucim_backend)
+            import cupy
 
-                pixels = cupy.asarray(reader.read(level, y, x, height, width))
+            pixels = cupy.asarray(reader.read(level, y, x, height, width))
         else:
             pixels = reader.read(level, y, x, height, width)
     except SlideReadError:
