@@ -152,8 +152,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "progress": not args.quiet,
     }
     start = time.perf_counter()
-    scheduler = args.scheduler or ("threads" if args.workers is None and args.threads_per_worker is None else None)
-    with dask_client(scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker, processes=args.workers is not None) as client:
+    processes = args.workers is not None and args.workers > 1
+    with dask_client(args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker, processes=processes) as client:
         if len(slides) == 1:
             ds = process_slide(slides[0], out, client=client, **options)
             summaries = [(Path(slides[0]).name, ds)]
@@ -319,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parquet", default=None, help="also write one row per tissue tile to this Parquet file")
     _add_mask_options(p)
     p.add_argument("--batch-size", type=_positive_int, default=256)
-    p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (tcp://host:port)")
-    p.add_argument("--workers", type=_positive_int, default=None, help="LocalCluster worker processes")
+    p.add_argument("--scheduler", default=None, help="tcp://host:port of an existing Dask cluster, or 'threads' (default: a LocalCluster)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="LocalCluster workers (more than 1: separate processes)")
     p.add_argument("--threads-per-worker", type=_positive_int, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other parameters")
     p.add_argument("--quiet", action="store_true")
@@ -378,6 +378,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose and args.command in ("run", "mask"):
+        # the command prints its own summary and the dashboard link; distributed sets
+        # its loggers' levels when imported, so import it first
+        import distributed  # noqa: F401
+
+        for name in ("distributed", "bokeh", "tornado"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return int(args.func(args) or 0)
     except WsiXrError as err:

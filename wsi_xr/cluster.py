@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Any, Iterator
 
 import dask
@@ -39,10 +40,13 @@ def dask_client(
     ----------
     scheduler
         ``"tcp://host:port"`` of an existing cluster, ``"threads"`` for dask's local
-        threaded scheduler (no distributed), or None: a LocalCluster sized for this
-        machine (a LocalCUDACluster, one worker per GPU, when GPUs and dask-cuda exist).
+        threaded scheduler (no distributed, no dashboard), or None: a LocalCluster sized
+        for this machine (a LocalCUDACluster, one worker per GPU, when GPUs and
+        dask-cuda exist).
     workers, threads_per_worker, processes
-        LocalCluster shape (defaults: one worker with a thread per core).
+        LocalCluster shape. Default: one worker holding a thread per core, in this
+        process -- measured fastest here (benchmarks/RESULTS.md): cuCIM, NumPy and
+        torch release the GIL, and threads share decoded blocks without copies.
     cuda
         Force (True) or forbid (False) a LocalCUDACluster; None decides by GPU count.
     """
@@ -53,7 +57,7 @@ def dask_client(
 
     if scheduler:
         with Client(scheduler) as client:
-            log.warning("connected to %s (dashboard: %s)", scheduler, client.dashboard_link)
+            print(f"connected to {scheduler} (dashboard: {client.dashboard_link})", file=sys.stderr)
             yield client
         return
     if cuda is None:
@@ -70,7 +74,7 @@ def dask_client(
             dashboard_address=":0",
         )
     with cluster_cm as cluster, Client(cluster) as client:
-        log.warning("Dask dashboard: %s", client.dashboard_link)
+        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
         yield client
 
 
