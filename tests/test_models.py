@@ -624,3 +624,20 @@ def test_cupy_tiles_through_dlpack_stay_on_the_gpu() -> None:
     x = tiles_to_tensor(torch.from_dlpack(cp.asarray(arr)))
     assert x.is_cuda and x.shape == (8, 3, 64, 64)
     np.testing.assert_allclose(x.cpu().numpy(), tiles_to_tensor(arr).numpy(), atol=1e-7)
+
+
+def test_shipped_default_weights_encode_real_tiles() -> None:
+    """The default weights ship in the package, load, and give finite 32-dim mu on real tissue."""
+    from wsi_xr.models import default_weights_path, load_vae, read_metadata
+    from wsi_xr.sampling import sample_tissue_tiles
+
+    from .conftest import data_file
+
+    path = default_weights_path()
+    assert path.exists() and path.stat().st_size < 20 * 2**20
+    meta = read_metadata(None)
+    assert meta["training"]["epochs"] >= 1 and meta["latent_size"] == 32
+    tiles, origins = sample_tissue_tiles([data_file("cmu-1-small-region.svs")], max_tiles=64, seed=0)
+    mu = encode_tiles(load_vae(), tiles)
+    assert mu.shape == (64, 32) and np.isfinite(mu).all()
+    assert mu.std(axis=0).mean() > 1e-3  # not a constant map
