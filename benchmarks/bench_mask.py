@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from benchmarks.common import isolated, markdown_table, save, synthetic_slide
+from benchmarks.common import isolated, markdown_table, save, synthetic_slide, timed
 
 THRESHOLD = 60.0
 WORKERS = os.cpu_count() or 1
@@ -66,13 +66,7 @@ def case_wsi_xr(slide: str, coarse: str, repeat: int) -> dict:
             computed = mask.compute()
         return int(computed.tile_mask.sum())
 
-    once()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        tissue = once()
-        times.append(time.perf_counter() - start)
-    return {"seconds": sorted(times)[len(times) // 2], "tissue_tiles": tissue}
+    return {"seconds": timed(once, repeat)["median_s"], "tissue_tiles": once()}
 
 
 def case_raw(slide: str, size: int, repeat: int) -> dict:
@@ -86,13 +80,7 @@ def case_raw(slide: str, size: int, repeat: int) -> dict:
         with ThreadPoolExecutor(WORKERS) as pool:
             list(pool.map(lambda r: np.asarray(image.read_region(r, (min(step, size - r[0]), min(step, size - r[1])))), regions))
 
-    once()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - start)
-    return {"seconds": sorted(times)[len(times) // 2], "tissue_tiles": None}
+    return {"seconds": timed(once, repeat)["median_s"], "tissue_tiles": None}
 
 
 def main() -> None:

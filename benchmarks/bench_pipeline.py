@@ -24,19 +24,13 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from benchmarks.common import isolated, markdown_table, save, synthetic_slide
+from benchmarks.common import isolated, markdown_table, save, synthetic_slide, timed
 
 WORKERS = os.cpu_count() or 1
 
 
 def _time(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return timed(fn, repeat)["median_s"]
 
 
 def run_case(case: str, slide: str, weights: str | None, repeat: int) -> dict:
