@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from benchmarks.common import isolated, markdown_table, save, synthetic_slide, timed
+from benchmarks.common import isolated, markdown_table, save, self_peak_mb, synthetic_slide, timed
 
 THRESHOLD = 60.0
 WORKERS = os.cpu_count() or 1
@@ -97,7 +97,7 @@ def main() -> None:
             out = case_raw(args.slide, args.size, args.repeat)
         else:
             out = case_wsi_xr(args.slide, args.case, args.repeat)
-        print(json.dumps(out))
+        print(json.dumps({**out, "peak_rss_mb": self_peak_mb()}))
         return
 
     slide = str(synthetic_slide(args.size, 0.3))

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from benchmarks.common import isolated, markdown_table, save, synthetic_slide, timed
+from benchmarks.common import isolated, markdown_table, save, self_peak_mb, synthetic_slide, timed
 
 WORKERS = os.cpu_count() or 1
 
@@ -82,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     extra = ["--weights", args.weights] if args.weights else []
     if args.case:
-        print(json.dumps(run_case(args.case, args.slide, args.weights, args.repeat)))
+        print(json.dumps({**run_case(args.case, args.slide, args.weights, args.repeat), "peak_rss_mb": self_peak_mb()}))
         return
     slide = str(synthetic_slide(args.size, 0.3))
     common = ["--slide", slide, "--repeat", str(args.repeat), *extra]

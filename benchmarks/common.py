@@ -43,19 +43,15 @@ def timed(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> dict[str, 
 
 
 def isolated(module: str, case: str, *args: str) -> dict[str, Any]:
-    """Run ``python -m MODULE --case CASE ARGS`` in a fresh process; its JSON plus peak RSS.
+    """Run ``python -m MODULE --case CASE ARGS`` in a fresh process and return its JSON.
 
-    Peak memory is the largest resident set of the process or any child it waited for
-    (``ru_maxrss`` of RUSAGE_CHILDREN), so every case is measured from a clean start.
+    Each case reports its own ``peak_rss_mb`` (:func:`self_peak_mb` in that process: the
+    largest resident set of it or of any child it waited for), measured from a clean start.
     """
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     run = subprocess.run([sys.executable, "-m", module, "--case", case, *args], capture_output=True, text=True, cwd=HERE.parent)
     if run.returncode != 0:
         raise RuntimeError(f"{module} --case {case} failed:\n{run.stderr[-3000:]}")
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    result.setdefault("peak_rss_mb", round(max(after, before) / 1024, 1))
-    return result
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def self_peak_mb() -> float:

@@ -29,7 +29,7 @@ import xarray as xr
 import zarr
 
 from wsi_xr.encode import ModelRef, encode_block, model_ref
-from wsi_xr.errors import InvalidArgumentError, StoreError, WsiXrError
+from wsi_xr.errors import InvalidArgumentError, SlideReadError, StoreError
 from wsi_xr.readers import SlideInfo, choose_backend, probe
 from wsi_xr.slide import ChunkSpec, level_coords, slide_array
 from wsi_xr.store import StoreLock, consolidate, json_safe_attrs
@@ -355,7 +355,18 @@ def process_slide(
                     name="wsi-process-chunk",
                 )
                 # chunks already done neither read nor encode: their tasks only confirm them
-                compute(results, client=client, progress=progress)
+                try:
+                    compute(results, client=client, progress=progress)
+                except Exception as err:
+                    if type(err).__name__ != "KilledWorker":
+                        raise
+                    # distributed retried the task on other workers and each one died:
+                    # a crash in a decoder, contained to worker processes
+                    raise SlideReadError(
+                        f"{plan.info.path}: Dask workers died while reading it ({err}); the decoder probably "
+                        "crashed on damaged data. Finished chunks are kept and the store is not marked "
+                        "complete; run again to retry, or check the file."
+                    ) from err
             attrs = _finalize(g, plan)
             consolidate(store_path)
         except OSError as err:
