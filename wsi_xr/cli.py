@@ -94,7 +94,7 @@ def cmd_mask(args: argparse.Namespace) -> int:
     validate_mask_arguments(args.tile, args.patch, args.threshold)
     check_output(args.out, overwrite=args.overwrite)
     start = time.perf_counter()
-    image = open_slide(args.slide, chunks=args.chunk)
+    image = open_slide(args.slide, chunks=args.chunk, device=_device(args.device))
     mask = tissue_mask(image, tile=args.tile, patch=args.patch, threshold=args.threshold, coarse=args.coarse)
     with dask_client(args.scheduler or "threads") as client:
         (computed,) = compute(mask, client=client, progress=not args.quiet)
@@ -148,6 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "coarse": args.coarse,
         "chunks": args.chunk,
         "batch_size": args.batch_size,
+        "device": _device(args.device),
         "overwrite": args.overwrite,
         "progress": not args.quiet,
     }
@@ -267,6 +268,15 @@ def _add_mask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=_threshold, default="auto", help="variance threshold, or auto (default)")
     p.add_argument("--coarse", type=_coarse, default="auto", help="auto, none, or the pyramid level for the coarse skip")
     p.add_argument("--chunk", type=_positive_int, default=None, help="chunk side in pixels (multiple of --patch)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="CuPy chunks on the GPU (auto: when a GPU is present)")
+
+
+def _device(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    from wsi_xr.cluster import gpu_count
+
+    return "cuda" if gpu_count() > 0 else "cpu"
 
 
 def _positive_int(text: str) -> int:
