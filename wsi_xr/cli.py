@@ -107,7 +107,7 @@ def cmd_mask(args: argparse.Namespace) -> int:
         f"{Path(args.slide).name}: patches kept {int(patches.sum())}/{patches.size}, "
         f"tiles kept {int(tiles.sum())}/{tiles.size} ({fraction:.1%}), "
         f"threshold {computed.attrs['threshold']:.2f} ({computed.attrs['threshold_method']}), "
-        f"read errors {int(computed.read_error.sum())}, "
+        f"read errors {int(computed.read_error.sum())} tiles ({computed.attrs['damaged_file_tiles']} damaged TIFF tiles), "
         f"chunks read {computed.attrs['chunks_read']}/{computed.attrs['chunks_total']}, "
         f"{time.perf_counter() - start:.2f} s -> {args.out}"
     )
@@ -164,7 +164,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name, ds in summaries:
         print(
             f"{name}: tissue tiles {ds.attrs['tissue_tiles']}/{ds.tile_mask.size}, threshold "
-            f"{ds.attrs['threshold']:.2f} ({ds.attrs['threshold_method']}), read errors {ds.attrs['read_errors']}, "
+            f"{ds.attrs['threshold']:.2f} ({ds.attrs['threshold_method']}), read errors {ds.attrs['read_errors']} tiles "
+            f"({ds.attrs['damaged_file_tiles']} damaged TIFF tiles), "
             f"chunks read {ds.attrs['chunks_read']}/{ds.attrs['chunks_total']}"
         )
     if args.parquet:

@@ -35,7 +35,7 @@ from wsi_xr.slide import ChunkSpec, level_coords, slide_array
 from wsi_xr.store import StoreLock, consolidate, json_safe_attrs
 from wsi_xr.tissue.coarse import blocks_with_possible_tissue, choose_coarse_level
 from wsi_xr.tissue.kernels import block_statistics, to_numpy
-from wsi_xr.tissue.mask import _damaged_tiles, validate_mask_arguments
+from wsi_xr.tissue.mask import _damaged_tiles, damaged_file_tiles, validate_mask_arguments
 from wsi_xr.tissue.threshold import THRESHOLD_RANGE, auto_threshold
 
 __all__ = ["process_slide", "process_slides", "to_dataframe", "write_parquet"]
@@ -285,6 +285,7 @@ def _finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
         "wsi_xr_version": __version__,
         "tissue_tiles": int(tile_mask.sum()),
         "read_errors": int(excluded.sum()),
+        "damaged_file_tiles": damaged_file_tiles(info, plan.level, plan.backend),
     }
     group.attrs.update(json_safe_attrs(attrs))
     group.attrs["complete"] = True  # last: a store is never complete with chunks missing

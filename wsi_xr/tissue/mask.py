@@ -81,6 +81,11 @@ def _source_slide(image: xr.DataArray) -> tuple[SlideInfo, dict[str, Any]] | Non
     return (info, settings) if expected.name == image.data.name else None
 
 
+def damaged_file_tiles(info: SlideInfo, level: int, backend: str) -> int:
+    """How many TIFF tiles (or strips) of ``level`` are damaged, inside the tile grid or not."""
+    return int(damaged_segments(reader_key(info, choose_backend(info, backend)), level).damaged.sum())
+
+
 def _damaged_tiles(info: SlideInfo, level: int, backend: str, tile: int, shape: tuple[int, int]) -> np.ndarray:
     """Bool tile grid: tiles with any pixel in a damaged TIFF tile."""
     grid = damaged_segments(reader_key(info, choose_backend(info, backend)), level)
@@ -146,6 +151,7 @@ def tissue_mask(
     excluded = np.zeros((nty, ntx), dtype=bool)
     read = np.ones(n_blocks, dtype=bool)
     coarse_level: int | None = None
+    damaged_count = 0
     source = _source_slide(image)
     if source is not None:
         info, settings = source
@@ -154,6 +160,7 @@ def tissue_mask(
         if coarse_level is not None:
             read = blocks_with_possible_tissue(info, level, coarse_level, data.chunks[:2], settings["backend"])
         excluded = _damaged_tiles(info, level, settings["backend"], tile, (nty, ntx))
+        damaged_count = damaged_file_tiles(info, level, settings["backend"])
         data = slide_array(info, damaged="fill", skip=~read, **settings)
     elif coarse not in ("auto", "none"):
         raise InvalidArgumentError(
@@ -204,6 +211,7 @@ def tissue_mask(
         "coarse_level": -1 if coarse_level is None else coarse_level,
         "chunks_total": int(read.size),
         "chunks_read": int(read.sum()),
+        "damaged_file_tiles": damaged_count,
         **{key: image.attrs[key] for key in ("source", "level", "downsample", "mpp", "backend") if key in image.attrs},
     }
     return xr.Dataset(
