@@ -1,0 +1,61 @@
+"""The ``wsi-xr`` commands end to end: info, synth, train, plot-recon, demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from wsi_xr.models import encode_tiles, load_vae, read_metadata
+
+CLI = [sys.executable, "-m", "wsi_xr.cli"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=600)
+
+
+def test_info_json(cmu: Path) -> None:
+    out = run("info", str(cmu), "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["vendor"] == "aperio" and info["backend"] == "cucim" and abs(info["mpp"] - 0.499) < 1e-9
+    assert info["levels"][0] == {"level": 0, "width": 2220, "height": 2967, "downsample": 1.0, "tile_width": 240, "tile_height": 240, "compression": "jpeg"}
+    text = run("info", str(cmu))
+    assert "2220 x 2967" in text.stdout and "240x240" in text.stdout
+
+
+def test_synth_then_train_then_plot_recon(tmp_path: Path) -> None:
+    slide = tmp_path / "s.tif"
+    assert run("synth", str(slide), "--width", "1536", "--height", "1536", "--seed", "4", "--quiet").returncode == 0
+    weights = tmp_path / "w.pt"
+    trained = run("train", str(slide), "--out", str(weights), "--epochs", "2", "--max-tiles", "96", "--batch-size", "32", "--seed", "1", "--quiet")
+    assert trained.returncode == 0, trained.stderr
+    assert "validation loss" in trained.stdout
+    meta = read_metadata(weights)["training"]
+    assert meta["epochs"] == 2 and meta["n_train"] + meta["n_val"] == 96 and meta["slides"] == ["s.tif"]
+    mu = encode_tiles(load_vae(weights), np.full((2, 64, 64, 3), 200, dtype=np.uint8))
+    assert mu.shape == (2, 32) and np.isfinite(mu).all()
+    figure = tmp_path / "recon.png"
+    drawn = run("plot-recon", str(weights), str(slide), "--out", str(figure), "--n", "6")
+    assert drawn.returncode == 0, drawn.stderr
+    assert figure.read_bytes()[:8] == PNG
+
+
+def test_demo_writes_everything(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    done = run("demo", "--out", str(out), "--size", "2048")
+    assert done.returncode == 0, done.stderr
+    ds = xr.open_zarr(out / "result.zarr")
+    assert ds.attrs["complete"] is True and ds.attrs["tissue_tiles"] > 0
+    rows = pd.read_parquet(out / "tiles.parquet")
+    assert len(rows) == ds.attrs["tissue_tiles"] and list(rows.columns[:2]) == ["x", "y"]
+    for name in ("mask-overlay.png", "latent-map.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    assert str(out / "result.zarr") in done.stdout
