@@ -35,7 +35,7 @@ from wsi_xr.slide import ChunkSpec, level_coords, slide_array
 from wsi_xr.store import StoreLock, consolidate, json_safe_attrs
 from wsi_xr.tissue.coarse import blocks_with_possible_tissue, choose_coarse_level
 from wsi_xr.tissue.kernels import block_statistics, to_numpy
-from wsi_xr.tissue.mask import _damaged_tiles, damaged_file_tiles, validate_mask_arguments
+from wsi_xr.tissue.mask import damaged_tile_grid, damaged_file_tiles, two_stage_rule, validate_mask_arguments
 from wsi_xr.tissue.threshold import THRESHOLD_RANGE, auto_threshold
 
 __all__ = ["process_slide", "process_slides", "to_dataframe", "write_parquet"]
@@ -100,7 +100,7 @@ def _plan(
     info = probe(path)
     if tile != 64:
         raise InvalidArgumentError(f"tile={tile}: the VAE encodes 64x64 tiles; use tile=64 for the pipeline.")
-    array = slide_array(info, level, chunks if chunks is not None else None, backend)
+    array = slide_array(info, level, chunks, backend)
     block_chunks = array.chunks[:2]
     for axis in (0, 1):
         if any(c % patch for c in block_chunks[axis][:-1]):
@@ -115,7 +115,7 @@ def _plan(
         if coarse_level is not None
         else np.ones((len(block_chunks[0]), len(block_chunks[1])), dtype=bool)
     )
-    excluded = _damaged_tiles(info, level, name, tile, (lv.height // tile, lv.width // tile))
+    excluded = damaged_tile_grid(info, level, name, tile, (lv.height // tile, lv.width // tile))
     ref = model_ref(weights, device=device)
     plan = RunPlan(info, level, name, block_chunks, tile, patch, threshold, coarse, coarse_level, read, excluded, ref, batch_size, device)
     plan.fingerprint = {
@@ -221,8 +221,7 @@ def _chunk_task(
         tile_var, patch_tile = block_statistics(pixels, plan.tile, plan.patch, xp.asarray(excluded) if excluded.any() else None)
         tile_var, patch_tile = to_numpy(tile_var), to_numpy(patch_tile)
         floor = plan.threshold if isinstance(plan.threshold, float) else CANDIDATE_FLOOR
-        with np.errstate(invalid="ignore"):
-            candidates = (tile_var > floor) & (patch_tile > floor) & ~excluded
+        candidates = two_stage_rule(tile_var, patch_tile, excluded, floor)
         latents = encode_block(pixels, candidates, plan.ref, tile=plan.tile, batch_size=plan.batch_size)
         k = plan.k
         g["tile_variance"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = tile_var.astype(np.float32)
@@ -244,10 +243,10 @@ def _finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
         threshold, method = float(plan.threshold), "given"
     k = plan.k
     nty, ntx = tile_var.shape
+    patch_of_tile = np.repeat(np.repeat(patch_var, k, axis=0), k, axis=1)[:nty, :ntx]
+    tile_mask = two_stage_rule(tile_var, patch_of_tile, excluded, threshold)
     with np.errstate(invalid="ignore"):
         patch_mask = patch_var > threshold
-        patch_of_tile = np.repeat(np.repeat(patch_mask, k, axis=0), k, axis=1)[:nty, :ntx]
-        tile_mask = (tile_var > threshold) & patch_of_tile & ~excluded
     group["patch_mask"][...] = patch_mask
     group["tile_mask"][...] = tile_mask
     latent = group["latent"]

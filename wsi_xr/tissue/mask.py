@@ -27,7 +27,7 @@ from wsi_xr.tissue.coarse import blocks_with_possible_tissue, choose_coarse_leve
 from wsi_xr.tissue.kernels import array_namespace, block_statistics, to_numpy
 from wsi_xr.tissue.threshold import auto_threshold
 
-__all__ = ["resolve_threshold", "tissue_mask", "validate_mask_arguments"]
+__all__ = ["resolve_threshold", "tissue_mask", "two_stage_rule", "validate_mask_arguments"]
 
 
 def validate_mask_arguments(tile: int, patch: int, threshold: float | str) -> None:
@@ -53,6 +53,16 @@ def _block_statistics_task(pixels: Any, excluded: np.ndarray, read: np.ndarray, 
     excluded_here = xp.asarray(excluded[..., 0]) if excluded[..., 0].any() else None
     tile_var, patch_var = block_statistics(pixels, tile, patch, excluded_here)
     return np.stack([to_numpy(tile_var), to_numpy(patch_var)], axis=-1)
+
+
+def two_stage_rule(tile_variance: Any, patch_variance_of_tile: Any, excluded: Any, threshold: Any) -> Any:
+    """The reference rule: a tile is tissue when its variance and its patch's exceed ``t``.
+
+    Works on NumPy and Dask arrays alike; NaN (unread, damaged) never passes, and
+    ``excluded`` (read errors) tiles are never tissue.
+    """
+    with np.errstate(invalid="ignore"):
+        return (tile_variance > threshold) & (patch_variance_of_tile > threshold) & ~excluded
 
 
 def _auto_threshold_block(variances: np.ndarray) -> np.ndarray:
@@ -86,7 +96,7 @@ def damaged_file_tiles(info: SlideInfo, level: int, backend: str) -> int:
     return int(damaged_segments(reader_key(info, choose_backend(info, backend)), level).damaged.sum())
 
 
-def _damaged_tiles(info: SlideInfo, level: int, backend: str, tile: int, shape: tuple[int, int]) -> np.ndarray:
+def damaged_tile_grid(info: SlideInfo, level: int, backend: str, tile: int, shape: tuple[int, int]) -> np.ndarray:
     """Bool tile grid: tiles with any pixel in a damaged TIFF tile."""
     grid = damaged_segments(reader_key(info, choose_backend(info, backend)), level)
     nty, ntx = shape
@@ -159,7 +169,7 @@ def tissue_mask(
         coarse_level = choose_coarse_level(info, level, coarse)
         if coarse_level is not None:
             read = blocks_with_possible_tissue(info, level, coarse_level, data.chunks[:2], settings["backend"])
-        excluded = _damaged_tiles(info, level, settings["backend"], tile, (nty, ntx))
+        excluded = damaged_tile_grid(info, level, settings["backend"], tile, (nty, ntx))
         damaged_count = damaged_file_tiles(info, level, settings["backend"])
         data = slide_array(info, damaged="fill", skip=~read, **settings)
     elif coarse not in ("auto", "none"):
@@ -194,7 +204,7 @@ def tissue_mask(
         value = float(threshold)
         method = "given"
     read_error = xr.DataArray(excluded, dims=("tile_y", "tile_x"))
-    tile_mask = (tile_var > value) & (patch_var_per_tile > value) & ~excluded
+    tile_mask = two_stage_rule(tile_var, patch_var_per_tile, excluded, value)
     y, x = image["y"].values, image["x"].values
     coords = {
         "tile_y": y[: nty * tile : tile],
