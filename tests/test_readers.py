@@ -79,7 +79,10 @@ def test_small_real_files_open_correctly(name: str) -> None:
 
 
 def test_jpeg_structure_check() -> None:
-    assert jpeg_structure_problem(b"\xff\xd8\xff\xc0\x00\x11" + bytes(15) + b"\xff\xda\x00\x0c" + bytes(10), b"\xff\xd9") is None
+    frame = b"\xff\xc0\x00\x11\x08\x00\x10\x00\x10\x03" + b"\x01\x11\x00\x02\x11\x00\x03\x11\x00"
+    scan = b"\xff\xda\x00\x0c\x03\x01\x00\x02\x00\x03\x00\x00\x3f\x00"
+    tables = b"\xff\xd8\xff\xdb\x00\x43\x00" + bytes(64) + b"\xff\xc4\x00\x13\x00" + bytes(16) + b"\xff\xc4\x00\x13\x10" + bytes(16) + b"\xff\xd9"
+    assert jpeg_structure_problem(b"\xff\xd8" + frame + scan, b"\xff\xd9", tables) is None
     assert "start-of-image" in jpeg_structure_problem(b"\x00\x00", b"\xff\xd9")
     assert "end-of-image" in jpeg_structure_problem(b"\xff\xd8\xff\xda\x00\x02", b"\x00\x00")
     assert "bogus length" in jpeg_structure_problem(b"\xff\xd8\xff\xdb\x00\x0c" + bytes(12), b"\xff\xd9")

@@ -118,8 +118,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     """Draw the slide thumbnail with the stored tile mask overlaid."""
     import xarray as xr
 
+    from wsi_xr.store import check_output, open_store
+
+    check_output(args.out, overwrite=True)  # before any work: fail fast on an unwritable path
     from wsi_xr.plot import plot_mask_overlay
-    from wsi_xr.store import open_store
 
     mask = open_store(args.store, group=args.group)
     slide = args.slide or mask.attrs.get("source")
@@ -177,12 +179,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the VAE on tissue tiles of the given slides; write the weights file."""
-    from wsi_xr.models import save_vae, train_vae
     from wsi_xr.sampling import sample_tissue_tiles
     from wsi_xr.store import check_output
 
     check_output(args.out, overwrite=True)
     tiles, origins = sample_tissue_tiles(args.slides, max_tiles=args.max_tiles, seed=args.seed)
+    from wsi_xr.models import save_vae, train_vae  # torch: only once the inputs are known good
+
     print(f"{len(tiles)} tissue tiles from {len(args.slides)} slide(s)")
     result = train_vae(tiles, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device, progress=not args.quiet)
     metadata = {
@@ -198,6 +201,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_plot_recon(args: argparse.Namespace) -> int:
     """Real tissue tiles above their VAE reconstructions."""
+    from wsi_xr.store import check_output
+
+    check_output(args.out, overwrite=True)  # before any work: fail fast on an unwritable path
     from wsi_xr.plot import plot_reconstructions
 
     out = plot_reconstructions(args.weights, args.slide, args.out, n=args.n, seed=args.seed)
@@ -359,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark chunkings / backends / schedulers")
     p.add_argument("slide", nargs="?", default=None, help="slide to measure (default: a synthetic one)")
     p.add_argument("--size", type=_positive_int, default=8192, help="side of the synthetic slide (default 8192)")
-    p.add_argument("--chunks", type=_csv(int), default=[512, 1024, 2048, 4096])
+    p.add_argument("--chunks", type=_csv(_positive_int), default=[512, 1024, 2048, 4096])
     p.add_argument("--stage", type=_csv(str), default=["read"], help="read,mask,pipeline")
     p.add_argument("--backend", type=_csv(str), default=["cucim"], help="cucim,tifffile")
     p.add_argument("--scheduler", type=_csv(str), default=["threads"], help="threads,processes,distributed")
@@ -389,6 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:
+        # tifffile logs what it finds wrong in a damaged file; wsi_xr reports that itself,
+        # as one error line or as read errors
+        logging.getLogger("tifffile").setLevel(logging.ERROR)
     if not args.verbose and args.command in ("run", "mask"):
         # the command prints its own summary and the dashboard link; distributed sets
         # its loggers' levels when imported, so import it first
@@ -400,6 +410,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except WsiXrError as err:
         print(f"wsi-xr {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:  # a file that cannot be read or written (a path, permissions, a full disk)
+        where = f"{err.filename}: " if err.filename else ""
+        print(
+            f"wsi-xr {args.command}: error: {where}{err.strerror or err}; check the path, its permissions and free space.",
+            file=sys.stderr,
+        )
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"wsi-xr {args.command}: interrupted", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -23,6 +24,11 @@ def check_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
         raise StoreError(f"{out}: the folder {parent} does not exist; create it first.")
     if not os.access(parent, os.W_OK):
         raise StoreError(f"{out}: the folder {parent} is not writable; choose another output path.")
+    try:  # os.access says yes to root everywhere, and to /proc: really try
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise StoreError(f"{out}: the folder {parent} is not writable ({err.strerror}); choose another output path.") from err
     return out
 
 

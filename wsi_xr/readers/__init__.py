@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_xr.errors import InvalidArgumentError, SlideReadError
+from wsi_xr.errors import InvalidArgumentError, SlideReadError, WsiXrError
 from wsi_xr.readers.base import (
     HandleCache,
     Reader,
@@ -138,7 +138,15 @@ def read_window(
     """
     if damaged not in DAMAGED_POLICIES:
         raise InvalidArgumentError(f"damaged={damaged!r}: use one of {DAMAGED_POLICIES}.")
-    reader = get_reader(key)
+    try:
+        reader = get_reader(key)
+    except WsiXrError:
+        raise
+    except Exception as err:  # e.g. cuCIM's ValueError "Cannot load ..." on a damaged IFD
+        raise SlideReadError(
+            f"{key.path}: {key.backend} cannot open the file ({type(err).__name__}: {err}). The TIFF "
+            "structure is probably damaged; copy the slide again from its source."
+        ) from err
     lv: LevelInfo = reader.info.levels[level]  # type: ignore[attr-defined]
     if y < 0 or x < 0 or height <= 0 or width <= 0 or y + height > lv.height or x + width > lv.width:
         raise InvalidArgumentError(

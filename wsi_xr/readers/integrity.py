@@ -9,6 +9,7 @@ header, EOI at the end). This reads a few hundred bytes per tile.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -59,20 +60,26 @@ def scan_level(path: str, page_index_in_series: int) -> SegmentGrid:
         damaged = np.zeros((grid_h, grid_w), dtype=bool)
         reasons: dict[tuple[int, int], str] = {}
         tables = page.jpegtables or b""
+        tables_problem = jpeg_tables_problem(tables) if tables and int(page.compression) == _JPEG else None
+        size = (seg_h, seg_w) if page.is_tiled else None
         fh = tf.filehandle
         for index in range(grid_h * grid_w):
             cell = divmod(index, grid_w)
             if index >= len(offsets):
                 reason: str | None = "no entry in the tile offset table"
+            elif tables_problem is not None:
+                reason = f"{tables_problem} (the JPEG tables every tile of this level needs)"
             else:
-                reason = _segment_problem(fh, int(offsets[index]), int(counts[index]), file_size, int(page.compression), tables)
+                reason = _segment_problem(fh, int(offsets[index]), int(counts[index]), file_size, int(page.compression), tables, size)
             if reason is not None:
                 damaged[cell] = True
                 reasons[cell] = reason
     return SegmentGrid(seg_h, seg_w, damaged, reasons)
 
 
-def _segment_problem(fh: tifffile.FileHandle, offset: int, count: int, file_size: int, compression: int, tables: bytes) -> str | None:
+def _segment_problem(
+    fh: tifffile.FileHandle, offset: int, count: int, file_size: int, compression: int, tables: bytes, size: tuple[int, int] | None
+) -> str | None:
     if count <= 0 or offset <= 0:
         return "tile data missing (offset or byte count is 0)"
     if offset + count > file_size:
@@ -83,16 +90,77 @@ def _segment_problem(fh: tifffile.FileHandle, offset: int, count: int, file_size
     head = fh.read(min(count, _HEAD_BYTES))
     fh.seek(offset + count - 2)
     tail = fh.read(2)
-    return jpeg_structure_problem(head, tail, tables)
+    return jpeg_structure_problem(head, tail, tables, size)
 
 
-def jpeg_structure_problem(head: bytes, tail: bytes, tables: bytes = b"") -> str | None:
-    """Why a JPEG stream (its first bytes and last two) is malformed, or None if it is sound."""
+#: Markers a TIFF JPEG tile may hold before its scan: SOF0-2, DHT, DQT, DRI, APPn, COM.
+_FRAME_MARKERS = frozenset({0xC0, 0xC1, 0xC2})
+_HEADER_MARKERS = _FRAME_MARKERS | {0xC4, 0xDB, 0xDD, 0xFE} | frozenset(range(0xE0, 0xF0))
+#: Markers a JPEGTables stream may hold (tables, application data, comments).
+_TABLES_MARKERS = frozenset({0xC4, 0xDB, 0xFE}) | frozenset(range(0xE0, 0xF0))
+#: Luma sampling factors (H, V) of the 3-component layouts TurboJPEG (cuCIM's JPEG
+#: decoder) decodes, chroma being 1x1: 4:4:4, 4:2:2, 4:2:0, 4:4:0, 4:1:1, 4:4:1.
+_TURBOJPEG_LUMA_SAMPLING = frozenset({(1, 1), (2, 1), (2, 2), (1, 2), (4, 1), (1, 4)})
+
+
+class _Tables:
+    """Quantisation and Huffman tables defined so far (by JPEGTables or the tile itself)."""
+
+    def __init__(self) -> None:
+        self.quant: set[int] = set()
+        self.huffman: set[tuple[int, int]] = set()  # (class 0 DC / 1 AC, id)
+
+    def copy(self) -> "_Tables":
+        other = _Tables()
+        other.quant, other.huffman = set(self.quant), set(self.huffman)
+        return other
+
+
+def jpeg_structure_problem(head: bytes, tail: bytes, tables: bytes = b"", size: tuple[int, int] | None = None) -> str | None:
+    """Why a JPEG stream (its first bytes and last two) is malformed, or None if it is sound.
+
+    Checks what a decoder checks before it decodes a pixel: the markers (only those a
+    baseline/progressive TIFF tile uses), every header segment's layout (DQT, DHT, SOF,
+    SOS, DRI contents fill their declared lengths), the frame (8-bit, 1/3/4 components
+    with sampling factors TurboJPEG decodes, quantisation tables that exist), the scan
+    (components of the frame, Huffman tables that exist, spectral selection that fits
+    the frame type), a JFIF marker of version 1, and, when ``size`` ``(height, width)``
+    is given, that the frame has the TIFF tile's size. Decoders given such damage print
+    an error and return zeros or garbage instead of raising, so it must be caught here.
+    Damage inside the entropy-coded data cannot be seen without decoding it (JPEG has
+    no checksum).
+    """
     if head[:2] != b"\xff\xd8":
         return "JPEG data does not start with a start-of-image marker"
     if tail != b"\xff\xd9":
         return "JPEG data does not end with an end-of-image marker (truncated?)"
-    has_frame = _has_marker(tables, frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC})
+    end = _header_end(head)
+    if end is None:  # broken: the full check says where
+        return _header_problem(head, tables, size)
+    # the tiles of a slide mostly share one header (same tables): check each kind once
+    return _cached_header_problem(head[:end], tables, size)
+
+
+def _header_end(head: bytes) -> int | None:
+    """Where the start-of-scan segment of a JPEG stream ends, or None if it is not found."""
+    i = 2
+    while i + 4 <= len(head) and head[i] == 0xFF:
+        marker = head[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker == 0xD9:
+            return None
+        i += 2 + int.from_bytes(head[i + 2 : i + 4], "big")
+        if marker == 0xDA:
+            return i if i <= len(head) else None
+    return None
+
+
+def _header_problem(head: bytes, tables: bytes, size: tuple[int, int] | None) -> str | None:
+    """The checks of :func:`jpeg_structure_problem` from the first marker after SOI on."""
+    defined = _tables_defined(tables).copy()
+    frame: tuple[int, list[tuple[int, int, int, int]]] | None = None  # (marker, [(id, h, v, tq)])
     i = 2
     while True:
         if i + 4 > len(head):
@@ -106,21 +174,169 @@ def jpeg_structure_problem(head: bytes, tail: bytes, tables: bytes = b"") -> str
         length = int.from_bytes(head[i + 2 : i + 4], "big")
         if length < 2:
             return f"JPEG segment FF{marker:02X} has an impossible length {length}"
-        if marker == 0xDB and (length - 2) % 65 and (length - 2) % 129:
-            return f"JPEG quantisation table segment has a bogus length {length}"
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            has_frame = True
-        if marker == 0xDA:
-            return None if has_frame else "JPEG scan without a frame header"
         if marker == 0xD9:
             return "JPEG stream ends before any image data"
+        if marker != 0xDA and marker not in _HEADER_MARKERS:
+            return f"JPEG header holds an unexpected marker FF{marker:02X} at byte {i}"
+        body = head[i + 4 : i + 2 + length]
+        if marker in (0xC0, 0xC1, 0xC2, 0xC4, 0xDA, 0xDB, 0xDD, 0xE0):
+            if len(body) < length - 2:
+                return "JPEG header is longer than expected or cut short"
+            problem = _segment_layout_problem(marker, body, length, defined)
+            if problem:
+                return problem
+        if marker in _FRAME_MARKERS:
+            if frame is not None:
+                return "JPEG stream holds two frame headers"
+            components = [(body[6 + 3 * c], body[7 + 3 * c] >> 4, body[7 + 3 * c] & 0x0F, body[8 + 3 * c]) for c in range(body[5])]
+            frame = (marker, components)
+            height, width = int.from_bytes(body[1:3], "big"), int.from_bytes(body[3:5], "big")
+            if size is not None and (height, width) != size:
+                return f"JPEG frame is {width}x{height} px but the TIFF tile is {size[1]}x{size[0]}"
+            problem = _frame_problem(frame[1])
+            if problem:
+                return problem
+        if marker == 0xDA:
+            if frame is None:
+                return "JPEG scan without a frame header"
+            return _scan_problem(frame, body, defined)
         i += 2 + length
 
 
-def _has_marker(stream: bytes, markers: frozenset[int]) -> bool:
+_cached_header_problem = functools.lru_cache(maxsize=256)(_header_problem)
+
+
+def _frame_problem(components: list[tuple[int, int, int, int]]) -> str | None:
+    ids = [c[0] for c in components]
+    if len(set(ids)) != len(ids):
+        return f"JPEG frame header repeats a component id ({ids})"
+    for cid, h, v, tq in components:
+        if not (1 <= h <= 4 and 1 <= v <= 4) or tq > 3:
+            return f"JPEG frame component {cid} has bogus sampling factors {h}x{v} or table {tq}"
+    if len(components) == 3:
+        luma, chroma = components[0][1:3], [c[1:3] for c in components[1:]]
+        if luma not in _TURBOJPEG_LUMA_SAMPLING or any(hv != (1, 1) for hv in chroma):
+            return f"JPEG frame has a sampling layout cuCIM's decoder cannot decode ({[c[1:3] for c in components]})"
+    return None
+
+
+def _scan_problem(frame: tuple[int, list[tuple[int, int, int, int]]], body: bytes, defined: _Tables) -> str | None:
+    marker, components = frame
+    count = body[0]
+    start, end, approximation = body[1 + 2 * count], body[2 + 2 * count], body[3 + 2 * count]
+    progressive = marker == 0xC2
+    if not progressive and (start, end, approximation) != (0, 63, 0):
+        return f"JPEG sequential scan has spectral selection {start}..{end} / {approximation:#04x} (want 0..63 / 0)"
+    if progressive and ((start == 0 and end != 0) or end > 63 or start > end or (start > 0 and count != 1)):
+        return f"JPEG progressive scan has impossible spectral selection {start}..{end}"
+    needs_dc = start == 0 and not (progressive and approximation >> 4)  # DC refinement scans use no table
+    needs_ac = not progressive or start > 0
+    by_id = {c[0]: c for c in components}
+    named = [body[1 + 2 * k] for k in range(count)]
+    if len(set(named)) != count:
+        return f"JPEG scan names a component twice ({named})"
+    for k in range(count):
+        cid, tables = body[1 + 2 * k], body[2 + 2 * k]
+        if cid not in by_id:
+            return f"JPEG scan names component {cid}, which the frame does not have"
+        if by_id[cid][3] not in defined.quant:
+            return f"JPEG quantisation table {by_id[cid][3]} is used but not defined"
+        if needs_dc and (0, tables >> 4) not in defined.huffman:
+            return f"JPEG Huffman table DC{tables >> 4} is used but not defined"
+        if needs_ac and (1, tables & 0x0F) not in defined.huffman:
+            return f"JPEG Huffman table AC{tables & 0x0F} is used but not defined"
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _tables_defined(tables: bytes) -> _Tables:
+    """The tables a JPEGTables stream defines (none when it is empty or malformed)."""
+    defined = _Tables()
+    if tables[:2] != b"\xff\xd8":
+        return defined
     i = 2
-    while i + 4 <= len(stream) and stream[i] == 0xFF:
-        if stream[i + 1] in markers:
-            return True
-        i += 2 + int.from_bytes(stream[i + 2 : i + 4], "big")
-    return False
+    while i + 4 <= len(tables) and tables[i] == 0xFF and tables[i + 1] != 0xD9:
+        length = int.from_bytes(tables[i + 2 : i + 4], "big")
+        if length < 2:
+            break
+        _segment_layout_problem(tables[i + 1], tables[i + 4 : i + 2 + length], length, defined)
+        i += 2 + length
+    return defined
+
+
+def _huffman_code_problem(counts: bytes, symbols: bytes, table_class: int) -> str | None:
+    """What libjpeg refuses in a Huffman table ("Bogus Huffman table definition")."""
+    code, longest = 0, max((n for n, c in enumerate(counts, 1) if c), default=0)
+    for bits in range(1, longest + 1):
+        code += counts[bits - 1]
+        if code >= 1 << bits:  # more codes of this length than fit (or an all-ones code)
+            return f"JPEG Huffman table has too many codes of length {bits}"
+        code <<= 1
+    if table_class == 0 and any(symbol > 15 for symbol in symbols):
+        return "JPEG DC Huffman table holds a symbol above 15"
+    return None
+
+
+def jpeg_tables_problem(tables: bytes) -> str | None:
+    """Why a TIFF JPEGTables stream (SOI, DQT/DHT segments, EOI) is malformed, or None."""
+    if tables[:2] != b"\xff\xd8":
+        return "JPEGTables do not start with a start-of-image marker"
+    i = 2
+    while i + 2 <= len(tables):
+        if tables[i] != 0xFF:
+            return f"JPEGTables broken: expected a marker at byte {i}"
+        marker = tables[i + 1]
+        if marker == 0xD9:
+            return None if i + 2 == len(tables) else "JPEGTables hold data after their end-of-image marker"
+        if marker not in _TABLES_MARKERS:
+            return f"JPEGTables hold an unexpected marker FF{marker:02X} at byte {i}"
+        length = int.from_bytes(tables[i + 2 : i + 4], "big")
+        body = tables[i + 4 : i + 2 + length]
+        if length < 2 or len(body) != length - 2:
+            return f"JPEGTables segment FF{marker:02X} at byte {i} runs past the end of the tables"
+        problem = _segment_layout_problem(marker, body, length, _Tables())
+        if problem:
+            return "JPEGTables: " + problem
+        i += 2 + length
+    return "JPEGTables do not end with an end-of-image marker"
+
+
+def _segment_layout_problem(marker: int, body: bytes, length: int, defined: _Tables) -> str | None:
+    """Whether a header segment's contents fill its declared length exactly; records tables."""
+    if marker == 0xDB:
+        i = 0
+        while i < len(body):
+            precision, table = body[i] >> 4, body[i] & 0x0F
+            if precision > 1 or table > 3:
+                return f"JPEG quantisation table segment has a bogus length {length} or table id"
+            defined.quant.add(table)
+            i += 1 + 64 * (precision + 1)
+        if i != len(body):
+            return f"JPEG quantisation table segment has a bogus length {length}"
+    elif marker == 0xC4:
+        i = 0
+        while i < len(body):
+            table_class, table = body[i] >> 4, body[i] & 0x0F
+            counts = body[i + 1 : i + 17]
+            if table_class > 1 or table > 3 or len(counts) < 16 or sum(counts) > 256:
+                return f"JPEG Huffman table segment is malformed (length {length})"
+            problem = _huffman_code_problem(counts, body[i + 17 : i + 17 + sum(counts)], table_class)
+            if problem:
+                return problem
+            defined.huffman.add((table_class, table))
+            i += 17 + sum(counts)
+        if i != len(body):
+            return f"JPEG Huffman table segment has a bogus length {length}"
+    elif marker in _FRAME_MARKERS:
+        components = body[5] if len(body) > 5 else 0
+        if components not in (1, 3, 4) or length != 8 + 3 * components or body[0] != 8:
+            return f"JPEG frame header is malformed (length {length}, {components} components)"
+    elif marker == 0xDA:
+        components = body[0] if body else 0
+        if not 1 <= components <= 4 or length != 6 + 2 * components:
+            return f"JPEG scan header is malformed (length {length}, {components} components)"
+    elif marker == 0xDD and length != 4:
+        return f"JPEG restart interval segment has a bogus length {length}"
+    elif marker == 0xE0 and body[:5] == b"JFIF\x00" and len(body) >= 7 and body[5] != 1:
+        return f"JPEG JFIF marker has version {body[5]}.{body[6]:02d} (decoders refuse all but 1.x)"
+    return None

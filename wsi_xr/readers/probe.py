@@ -150,7 +150,10 @@ def probe(path: str | os.PathLike[str]) -> SlideInfo:
 
 def _describe(tf: tifffile.TiffFile, p: Path, size: int, mtime_ns: int) -> SlideInfo:
     if not tf.series:
-        raise UnsupportedFormatError(f"{p}: TIFF without any image. Nothing to read.")
+        raise SlideOpenError(
+            f"{p}: TIFF without any readable image; the file is probably truncated or damaged. "
+            "Copy it again from its source."
+        )
     series = tf.series[0]
     pages = [level.keyframe for level in series.levels]
     first = pages[0]
@@ -162,6 +165,7 @@ def _describe(tf: tifffile.TiffFile, p: Path, size: int, mtime_ns: int) -> Slide
     for index, page in enumerate(pages):
         _check_compression(p, page)
         _check_pixel_layout(p, page)
+        _check_tile_table(p, page, index)
         h, w = int(page.imagelength), int(page.imagewidth)
         code = int(page.compression)
         levels.append(
@@ -231,6 +235,31 @@ def _check_pixel_layout(p: Path, page: tifffile.TiffPage) -> None:
         raise UnsupportedFormatError(
             f"{p}: {page.samplesperpixel} sample(s) per pixel; wsi_xr reads RGB or RGBA slides. "
             "Convert the image to RGB."
+        )
+
+
+def _check_tile_table(p: Path, page: tifffile.TiffPage, index: int) -> None:
+    """A tiled level must have a positive tile size and one offset per tile of its size.
+
+    A damaged IFD (a flipped bit in ImageWidth or TileLength) otherwise describes an image
+    of another size, or tiles of size 0, and every later step works on a fiction.
+    """
+    if not page.is_tiled:
+        return
+    tile_h, tile_w = int(page.tilelength), int(page.tilewidth)
+    if tile_h <= 0 or tile_w <= 0:
+        raise SlideOpenError(
+            f"{p}: level {index} says its TIFF tiles are {tile_w}x{tile_h} px; the TIFF structure is "
+            "damaged. Copy the slide again from its source."
+        )
+    needed = -(-int(page.imagelength) // tile_h) * -(-int(page.imagewidth) // tile_w) * int(page.imagedepth or 1)
+    if int(page.planarconfig) == 2:
+        needed *= int(page.samplesperpixel)
+    if len(page.dataoffsets) != needed or len(page.databytecounts) != needed:
+        raise SlideOpenError(
+            f"{p}: level {index} ({int(page.imagewidth)}x{int(page.imagelength)} px in {tile_w}x{tile_h} tiles) "
+            f"needs {needed} tile offsets but its IFD lists {len(page.dataoffsets)}; the TIFF structure is "
+            "damaged. Copy the slide again from its source."
         )
 
 
