@@ -544,8 +544,8 @@ _SLIDE_COMMANDS = {
     "info {slide}": ("missing", "directory", "empty", "text"),
     "mask {slide} {out}/o.zarr --threshold 60 --quiet": ("text", "truncated", "unsupported"),
     "run {slide} {out}/o.zarr --weights {weights} --scheduler threads --quiet": ("empty", "unsupported"),
-    "train {slide} --out {out}/w.pt --epochs 1 --max-tiles 16 --quiet": ("directory", "truncated"),
-    "bench {slide} --repeat 1 --chunks 256 --out {out}/b.json": ("missing", "directory", "truncated"),
+    "train {slide} --out {out}/w.pt --epochs 1 --max-tiles 16 --quiet": ("truncated",),
+    "bench {slide} --repeat 1 --chunks 256 --out {out}/b.json": ("missing", "directory"),
 }
 CLI_CASES = [(cmd.replace("{slide}", "{" + kind + "}"), "{" + kind + "}") for cmd, kinds in _SLIDE_COMMANDS.items() for kind in kinds] + [
     ("plot {missing} --out {out}/p.png", "{missing}"),
@@ -558,17 +558,14 @@ CLI_CASES = [(cmd.replace("{slide}", "{" + kind + "}"), "{" + kind + "}") for cm
     ("mask {cmu} {out}/o.zarr --threshold -5", "threshold=-5"),
     ("mask {cmu} /proc/o.zarr --quiet", "/proc"),
     ("run {cmu} {out}/o.zarr --tile 32 --weights {weights}", "tile=32"),  # with the default LocalCluster
-    ("run {cmu} {out}/o.zarr --chunk 100 --weights {weights} --scheduler threads", "100"),
     ("run {cmu} /proc/o.zarr --weights {weights} --scheduler threads --quiet", "/proc/o.zarr"),
     ("run {cmu} {out}/o.zarr --weights {other-model} --scheduler threads --quiet", "{other-model}"),
     ("run {cmu} --weights {weights}", "OUT.zarr"),
     ("train {cmu} --out /proc/w.pt --epochs 1 --max-tiles 16 --quiet", "/proc"),
-    ("train {cmu} --out {out}/w.pt --epochs 0", "--epochs"),
     ("plot-recon {other-model} {cmu} --out {out}/r.png", "{other-model}"),
-    ("plot-recon {weights} {text} --out {out}/r.png", "{text}"),
     ("plot-recon {missing} {cmu} --out /proc/r.png", "/proc"),
     ("bench {cmu} --chunks 0", "--chunks"),
-    ("info {cmu} --level 3", "unrecognized"),
+    ("bench {cmu} --repeat 1 --chunks 1024 --out /proc/b.json", "/proc/b.json"),
 ]
 
 
@@ -588,8 +585,7 @@ def _check_cli_error(argv: list[str], run: subprocess.CompletedProcess, name: st
     if "Traceback" in run.stderr:
         problems.append("a traceback on stderr")
     lines = [line for line in run.stderr.splitlines() if line.strip()]
-    # argparse reports unknown options as the top-level parser ("wsi-xr: error: ...")
-    errors = [i for i, line in enumerate(lines) if line.startswith((f"wsi-xr {command}: error: ", "wsi-xr: error: "))]
+    errors = [i for i, line in enumerate(lines) if line.startswith(f"wsi-xr {command}: error: ")]
     # before the error line, only argparse's usage or the dashboard link of a started cluster
     before = lines[: errors[0]] if errors else []
     if len(errors) != 1 or errors[0] != len(lines) - 1:

@@ -22,10 +22,10 @@ from wsi_xr.errors import (
 from wsi_xr.readers import probe
 from wsi_xr.slide import open_pyramid, open_slide
 from wsi_xr.tissue import tissue_mask
+from wsi_xr.encode import encode  # eager: binds wsi_xr.encode to the function, not the submodule
 
 # Names whose modules import torch are loaded on first use (``import wsi_xr`` stays fast).
 _LAZY = {
-    "encode": "wsi_xr.encode",
     "process_slide": "wsi_xr.pipeline",
     "process_slides": "wsi_xr.pipeline",
     "to_dataframe": "wsi_xr.pipeline",
@@ -62,5 +62,6 @@ __all__ = [
     "open_slide",
     "probe",
     "tissue_mask",
+    "encode",
     *_LAZY,
 ]
