@@ -62,13 +62,11 @@ def measure(path: Path, repeat: int) -> dict[str, object]:
     from wsi_xr.readers.integrity import scan_level
 
     def scan() -> None:
-        integrity._cached_header_problem.cache_clear()  # as in a fresh process
+        integrity.clear_header_cache()  # as in a fresh process
         scan_level(str(path), 0)
 
     def mask() -> None:
-        readers.handle_cache.clear()
-        readers._grids.clear()  # the per-process integrity caches: the first call pays the scan
-        integrity._cached_header_problem.cache_clear()
+        readers.clear_caches()  # as in a fresh process: the first call pays the scan
         with dask.config.set(scheduler="threads"):
             wsi_xr.tissue_mask(wsi_xr.open_slide(path), threshold=THRESHOLD, coarse="none").compute()
 

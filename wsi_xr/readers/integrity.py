@@ -206,6 +206,11 @@ def _header_problem(head: bytes, tables: bytes, size: tuple[int, int] | None) ->
 _cached_header_problem = functools.lru_cache(maxsize=256)(_header_problem)
 
 
+def clear_header_cache() -> None:
+    """Forget the JPEG header kinds already checked (as in a fresh process)."""
+    _cached_header_problem.cache_clear()
+
+
 def _frame_problem(components: list[tuple[int, int, int, int]]) -> str | None:
     ids = [c[0] for c in components]
     if len(set(ids)) != len(ids):

@@ -64,8 +64,25 @@ class SlideInfo:
     mpp: float | None
     photometric: str
     samples_per_pixel: int
-    cucim_safe: bool
-    cucim_unsafe_reason: str | None
+    #: ``(backend, reason)`` pairs: backends that must not read this file, and why.
+    #: A backend not listed may read it.
+    backend_problems: tuple[tuple[str, str], ...] = ()
+    #: What kind of file this is (``"aperio-svs"``, ``"philips-tiff"``, ``"generic-tiff"``, ...).
+    format: str = "generic-tiff"
+
+    def problem(self, backend: str) -> str | None:
+        """Why ``backend`` must not read this file, or None when it may."""
+        return dict(self.backend_problems).get(backend)
+
+    @property
+    def cucim_safe(self) -> bool:
+        """Whether cuCIM may open this file (it crashes or mis-decodes some valid files)."""
+        return self.problem("cucim") is None
+
+    @property
+    def cucim_unsafe_reason(self) -> str | None:
+        """Why cuCIM must not open this file, or None."""
+        return self.problem("cucim")
 
     @property
     def width(self) -> int:
@@ -90,8 +107,10 @@ class SlideInfo:
             "vendor": self.vendor,
             "mpp": self.mpp,
             "photometric": self.photometric,
+            "format": self.format,
             "cucim_safe": self.cucim_safe,
             "cucim_unsafe_reason": self.cucim_unsafe_reason,
+            "backend_problems": dict(self.backend_problems),
             "levels": [
                 {
                     "level": lv.index,
@@ -191,8 +210,8 @@ def _describe(tf: tifffile.TiffFile, p: Path, size: int, mtime_ns: int) -> Slide
         mpp=_microns_per_pixel(tf, first),
         photometric=_photometric_name(first),
         samples_per_pixel=int(first.samplesperpixel),
-        cucim_safe=reason is None,
-        cucim_unsafe_reason=reason,
+        backend_problems=(() if reason is None else (("cucim", reason),)),
+        format={"aperio": "aperio-svs", "philips": "philips-tiff"}.get(vendor, "generic-tiff"),
     )
 
 

@@ -1,0 +1,95 @@
+"""Which reader decodes a file, and why: the backend registry.
+
+Each backend is a :class:`~wsi_xr.readers.base.Reader` class, imported only when a file
+is opened with it (cuCIM's import costs ~0.5 s; GPU backends import CuPy). The probe
+records in :attr:`SlideInfo.backend_problems` the backends that must not read a file
+(cuCIM crashes on some valid TIFFs and mis-decodes others); ``"auto"`` takes the first
+backend of :data:`AUTO_ORDER` that has no problem with the file.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from wsi_xr.errors import InvalidArgumentError, UnsupportedFormatError
+from wsi_xr.readers.base import Reader, ReaderKey
+from wsi_xr.readers.probe import SlideInfo
+
+__all__ = ["AUTO_ORDER", "BACKENDS", "BackendChoice", "choose_backend", "decide_backend", "reader_class", "reader_key"]
+
+#: ``backend name -> "module:Class"`` of every reader wsi_xr has.
+_READERS = {
+    "cucim": "wsi_xr.readers.cucim_backend:CuCIMReader",
+    "tifffile": "wsi_xr.readers.tifffile_backend:TifffileReader",
+}
+
+#: Accepted values of every ``backend=`` argument.
+BACKENDS = ("auto", *_READERS)
+
+#: The order ``"auto"`` tries backends in: fastest exact decoder first.
+AUTO_ORDER = ("cucim", "tifffile")
+
+#: One line per backend, said by ``wsi-xr info`` when ``auto`` picks it.
+_WHY_CHOSEN = {
+    "cucim": "cuCIM is safe for this file and the fastest exact CPU decoder here",
+}
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The backend that reads a file, and a sentence saying why."""
+
+    name: str
+    reason: str
+
+
+def decide_backend(info: SlideInfo, backend: str = "auto") -> BackendChoice:
+    """The backend that will read ``info``'s file, with the reason.
+
+    ``"auto"`` takes the first backend of :data:`AUTO_ORDER` that the probe found no
+    problem with. Asking for a backend that cannot read the file safely is an
+    :class:`InvalidArgumentError` (never a crash), naming the problem.
+    """
+    if backend not in BACKENDS:
+        raise InvalidArgumentError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}.")
+    if backend != "auto":
+        problem = info.problem(backend)
+        if problem is not None:
+            raise InvalidArgumentError(
+                f"{info.path}: the {backend} backend cannot read this file safely ({problem}); "
+                "use backend='auto' or another backend."
+            )
+        return BackendChoice(backend, "asked for")
+    skipped = []
+    for name in AUTO_ORDER:
+        problem = info.problem(name)
+        if problem is None:
+            why = _WHY_CHOSEN.get(name, "")
+            if skipped:
+                why = "; ".join(skipped) if not why else why + " (" + "; ".join(skipped) + ")"
+            return BackendChoice(name, why or "the first backend that reads this file")
+        skipped.append(f"{name} avoided: {problem}")
+    raise UnsupportedFormatError(
+        f"{info.path}: no wsi_xr backend can read this file ({'; '.join(skipped)}). "
+        "Convert it to a tiled pyramidal TIFF, e.g. with `vips tiffsave --tile --pyramid --compression jpeg`."
+    )
+
+
+def choose_backend(info: SlideInfo, backend: str = "auto") -> str:
+    """The name of the backend :func:`decide_backend` picks."""
+    return decide_backend(info, backend).name
+
+
+def reader_key(info: SlideInfo, backend: str) -> ReaderKey:
+    """The picklable key that tasks carry instead of a reader."""
+    return ReaderKey(info.path, info.file_size, info.mtime_ns, backend)
+
+
+def reader_class(backend: str) -> type[Reader]:
+    """The Reader class of ``backend`` (imported on first use)."""
+    try:
+        module, _, name = _READERS[backend].partition(":")
+    except KeyError:
+        raise InvalidArgumentError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}.") from None
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]

@@ -1,0 +1,238 @@
+"""Decoding windows of a level: what every Dask read task calls.
+
+:func:`read_window` finds this process's reader for a :class:`ReaderKey` (a small LRU of
+open handles), never hands a damaged TIFF tile to the decoder, and can decode only part
+of a window: the TIFF tiles marked *wanted* (the coarse pass's "may hold tissue"), in
+one reader call per rectangle of wanted tiles. Pixels it does not decode are zeros.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Iterator
+
+import numpy as np
+
+from wsi_xr.errors import InvalidArgumentError, SlideReadError, WsiXrError
+from wsi_xr.readers.backends import reader_class
+from wsi_xr.readers.base import HandleCache, Reader, ReaderKey, decoded_pixels, record_read
+from wsi_xr.readers.integrity import SegmentGrid, scan_level
+from wsi_xr.readers.probe import LevelInfo, SlideInfo, probe
+
+__all__ = [
+    "DAMAGED_POLICIES",
+    "clear_caches",
+    "damaged_segments",
+    "get_reader",
+    "handle_cache",
+    "level_damage",
+    "open_reader",
+    "read_window",
+    "trace_reads",
+    "window_rectangles",
+]
+
+#: Accepted values of ``damaged=``: raise on damaged tiles, or fill them with zeros.
+DAMAGED_POLICIES = ("raise", "fill")
+
+#: Open readers of this process (one per file version and backend).
+handle_cache = HandleCache()
+
+
+def open_reader(key: ReaderKey) -> Reader:
+    """Open a reader for ``key`` (probing the file again in this process)."""
+    info = probe(key.path)
+    if (info.file_size, info.mtime_ns) != (key.file_size, key.mtime_ns):
+        raise SlideReadError(
+            f"{key.path}: the file changed on disk after it was opened (size or modification "
+            "time differ). Open it again so that every read sees the same file."
+        )
+    return reader_class(key.backend)(info)  # type: ignore[call-arg]
+
+
+def get_reader(key: ReaderKey) -> Reader:
+    """The cached reader for ``key`` in this process."""
+    try:
+        return handle_cache.get(key, open_reader)
+    except WsiXrError:
+        raise
+    except Exception as err:  # e.g. cuCIM's ValueError "Cannot load ..." on a damaged IFD
+        raise SlideReadError(
+            f"{key.path}: {key.backend} cannot open the file ({type(err).__name__}: {err}). The file "
+            "structure is probably damaged; copy the slide again from its source."
+        ) from err
+
+
+def level_damage(info: SlideInfo, level: int) -> SegmentGrid:
+    """Scan the TIFF tiles (or strips) of one level for damage, from the file structure."""
+    return scan_level(info.path, level)
+
+
+_grids: dict[tuple[str, int, int, int], SegmentGrid] = {}
+_grids_lock = threading.Lock()
+
+
+def damaged_segments(key: ReaderKey, level: int) -> SegmentGrid:
+    """The tile-integrity grid of ``level``, scanned at most once per process and file version.
+
+    Prefer :meth:`wsi_xr.readers.OpenedSlide.damage`, which scans once in the client and
+    travels with the read tasks; this cache serves tasks that were not given a grid.
+    """
+    cache_key = (key.path, key.file_size, key.mtime_ns, level)
+    with _grids_lock:
+        grid = _grids.get(cache_key)
+    if grid is None:
+        grid = level_damage(probe(key.path), level)
+        with _grids_lock:
+            _grids[cache_key] = grid
+    return grid
+
+
+def clear_caches() -> None:
+    """Close this process's readers and forget its damage scans (as in a fresh process)."""
+    from wsi_xr.readers.integrity import clear_header_cache
+
+    handle_cache.clear()
+    with _grids_lock:
+        _grids.clear()
+    clear_header_cache()
+
+
+_trace: list[tuple[int, int, int, int, int]] | None = None
+_trace_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def trace_reads() -> Iterator[list[tuple[int, int, int, int, int]]]:
+    """Record every decoder call of this process as ``(level, y, x, height, width)``.
+
+    For tests and benchmarks that must prove which pixels were decoded, and how often.
+    """
+    global _trace
+    with _trace_lock:
+        _trace = []
+        calls = _trace
+    try:
+        yield calls
+    finally:
+        with _trace_lock:
+            _trace = None
+
+
+def _decode(reader: Reader, lv: LevelInfo, y: int, x: int, height: int, width: int) -> np.ndarray:
+    pixels = reader.read(lv.index, y, x, height, width)
+    record_read(height * width, decoded_pixels(y, x, height, width, lv.tile_height, lv.tile_width, lv.height, lv.width))
+    with _trace_lock:
+        if _trace is not None:
+            _trace.append((lv.index, y, x, height, width))
+    return pixels
+
+
+def window_rectangles(decode: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Cover the True cells of a 2-D bool grid with rectangles ``(row, col, rows, cols)``.
+
+    Runs of True along each row are merged with identical runs of the rows below, so a
+    block of wanted tiles is one rectangle (one reader call) and a ragged outline a few.
+    """
+    rectangles: list[tuple[int, int, int, int]] = []
+    open_runs: dict[tuple[int, int], int] = {}  # (col, cols) -> first row
+    for row in range(decode.shape[0] + 1):
+        runs: set[tuple[int, int]] = set()
+        if row < decode.shape[0]:
+            line = np.concatenate(([False], decode[row], [False]))
+            edges = np.flatnonzero(line[1:] != line[:-1])
+            runs = {(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2])}
+        for run in [r for r in open_runs if r not in runs]:
+            first = open_runs.pop(run)
+            rectangles.append((first, run[0], row - first, run[1]))
+        for run in runs:
+            open_runs.setdefault(run, row)
+    return sorted(rectangles)
+
+
+def read_window(
+    key: ReaderKey,
+    level: int,
+    y: int,
+    x: int,
+    height: int,
+    width: int,
+    *,
+    device: str = "cpu",
+    damaged: str = "raise",
+    damage: SegmentGrid | None = None,
+    wanted: np.ndarray | None = None,
+) -> Any:
+    """Decode ``[y:y+height, x:x+width]`` of ``level`` as uint8 RGB; counts the reads.
+
+    Parameters
+    ----------
+    key
+        Which file and backend (see :func:`wsi_xr.readers.reader_key`).
+    device
+        ``"cuda"`` returns a CuPy array (decoded on the CPU, copied to the GPU once).
+    damaged
+        Damaged TIFF tiles never reach the decoder: ``"raise"`` fails with
+        :class:`SlideReadError` naming them; ``"fill"`` leaves their pixels zero (the
+        caller flags them, as the tissue mask does in ``read_error``).
+    damage
+        The level's damage grid, when the caller already has it (no scan here);
+        otherwise this process's cached scan.
+    wanted
+        Optional bool grid over the level's TIFF tiles (the shape of ``damage.damaged``):
+        only wanted tiles are decoded, the rest of the window stays zero.
+    """
+    if damaged not in DAMAGED_POLICIES:
+        raise InvalidArgumentError(f"damaged={damaged!r}: use one of {DAMAGED_POLICIES}.")
+    reader = get_reader(key)
+    lv: LevelInfo = reader.info.levels[level]  # type: ignore[attr-defined]
+    if y < 0 or x < 0 or height <= 0 or width <= 0 or y + height > lv.height or x + width > lv.width:
+        raise InvalidArgumentError(
+            f"{key.path}: window y={y} x={x} {height}x{width} is outside level {level} "
+            f"({lv.height}x{lv.width})."
+        )
+    grid = damage if damage is not None else damaged_segments(key, level)
+    bad = grid.window(y, x, height, width)
+    if bad.any() and damaged == "raise":
+        rows, cols = np.nonzero(bad)
+        first = (int(rows[0]) + y // grid.seg_h, int(cols[0]) + x // grid.seg_w)
+        raise SlideReadError(
+            f"{key.path}: level {level} has {int(bad.sum())} damaged tile(s) in window y={y} x={x} "
+            f"{height}x{width} (first: tile row {first[0]}, column {first[1]}: {grid.reasons.get(first, 'damaged')}). "
+            "Their pixels cannot be trusted; wsi_xr.tissue_mask and `wsi-xr run` report such "
+            "tiles in `read_error`, or re-export the slide from its source."
+        )
+    decode = ~bad
+    if wanted is not None:
+        i0, j0 = y // grid.seg_h, x // grid.seg_w
+        decode = decode & wanted[i0 : i0 + bad.shape[0], j0 : j0 + bad.shape[1]]
+    try:
+        if decode.all():
+            pixels = _decode(reader, lv, y, x, height, width)
+        else:
+            pixels = np.zeros((height, width, 3), dtype=np.uint8)
+            i0, j0 = y // grid.seg_h, x // grid.seg_w
+            for row, col, rows, cols in window_rectangles(decode):
+                top, left = max(y, (i0 + row) * grid.seg_h), max(x, (j0 + col) * grid.seg_w)
+                bottom = min(y + height, (i0 + row + rows) * grid.seg_h)
+                right = min(x + width, (j0 + col + cols) * grid.seg_w)
+                part = _decode(reader, lv, top, left, bottom - top, right - left)
+                pixels[top - y : bottom - y, left - x : right - x] = part
+    except WsiXrError:
+        raise
+    except Exception as err:
+        raise SlideReadError(
+            f"{key.path}: could not decode level {level} window y={y} x={x} {height}x{width} "
+            f"with {key.backend} ({type(err).__name__}: {err})."
+        ) from err
+    if pixels.shape != (height, width, 3) or pixels.dtype != np.uint8:
+        raise SlideReadError(
+            f"{key.path}: {key.backend} returned {pixels.shape} {pixels.dtype} for a "
+            f"{height}x{width} window of level {level}; expected uint8 RGB."
+        )
+    if device == "cuda" and isinstance(pixels, np.ndarray):  # CPU decode, then one host-to-device copy
+        import cupy
+
+        pixels = cupy.asarray(pixels)
+    return pixels
