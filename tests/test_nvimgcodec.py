@@ -230,6 +230,28 @@ def test_damaged_tiles_never_enter_the_batch(damaged_slide: tuple[Path, tuple[in
     np.testing.assert_array_equal(got, expected)
 
 
+def test_decode_grid_leaves_unwanted_tiles_out(jpeg_slide: Path) -> None:
+    window = (100, 100, 500, 600)  # tile rows 0-2, columns 0-2
+    wanted = np.array([[True, False, True], [False, True, False], [True, True, False]])
+    with TiffTiles(jpeg_slide) as tiles:
+        batch = tiles.batch(0, *window, decode=wanted)
+        assert sorted((p.row, p.col) for p in batch.placements) == [tuple(c) for c in np.argwhere(wanted)]
+        assert not batch.complete and len(batch.streams) == int(wanted.sum())
+        got, _ = tiles.read_cpu(0, *window, decode=wanted)
+    want = tifffile_window(jpeg_slide, 0, *window)
+    for p in place_tiles(tiles.layouts[0], *window):
+        if not wanted[p.row, p.col]:
+            want[p.dst] = 0
+    np.testing.assert_array_equal(got, want)
+
+
+def test_file_problem_says_when_the_gpu_reader_is_pointless(jpeg_slide: Path, cmu: Path) -> None:
+    assert nvimgcodec_backend.nvimgcodec_file_problem(probe(jpeg_slide)) is None
+    assert nvimgcodec_backend.nvimgcodec_file_problem(probe(cmu)) is None
+    for name in ("kidney-48-5.tif", "bad/deflate-tiled.tiff"):
+        assert "no level is stored in JPEG" in (nvimgcodec_backend.nvimgcodec_file_problem(probe(data_file(name))) or "")
+
+
 # -- the GPU backend on a machine that cannot run it -------------------------------------
 
 
@@ -385,6 +407,13 @@ def test_reader_leaves_damaged_tiles_zero_and_lists_them(
     assert nv.calls[-1] == 8  # the damaged tile never reached the decoder
     want = tifffile_window(jpeg_slide, 0, *window)
     want[damaged[0].placement.dst] = 0
+    np.testing.assert_array_equal(got, want)
+    # with a decode grid: one batched call for the wanted tiles only
+    wanted = np.ones((3, 3), dtype=bool)
+    wanted[0, :] = False
+    got, damaged = reader.read_with_damage(0, *window, decode=wanted)  # type: ignore[attr-defined]
+    assert nv.calls[-1] == 5 and len(damaged) == 1
+    want[: 256 - window[0]] = 0
     np.testing.assert_array_equal(got, want)
 
 

@@ -42,9 +42,18 @@ import numpy as np
 
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.readers.probe import SlideInfo
-from wsi_xr.readers.tiff_tiles import DamagedTile, TiffTiles, TileBatch, TilePlacement, decode_tile_cpu, paste
+from wsi_xr.readers.tiff_tiles import (
+    JPEG,
+    JPEG2000_COMPRESSIONS,
+    DamagedTile,
+    TiffTiles,
+    TileBatch,
+    TilePlacement,
+    decode_tile_cpu,
+    paste,
+)
 
-__all__ = ["AGREEMENT_MEAN_LEVELS", "NvImageCodecReader", "nvimgcodec_available"]
+__all__ = ["AGREEMENT_MEAN_LEVELS", "NvImageCodecReader", "nvimgcodec_available", "nvimgcodec_file_problem"]
 
 #: Largest mean absolute difference (8-bit levels) between the GPU and the CPU decode
 #: of a level's first tile for the GPU to be used on that level.
@@ -106,6 +115,22 @@ def _gpu_jpeg_probe(nvimgcodec: Any) -> tuple[bool, str]:
     if len(images) != 1 or images[0] is None:
         return False, f"nvImageCodec has no working GPU JPEG decoder (is nvJPEG installed?); {_INSTALL}"
     return True, ""
+
+
+def nvimgcodec_file_problem(info: SlideInfo) -> str | None:
+    """Why the nvimgcodec backend should not read this file, or None when it may.
+
+    It reads TIFF files that tifffile reads (its tile table is tifffile's) and is only
+    worth choosing when some level is stored in JPEG or JPEG 2000 tiles; whether a GPU
+    is here is :func:`nvimgcodec_available`'s question, not the file's.
+    """
+    tifffile_problem = info.problem("tifffile")
+    if tifffile_problem is not None:
+        return f"its tiles are located with tifffile, which cannot read this file ({tifffile_problem})"
+    batchable = {JPEG} | set(JPEG2000_COMPRESSIONS)
+    if not any(lv.tiled and lv.compression in batchable for lv in info.levels):
+        return "no level is stored in JPEG or JPEG 2000 tiles (nothing for a GPU decoder to do)"
+    return None
 
 
 def _gpu_modules() -> tuple[Any, Any]:
@@ -267,14 +292,20 @@ class NvImageCodecReader:
             for key, value in add.items():
                 self.counters[key] += value
 
-    def read_with_damage(self, level: int, y: int, x: int, height: int, width: int) -> tuple[Any, list[DamagedTile]]:
-        """Decode a window into a CuPy array, and list the tiles left at zero.
+    def read_with_damage(
+        self, level: int, y: int, x: int, height: int, width: int, decode: np.ndarray | None = None
+    ) -> tuple[Any, list[DamagedTile]]:
+        """Decode a window into a CuPy array, and list the damaged tiles left at zero.
 
         Parameters
         ----------
         level, y, x, height, width : int
             The window ``[y:y+height, x:x+width]`` of ``level``, in level pixels, inside
             the level.
+        decode : numpy.ndarray of bool, optional
+            Over the TIFF tiles the window touches (the shape of
+            ``SegmentGrid.window(y, x, height, width)``): only tiles marked True are read
+            and decoded, the others stay zero (all of them in one batched call).
 
         Returns
         -------
@@ -283,12 +314,12 @@ class NvImageCodecReader:
             file, or refused by every decoder) with their reasons.
         """
         cp = self._cp
-        batch = self._tiles.batch(level, y, x, height, width)
+        batch = self._tiles.batch(level, y, x, height, width, decode)
         damaged = list(batch.damaged)
         gpu = cpu = 0
         with cp.cuda.Device(self.device_id):
             host = self._tiles.read_fallback(batch)
-            if host is not None and not batch.placements and not batch.damaged:
+            if host is not None and not batch.placements and not batch.damaged and batch.complete:
                 self._count(fallback_tiles=len(batch.fallback))
                 return cp.asarray(host), damaged
             out = cp.zeros((height, width, 3), dtype=cp.uint8)

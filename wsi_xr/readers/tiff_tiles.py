@@ -173,6 +173,8 @@ class TileBatch:
     streams: list[bytes] = field(default_factory=list)
     fallback: list[TilePlacement] = field(default_factory=list)
     damaged: list[DamagedTile] = field(default_factory=list)
+    #: False when a ``decode`` grid left some tiles of the window out.
+    complete: bool = True
 
 
 def _codec_of(page: tifffile.TiffPage) -> tuple[str | None, str | None, str | None]:
@@ -403,10 +405,17 @@ class TiffTiles:
             data += more
         return data
 
-    def batch(self, level: int, y: int, x: int, height: int, width: int) -> TileBatch:
-        """The tiles under a window, split into batch streams, fallback and damaged tiles."""
+    def batch(self, level: int, y: int, x: int, height: int, width: int, decode: np.ndarray | None = None) -> TileBatch:
+        """The tiles under a window, split into batch streams, fallback and damaged tiles.
+
+        ``decode``, when given, is a bool grid over the segments the window touches
+        (rows ``y // seg_h ...``, columns ``x // seg_w ...``, the shape of
+        ``SegmentGrid.window``): tiles marked False are left out altogether (not read,
+        not decoded; their pixels stay zero), e.g. tiles a coarse pass found empty.
+        """
         layout = self.layouts[level]
         grid = self.damage(level)
+        row0, col0 = y // layout.seg_h, x // layout.seg_w
         out = TileBatch(
             level=level,
             window=(y, x, height, width),
@@ -415,6 +424,9 @@ class TiffTiles:
             tile_shape=(layout.seg_h, layout.seg_w),
         )
         for p in place_tiles(layout, y, x, height, width):
+            if decode is not None and not decode[p.row - row0, p.col - col0]:
+                out.complete = False
+                continue
             cell = (p.row, p.col)
             if cell[0] < grid.damaged.shape[0] and cell[1] < grid.damaged.shape[1] and grid.damaged[cell]:
                 out.damaged.append(DamagedTile(p, grid.reasons.get(cell, "damaged tile")))
@@ -459,7 +471,7 @@ class TiffTiles:
             return None
         y, x, height, width = batch.window
         arr = self._zarr_level(batch.level)
-        if not batch.placements and not batch.damaged:
+        if not batch.placements and not batch.damaged and batch.complete:
             return np.ascontiguousarray(np.asarray(arr[y : y + height, x : x + width])[..., :3])
         out = np.zeros((height, width, 3), dtype=np.uint8)
         for p in batch.fallback:
@@ -467,14 +479,16 @@ class TiffTiles:
             out[p.dst] = np.asarray(arr[top : top + p.height, left : left + p.width])[..., :3]
         return out
 
-    def read_cpu(self, level: int, y: int, x: int, height: int, width: int) -> tuple[np.ndarray, list[DamagedTile]]:
+    def read_cpu(
+        self, level: int, y: int, x: int, height: int, width: int, decode: np.ndarray | None = None
+    ) -> tuple[np.ndarray, list[DamagedTile]]:
         """Decode a window on the CPU from the batch streams (imagecodecs) and tifffile.
 
         The reference for a batched GPU decode: the same streams, decoded with the
         decoders tifffile uses. Damaged tiles (and streams the decoder rejects) stay
-        zero and are returned with their reasons.
+        zero and are returned with their reasons; ``decode`` is as in :meth:`batch`.
         """
-        batch = self.batch(level, y, x, height, width)
+        batch = self.batch(level, y, x, height, width, decode)
         out = np.zeros((height, width, 3), dtype=np.uint8)
         damaged = list(batch.damaged)
         for p, stream in zip(batch.placements, batch.streams):
