@@ -83,9 +83,10 @@ def test_cohort_groups_datatree_and_parquet(synth_slide: Path, cmu: Path, weight
     assert sorted(tree.children) == sorted(names)
     reopened = xr.open_datatree(store, engine="zarr")
     assert int(reopened[names[1]].tile_mask.sum()) == reopened[names[1]].attrs["tissue_tiles"]
-    frame = write_parquet(store, tmp_path / "cohort.parquet")
+    rows = write_parquet(store, tmp_path / "cohort.parquet")
     back = pd.read_parquet(tmp_path / "cohort.parquet")
-    assert list(back.columns[:3]) == ["slide", "x", "y"] and len(back) == len(frame)
+    assert list(back.columns[:3]) == ["slide", "x", "y"] and len(back) == rows
+    assert rows == sum(int(reopened[n].tile_mask.sum()) for n in names)
     assert back.groupby("slide").size().to_dict() == {n: int(reopened[n].tile_mask.sum()) for n in names}
 
 

@@ -135,15 +135,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Mask and encode slide(s) into a Zarr store (one group per slide for several)."""
     from wsi_xr.cluster import dask_client
-    from wsi_xr.pipeline import process_slide, process_slides, write_parquet
+    from wsi_xr.pipeline import process_slide, process_slides, validate_run_options, write_parquet
+    from wsi_xr.readers import open_file
 
     if len(args.paths) < 2:
         raise InvalidArgumentError("give at least one SLIDE and the output OUT.zarr.")
     *slides, out = args.paths
     if any(str(s).endswith(".zarr") for s in slides):
         raise InvalidArgumentError(f"{[s for s in slides if str(s).endswith('.zarr')][0]}: a store given as a slide; the store comes last.")
-    options = {
-        "weights": args.weights,
+    if args.parquet:
+        from wsi_xr.store import check_output
+
+        check_output(args.parquet, overwrite=True)
+    settings = {
         "tile": args.tile,
         "patch": args.patch,
         "threshold": args.threshold,
@@ -151,33 +155,47 @@ def cmd_run(args: argparse.Namespace) -> int:
         "chunks": args.chunk,
         "batch_size": args.batch_size,
         "device": _device(args.device),
-        "overwrite": args.overwrite,
-        "progress": not args.quiet,
+        "precision": args.precision,
+        "reject_pen": args.reject_pen,
     }
     start = time.perf_counter()
+    # every argument, weights file and slide is checked before a cluster starts
+    validate_run_options(args.weights, **settings)
+    opened = [open_file(s) for s in slides]
+    options = {**settings, "weights": args.weights, "overwrite": args.overwrite, "progress": not args.quiet}
     processes = args.workers is not None and args.workers > 1
     with dask_client(args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker, processes=processes) as client:
-        if len(slides) == 1:
-            ds = process_slide(slides[0], out, client=client, **options)
+        if len(opened) == 1:
+            ds = process_slide(opened[0], out, client=client, **options)
             summaries = [(Path(slides[0]).name, ds)]
         else:
-            tree = process_slides(slides, out, client=client, **options)
+            tree = process_slides(opened, out, client=client, **options)
             summaries = [(name, tree[name].to_dataset()) for name in tree.children]
     for name, ds in summaries:
         print(
+        pen = f", pen tiles removed {ds.attrs['pen_tiles']}" if ds.attrs.get("reject_pen") else ""
             f"{name}: tissue tiles {ds.attrs['tissue_tiles']}/{ds.tile_mask.size}, threshold "
-            f"{ds.attrs['threshold']:.2f} ({ds.attrs['threshold_method']}), read errors {ds.attrs['read_errors']} tiles "
-            f"({ds.attrs['damaged_file_tiles']} damaged TIFF tiles), "
-            f"chunks read {ds.attrs['chunks_read']}/{ds.attrs['chunks_total']}"
+            f"{ds.attrs['threshold']:.2f} ({ds.attrs['threshold_method']}){pen}, read errors {ds.attrs['read_errors']} tiles "
+            f"({ds.attrs['damaged_file_tiles']} damaged TIFF tiles), TIFF tiles decoded "
+            f"{ds.attrs['file_tiles_decoded']}/{ds.attrs['file_tiles_total']}, precision {ds.attrs['precision']}"
         )
     if args.parquet:
-        frame = write_parquet(out, args.parquet)
-        print(f"wrote {len(frame)} rows to {args.parquet}")
+        rows = write_parquet(out, args.parquet)
+        print(f"wrote {rows} rows to {args.parquet}")
     print(f"done in {time.perf_counter() - start:.1f} s -> {out}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Update a store written by wsi_xr 0.1.0 to the current layout, in place."""
+    from wsi_xr.store import migrate_store
+
+    changed = migrate_store(args.store)
+    print(f"{args.store}: " + (f"migrated {', '.join(changed)}" if changed else "already up to date"))
+    return 0
+
+
     """Train the VAE on tissue tiles of the given slides; write the weights file."""
     from wsi_xr.sampling import sample_tissue_tiles
     from wsi_xr.store import check_output
@@ -257,12 +275,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"synthetic slide  {slide}  ({args.size} x {args.size}, {time.perf_counter() - start:.1f} s)")
     cmd_info(argparse.Namespace(slide=str(slide), json=False))
     store = out / "result.zarr"
-    ds = process_slide(slide, store, overwrite=True, progress=True)
-    frame = write_parquet(store, out / "tiles.parquet")
+    ds = process_slide(slide, store, overwrite=True, progress=True, precision=args.precision)
+    rows = write_parquet(store, out / "tiles.parquet")
     overlay = plot_mask_overlay(ds, slide, out / "mask-overlay.png")
     latent_map = plot_latent_map(ds, out / "latent-map.png", slide=slide)
     print(f"store            {store}  ({ds.attrs['tissue_tiles']} tissue tiles, threshold {ds.attrs['threshold']:.1f})")
-    print(f"parquet          {out / 'tiles.parquet'}  ({len(frame)} rows)")
+    print(f"parquet          {out / 'tiles.parquet'}  ({rows} rows)")
     print(f"figures          {overlay}\n                 {latent_map}")
     print("open it:         xr.open_zarr('%s')" % store)
     print(f"done in {time.perf_counter() - start:.1f} s")
@@ -308,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a slide: levels, mpp, backend, tiles")
     p.add_argument("slide")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--reject-pen", action="store_true", help="remove tiles covered by pen ink from the mask (adds pen_mask)")
+
+
+def _add_precision_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32",
+        help="encoder arithmetic: fp32 (exact, default) or bf16 autocast (faster where the hardware has it)",
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("synth", help="write a synthetic H&E-like slide with known tissue")
@@ -368,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=_csv(_positive_int), default=[512, 1024, 2048, 4096])
     p.add_argument("--stage", type=_csv(str), default=["read"], help="read,mask,pipeline")
     p.add_argument("--backend", type=_csv(str), default=["cucim"], help="cucim,tifffile")
+    _add_precision_option(p)
     p.add_argument("--scheduler", type=_csv(str), default=["threads"], help="threads,processes,distributed")
     p.add_argument("--repeat", type=_positive_int, default=3)
     p.add_argument("--weights", default=None, help="VAE weights for --stage pipeline")
@@ -422,6 +449,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wsi-xr {args.command}: interrupted", file=sys.stderr)
         return 130
 
+    p = sub.add_parser("migrate", help="update a store written by wsi_xr 0.1.0 to the current layout (in place)")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_migrate)
+
 
 if __name__ == "__main__":
+    _add_precision_option(p)
     sys.exit(main())

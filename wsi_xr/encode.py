@@ -22,7 +22,10 @@ import xarray as xr
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.tissue.kernels import array_namespace
 
-__all__ = ["ModelRef", "encode", "encode_block", "model_ref"]
+__all__ = ["PRECISIONS", "ModelRef", "check_precision", "encode", "encode_block", "model_ref"]
+
+#: Accepted ``precision=`` values: exact float32 (default), or bfloat16 autocast (opt-in).
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -32,9 +35,50 @@ class ModelRef:
     path: str
     sha256: str
     device: str = "cpu"
+    precision: str = "fp32"
 
 
-def model_ref(model: Any = None, *, device: str = "cpu") -> ModelRef:
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def check_precision(precision: str, device: str = "cpu") -> None:
+    """Refuse a precision this machine cannot run fast, with a clear error.
+
+    ``"bf16"`` needs bfloat16 arithmetic in hardware: on the CPU AVX512-BF16 or AMX
+    (x86) or the BF16 extension (ARM); on CUDA a GPU torch reports bf16 support for
+    (Ampere or newer). Without it autocast would run, only slower than fp32.
+    """
+    if precision not in PRECISIONS:
+        raise InvalidArgumentError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)}.")
+    if precision == "fp32":
+        return
+    import torch
+
+    if device == "cuda":
+        if not torch.cuda.is_available() or not torch.cuda.is_bf16_supported():
+            raise InvalidArgumentError(
+                "precision='bf16' on device 'cuda' needs a GPU with bfloat16 support (Ampere or newer) "
+                "and a CUDA build of torch; use precision='fp32'."
+            )
+        return
+    flags = _cpu_flags()
+    if not flags & {"avx512_bf16", "amx_bf16", "bf16"}:
+        raise InvalidArgumentError(
+            "precision='bf16' needs a CPU with bfloat16 instructions (x86 AVX512-BF16 or AMX, ARM BF16); "
+            f"this CPU has none ({torch.backends.cpu.get_cpu_capability()}), so bf16 would run slower than fp32. "
+            "Use precision='fp32'."
+        )
+
+
+def model_ref(model: Any = None, *, device: str = "cpu", precision: str = "fp32") -> ModelRef:
     """A :class:`ModelRef` for a weights path, ``None`` (the shipped default) or a VAE2.
 
     A model object is saved once to a temporary weights file named by its hash, so
@@ -50,12 +94,12 @@ def model_ref(model: Any = None, *, device: str = "cpu") -> ModelRef:
         sha = weights_hash(scratch)
         path = folder / f"{sha}.pt"
         os.replace(scratch, path)
-        return ModelRef(str(path), sha, device)
+        return ModelRef(str(path), sha, device, precision)
     path = Path(model) if model is not None else default_weights_path()
     from wsi_xr.models import load_vae
 
     load_vae(path, device="cpu")  # validate here, in the client, with a clear error
-    return ModelRef(str(Path(path).resolve()), weights_hash(path), device)
+    return ModelRef(str(Path(path).resolve()), weights_hash(path), device, precision)
 
 
 _models: dict[ModelRef, Any] = {}
@@ -83,6 +127,16 @@ def _set_torch_threads() -> None:
     _threads_set = True
 
 
+#: Keep the model's weights in channels-last memory for inference (see benchmarks/bench_encoder.py).
+INFERENCE_CHANNELS_LAST = False
+
+
+def torch_channels_last() -> Any:
+    import torch
+
+    return torch.channels_last
+
+
 def worker_model(ref: ModelRef) -> Any:
     """The model for ``ref``, loaded once per process (eval mode)."""
     with _models_lock:
@@ -92,12 +146,14 @@ def worker_model(ref: ModelRef) -> Any:
 
             _set_torch_threads()
             model = load_vae(ref.path, device=ref.device)
+            if INFERENCE_CHANNELS_LAST:
+                model = model.to(memory_format=torch_channels_last())
             _models[ref] = model
         return model
 
 
 def encode_block(pixels: Any, tissue: np.ndarray, ref: ModelRef, *, tile: int = 64, batch_size: int = 256) -> np.ndarray:
-    """Latents ``(tiles_y, tiles_x, latent)`` float32 of one block; NaN where ``tissue`` is False.
+    """Latents ``(tiles_y, tiles_x, feature)`` float32 of one block; NaN where ``tissue`` is False.
 
     Only the tissue tiles go through the encoder (``mu``, eval mode), in batches.
     ``pixels`` may be NumPy or CuPy; CuPy tiles reach torch through DLPack.
@@ -114,11 +170,12 @@ def encode_block(pixels: Any, tissue: np.ndarray, ref: ModelRef, *, tile: int = 
     tiles = grid.transpose(0, 2, 1, 3, 4)[xp.asarray(rows), xp.asarray(cols)]  # NumPy or CuPy
     model = worker_model(ref)
     if xp is np:
-        latents = encode_tiles(model, tiles, batch_size=batch_size)
+        latents = encode_tiles(model, tiles, batch_size=batch_size, precision=ref.precision)
     else:
         import torch
 
-        latents = encode_tiles(model, torch.from_dlpack(xp.ascontiguousarray(tiles)), batch_size=batch_size).cpu().numpy()
+        tensor = torch.from_dlpack(xp.ascontiguousarray(tiles))
+        latents = encode_tiles(model, tensor, batch_size=batch_size, precision=ref.precision).cpu().numpy()
     out[rows, cols] = latents
     return out
 
@@ -127,7 +184,9 @@ def _encode_task(pixels: Any, tissue: np.ndarray, *, ref: ModelRef, tile: int, b
     return encode_block(pixels, np.asarray(tissue)[..., 0], ref, tile=tile, batch_size=batch_size)
 
 
-def encode(image: xr.DataArray, mask: xr.Dataset, model: Any = None, *, batch_size: int = 256, device: str = "cpu") -> xr.DataArray:
+def encode(
+    image: xr.DataArray, mask: xr.Dataset, model: Any = None, *, batch_size: int = 256, device: str = "cpu", precision: str = "fp32"
+) -> xr.DataArray:
     """The latent cube of the tissue tiles of ``image``, lazily, with ``map_blocks``.
 
     Parameters
@@ -138,11 +197,13 @@ def encode(image: xr.DataArray, mask: xr.Dataset, model: Any = None, *, batch_si
         Its :func:`wsi_xr.tissue_mask` Dataset (same tile size).
     model
         Weights file path, a :class:`~wsi_xr.models.VAE2`, or None for the shipped default.
+    precision
+        ``"fp32"`` (exact) or ``"bf16"`` (opt-in autocast; recorded in ``attrs``).
 
     Returns
     -------
     xr.DataArray
-        ``latent (tile_y, tile_x, latent)`` float32, NaN where not tissue.
+        ``latent (tile_y, tile_x, feature)`` float32, NaN where not tissue.
 
     Note: this reads the image blocks again if the mask was computed separately; the
     pipeline (:func:`wsi_xr.process_slide`) fuses both into one read.
@@ -156,7 +217,8 @@ def encode(image: xr.DataArray, mask: xr.Dataset, model: Any = None, *, batch_si
     tile_chunks = (tuple(c // tile for c in data.chunks[0]), tuple(c // tile for c in data.chunks[1]))
     tissue = mask["tile_mask"].data
     tissue = tissue.rechunk(tile_chunks) if isinstance(tissue, da.Array) else da.from_array(np.asarray(tissue), chunks=tile_chunks)
-    ref = model_ref(model, device=device)
+    check_precision(precision, device)
+    ref = model_ref(model, device=device, precision=precision)
     latents = da.map_blocks(
         _encode_task,
         data,
@@ -171,8 +233,8 @@ def encode(image: xr.DataArray, mask: xr.Dataset, model: Any = None, *, batch_si
     )
     return xr.DataArray(
         latents,
-        dims=("tile_y", "tile_x", "latent"),
-        coords={"tile_y": mask.tile_y.values, "tile_x": mask.tile_x.values, "latent": np.arange(LATENT_SIZE)},
+        dims=("tile_y", "tile_x", "feature"),
+        coords={"tile_y": mask.tile_y.values, "tile_x": mask.tile_x.values, "feature": np.arange(LATENT_SIZE)},
         name="latent",
-        attrs={"weights": ref.path, "weights_sha256": ref.sha256},
+        attrs={"weights": ref.path, "weights_sha256": ref.sha256, "precision": precision},
     )

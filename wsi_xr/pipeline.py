@@ -1,26 +1,30 @@
 """The end-to-end job: slide(s) in, a Zarr store with the tile mask and latent cube out.
 
-Each chunk of the slide is read **once**; the one read feeds both the variance
-statistics and the encoder. Results are written chunk by chunk into Zarr regions, and
-a chunk is marked done only after its data are written, so a run killed at any moment
-and started again computes only the missing chunks. The store is marked ``complete``
-only after every chunk is done and the mask is finalised.
+Each chunk of the slide is read **once**; the one read feeds the variance statistics
+(and the pen-ink check) and the encoder. Results are written chunk by chunk into Zarr
+regions, and a chunk is marked done only after its data are written, so a run killed at
+any moment and started again computes only the missing chunks. The store is created
+under a temporary name and renamed into place (so it is recognisable as wsi_xr's from
+the moment it exists), and marked ``complete`` only after every chunk is done and the
+mask is finalised.
 
 With ``threshold="auto"`` the threshold is known only once every tile variance is
 known; so each chunk encodes every *candidate* tile (one that passes the lowest
 threshold "auto" can choose), and finalising blanks the latents of tiles below the
 chosen threshold. No pixel is read twice.
+
+A slide is opened once (:func:`wsi_xr.readers.open_file`): the probe, the backend
+decision and the damage scan travel down as one :class:`~wsi_xr.readers.OpenedSlide`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import dask.array as da
 import numpy as np
@@ -28,208 +32,250 @@ import pandas as pd
 import xarray as xr
 import zarr
 
-from wsi_xr.encode import ModelRef, encode_block, model_ref
+from wsi_xr._failpoints import failpoint
+from wsi_xr.encode import PRECISIONS, ModelRef, check_precision, encode_block, model_ref
 from wsi_xr.errors import InvalidArgumentError, SlideReadError, StoreError
-from wsi_xr.readers import SlideInfo, choose_backend, probe
-from wsi_xr.slide import ChunkSpec, level_coords, slide_array
-from wsi_xr.store import StoreLock, consolidate, json_safe_attrs
-from wsi_xr.tissue.coarse import blocks_with_possible_tissue, choose_coarse_level
-from wsi_xr.tissue.kernels import block_statistics, to_numpy
-from wsi_xr.tissue.mask import damaged_tile_grid, damaged_file_tiles, two_stage_rule, validate_mask_arguments
+from wsi_xr.readers import OpenedSlide, open_file
+from wsi_xr.slide import SlideSource, level_coords, slide_array
+from wsi_xr.slide import ChunkSpec
+from wsi_xr.store import (
+    SlideLayout,
+    StoreLock,
+    consolidate,
+    json_safe_attrs,
+    open_or_create_slide_group,
+    slide_groups,
+    tile_rows,
+    write_tile_parquet,
+)
+from wsi_xr.tissue.coarse import CoarseDecision, coarse_decision, segments_for_patches
+from wsi_xr.tissue.mask import blocks_any, damaged_tile_grid, masked_statistics, patch_chunks, two_stage_rule, validate_mask_arguments
 from wsi_xr.tissue.threshold import THRESHOLD_RANGE, auto_threshold
 
-__all__ = ["process_slide", "process_slides", "to_dataframe", "write_parquet"]
+__all__ = ["RunOptions", "process_slide", "process_slides", "to_dataframe", "validate_run_options", "write_parquet"]
 
 log = logging.getLogger("wsi_xr")
 
-LATENT = 32
 #: The lowest threshold "auto" can choose: tiles above it are encoded as candidates.
 CANDIDATE_FLOOR = THRESHOLD_RANGE[0]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The settings of a run that do not depend on the slide (checked before any work)."""
+
+    tile: int = 64
+    patch: int = 256
+    threshold: float | str = "auto"
+    coarse: str | int = "auto"
+    chunks: ChunkSpec = None
+    level: int = 0
+    batch_size: int = 256
+    device: str = "cpu"
+    precision: str = "fp32"
+    reject_pen: bool = False
+    ref: ModelRef | None = None
+
+
+def validate_run_options(weights: Any = None, **settings: Any) -> RunOptions:
+    """Check every slide-independent argument of a run, load-test the weights, return them.
+
+    Cheap (no pixels are read): the CLI calls it before starting a cluster.
+    """
+    options = RunOptions(**settings)
+    validate_mask_arguments(options.tile, options.patch, options.threshold)
+    if options.tile != 64:
+        raise InvalidArgumentError(f"tile={options.tile}: the VAE encodes 64x64 tiles; use tile=64 for the pipeline.")
+    if not isinstance(options.batch_size, int) or options.batch_size < 1:
+        raise InvalidArgumentError(f"batch_size={options.batch_size}: must be an integer >= 1.")
+    if options.device not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"device={options.device!r}: use 'cpu' or 'cuda'.")
+    if options.coarse not in ("auto", "none") and not (isinstance(options.coarse, int) and not isinstance(options.coarse, bool)):
+        raise InvalidArgumentError(f"coarse={options.coarse!r}: use 'auto', 'none' or a pyramid level number.")
+    check_precision(options.precision, options.device)
+    ref = model_ref(weights, device=options.device, precision=options.precision)
+    return RunOptions(**{**options.__dict__, "ref": ref})
 
 
 @dataclass
 class RunPlan:
     """Everything decided in the client before any level-0 pixel is read."""
 
-    info: SlideInfo
-    level: int
-    backend: str
+    opened: OpenedSlide
+    options: RunOptions
     chunks: tuple[tuple[int, ...], tuple[int, ...]]
-    tile: int
-    patch: int
-    threshold: float | str
-    coarse: str | int
-    coarse_level: int | None
-    read: np.ndarray
+    decision: CoarseDecision | None
+    read_patches: np.ndarray
     excluded: np.ndarray
-    ref: ModelRef
-    batch_size: int
-    device: str
     fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def level(self) -> int:
+        return self.options.level
+
+    @property
+    def tile(self) -> int:
+        return self.options.tile
+
+    @property
+    def k(self) -> int:
+        return self.options.patch // self.options.tile
 
     @property
     def tile_chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return tuple(c // self.tile for c in self.chunks[0]), tuple(c // self.tile for c in self.chunks[1])  # type: ignore[return-value]
 
     @property
-    def tile_shape(self) -> tuple[int, int]:
-        return self.excluded.shape  # type: ignore[return-value]
+    def patch_chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        ty, tx = self.tile_chunks
+        return patch_chunks(ty, self.k), patch_chunks(tx, self.k)
 
-    @property
-    def k(self) -> int:
-        return self.patch // self.tile
+    def layout(self) -> SlideLayout:
+        """The store layout of this slide."""
+        from wsi_xr.models import LATENT_SIZE
+
+        nty, ntx = self.excluded.shape
+        coords = level_coords(self.opened.info, self.level)
+        y, x = coords["y"], coords["x"]
+        tile, patch = self.options.tile, self.options.patch
+        return SlideLayout(
+            tile_y=y[: nty * tile : tile],
+            tile_x=x[: ntx * tile : tile],
+            patch_y=y[: nty * tile : patch],
+            patch_x=x[: ntx * tile : patch],
+            chunk_y=y[np.cumsum((0,) + self.chunks[0][:-1])],
+            chunk_x=x[np.cumsum((0,) + self.chunks[1][:-1])],
+            tile_chunks=(self.tile_chunks[0][0], self.tile_chunks[1][0]),
+            patch_chunks=(self.patch_chunks[0][0], self.patch_chunks[1][0]),
+            n_features=LATENT_SIZE,
+            tile_flags=("pen_mask",) if self.options.reject_pen else (),
+        )
 
 
-def _plan(
-    path: str | os.PathLike[str],
-    *,
-    weights: Any,
-    tile: int,
-    patch: int,
-    threshold: float | str,
-    coarse: str | int,
-    chunks: ChunkSpec,
-    level: int,
-    backend: str,
-    batch_size: int,
-    device: str,
-) -> RunPlan:
-    validate_mask_arguments(tile, patch, threshold)
-    if batch_size < 1:
-        raise InvalidArgumentError(f"batch_size={batch_size}: must be >= 1.")
-    info = probe(path)
-    if tile != 64:
-        raise InvalidArgumentError(f"tile={tile}: the VAE encodes 64x64 tiles; use tile=64 for the pipeline.")
-    array = slide_array(info, level, chunks, backend)
+def _plan(opened: OpenedSlide, options: RunOptions) -> RunPlan:
+    info = opened.info
+    tile, patch = options.tile, options.patch
+    array = slide_array(opened, options.level, options.chunks, options.device)  # validates level and chunks
     block_chunks = array.chunks[:2]
     for axis in (0, 1):
         if any(c % patch for c in block_chunks[axis][:-1]):
             raise InvalidArgumentError(
                 f"chunk size {block_chunks[axis][0]} is not a multiple of patch={patch}; pass --chunk with a multiple of {patch}."
             )
-    name = choose_backend(info, backend)
-    lv = info.levels[level]
-    coarse_level = choose_coarse_level(info, level, coarse)
-    read = (
-        blocks_with_possible_tissue(info, level, coarse_level, block_chunks, name)
-        if coarse_level is not None
-        else np.ones((len(block_chunks[0]), len(block_chunks[1])), dtype=bool)
-    )
-    excluded = damaged_tile_grid(info, level, name, tile, (lv.height // tile, lv.width // tile))
-    ref = model_ref(weights, device=device)
-    plan = RunPlan(info, level, name, block_chunks, tile, patch, threshold, coarse, coarse_level, read, excluded, ref, batch_size, device)
+    lv = info.levels[options.level]
+    nty, ntx = lv.height // tile, lv.width // tile
+    npy, npx = -(-nty // (patch // tile)), -(-ntx // (patch // tile))
+    decision = coarse_decision(opened, options.level, options.coarse, patch_shape=(npy, npx), patch=patch)
+    read_patches = decision.patches if decision is not None else np.ones((npy, npx), dtype=bool)
+    excluded = damaged_tile_grid(opened.damage(options.level), tile, (nty, ntx))
+    assert options.ref is not None
+    plan = RunPlan(opened, options, block_chunks, decision, read_patches, excluded)
     plan.fingerprint = {
         "source": info.path,
         "file_size": info.file_size,
         "mtime_ns": info.mtime_ns,
-        "level": level,
+        "level": options.level,
         "tile": tile,
         "patch": patch,
-        "threshold_setting": threshold,
-        "coarse": str(coarse),
+        "threshold_setting": options.threshold,
+        "coarse": str(options.coarse),
         "chunks": [list(block_chunks[0]), list(block_chunks[1])],
-        "weights_sha256": ref.sha256,
+        "weights_sha256": options.ref.sha256,
+        "precision": options.precision,
+        "reject_pen": options.reject_pen,
     }
     return plan
-
-
-# ---------------------------------------------------------------------------- store
-
-
-def _create_group(group: zarr.Group, plan: RunPlan) -> None:
-    """Create every array of the output (fill values: NaN / False) and the bookkeeping."""
-    nty, ntx = plan.tile_shape
-    npy, npx = -(-nty // plan.k), -(-ntx // plan.k)
-    tcy, tcx = plan.tile_chunks[0][0] or 1, plan.tile_chunks[1][0] or 1
-    pcy, pcx = max(1, tcy // plan.k), max(1, tcx // plan.k)
-    coords = level_coords(plan.info, plan.level)
-    y, x = coords["y"], coords["x"]
-    for name, values in (
-        ("tile_y", y[: nty * plan.tile : plan.tile]),
-        ("tile_x", x[: ntx * plan.tile : plan.tile]),
-        ("patch_y", y[: nty * plan.tile : plan.patch]),
-        ("patch_x", x[: ntx * plan.tile : plan.patch]),
-        ("latent", np.arange(LATENT)),
-    ):
-        group.create_array(name, data=np.asarray(values, dtype=np.int64), dimension_names=(name,), overwrite=True)
-    tiles2d = {"shape": (nty, ntx), "chunks": (tcy, tcx), "dimension_names": ("tile_y", "tile_x"), "overwrite": True}
-    group.create_array("tile_variance", dtype="float32", fill_value=np.nan, **tiles2d)
-    group.create_array("tile_mask", dtype="bool", fill_value=False, **tiles2d)
-    errors = group.create_array("read_error", dtype="bool", fill_value=False, **tiles2d)
-    errors[...] = plan.excluded
-    patches2d = {"shape": (npy, npx), "chunks": (pcy, pcx), "dimension_names": ("patch_y", "patch_x"), "overwrite": True}
-    group.create_array("patch_variance", dtype="float32", fill_value=np.nan, **patches2d)
-    group.create_array("patch_mask", dtype="bool", fill_value=False, **patches2d)
-    group.create_array(
-        "latent", shape=(nty, ntx, LATENT), chunks=(tcy, tcx, LATENT), dtype="float32", fill_value=np.nan,
-        dimension_names=("tile_y", "tile_x", "latent"), overwrite=True,
-    )
-    done = group.create_array(
-        "chunk_done", shape=plan.read.shape, chunks=(1, 1), dtype="bool", fill_value=False,
-        dimension_names=("chunk_y", "chunk_x"), overwrite=True,
-    )
-    done.attrs["description"] = "bookkeeping: chunk (i, j) of the slide has been written"
-    group.attrs.update(json_safe_attrs({"wsi_xr_run": plan.fingerprint, "complete": False}))
-
-
-def _open_or_create(store: Path, group_name: str | None, plan: RunPlan, overwrite: bool) -> zarr.Group:
-    root = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
-    group = root.require_group(group_name) if group_name else root
-    existing = dict(group.attrs).get("wsi_xr_run")
-    if existing is None:
-        if any(True for _ in group.array_keys()) and not overwrite:
-            raise StoreError(f"{store}: holds data that wsi_xr did not write; choose another path or pass --overwrite.")
-        _create_group(group, plan)
-    elif overwrite:
-        _create_group(group, plan)
-    elif json.loads(json.dumps(existing)) != json.loads(json.dumps(plan.fingerprint)):
-        differ = sorted(k for k in set(existing) | set(plan.fingerprint) if existing.get(k) != plan.fingerprint.get(k))
-        raise StoreError(
-            f"{store}{'/' + group_name if group_name else ''}: was made from a different slide or with different "
-            f"parameters ({', '.join(differ)} differ). Pass --overwrite (overwrite=True) to replace it, or use another store."
-        )
-    return group
 
 
 # ----------------------------------------------------------------------------- tasks
 
 
+@dataclass(frozen=True)
+class ChunkJob:
+    """What every chunk task needs besides its pixels (small: it travels with each task)."""
+
+    store: str
+    group: str | None
+    tile: int
+    patch: int
+    candidate_floor: float
+    ref: ModelRef
+    batch_size: int
+    reject_pen: bool
+
+
 def _chunk_task(
     pixels: Any,
     excluded: np.ndarray,
-    read: np.ndarray,
+    read_patches: np.ndarray,
+    todo: np.ndarray,
     *,
-    plan: RunPlan,
-    store: str,
-    group: str | None,
+    job: ChunkJob,
     block_info: dict | None = None,
 ) -> np.ndarray:
     """Statistics + encoding + region writes for one chunk; returns its candidate count."""
     assert block_info is not None
     i, j, _ = block_info[0]["chunk-location"]
+    if not bool(np.asarray(todo).reshape(-1)[0]):
+        return np.zeros((1, 1, 1), dtype=np.int64)  # written by an earlier run
     (y0, y1), (x0, x1), _ = block_info[0]["array-location"]
-    ty0, tx0 = y0 // plan.tile, x0 // plan.tile
-    nty, ntx = (y1 - y0) // plan.tile, (x1 - x0) // plan.tile
-    root = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
-    g = root[group] if group else root
+    tile, k = job.tile, job.patch // job.tile
+    ty0, tx0 = y0 // tile, x0 // tile
+    nty, ntx = (y1 - y0) // tile, (x1 - x0) // tile
+    root = zarr.open_group(job.store, mode="r+", zarr_format=3, use_consolidated=False)
+    g = root[job.group] if job.group else root
     count = 0
-    if bool(read.reshape(-1)[0]) and nty and ntx:
+    read_patches = np.asarray(read_patches)[..., 0]
+    if read_patches.any() and nty and ntx:
         excluded = np.asarray(excluded)[..., 0]
-        from wsi_xr.tissue.kernels import array_namespace
-
-        xp = array_namespace(pixels)
-        tile_var, patch_tile = block_statistics(pixels, plan.tile, plan.patch, xp.asarray(excluded) if excluded.any() else None)
-        tile_var, patch_tile = to_numpy(tile_var), to_numpy(patch_tile)
-        floor = plan.threshold if isinstance(plan.threshold, float) else CANDIDATE_FLOOR
-        candidates = two_stage_rule(tile_var, patch_tile, excluded, floor)
-        latents = encode_block(pixels, candidates, plan.ref, tile=plan.tile, batch_size=plan.batch_size)
-        k = plan.k
+        tile_var, patch_tile = masked_statistics(pixels, excluded, read_patches, tile=tile, patch=job.patch)
+        candidates = two_stage_rule(tile_var, patch_tile, excluded, job.candidate_floor)
+        if job.reject_pen:
+            pen = pen_tiles_read(pixels, tile, tile_var)
+            g["pen_mask"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = pen
+            candidates &= ~pen
+        latents = encode_block(pixels, candidates, job.ref, tile=tile, batch_size=job.batch_size)
+        patch_var = patch_tile[::k, ::k].astype(np.float32)
         g["tile_variance"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = tile_var.astype(np.float32)
-        g["patch_variance"][ty0 // k : ty0 // k + patch_tile[::k, ::k].shape[0], tx0 // k : tx0 // k + patch_tile[::k, ::k].shape[1]] = patch_tile[::k, ::k].astype(np.float32)
+        g["patch_variance"][ty0 // k : ty0 // k + patch_var.shape[0], tx0 // k : tx0 // k + patch_var.shape[1]] = patch_var
         g["latent"][ty0 : ty0 + nty, tx0 : tx0 + ntx, :] = latents
         count = int(candidates.sum())
     g["chunk_done"][i, j] = True  # only after the data: a kill before this redoes the chunk
+    failpoint("chunk-done")
     return np.full((1, 1, 1), count, dtype=np.int64)
+
+
+def pen_tiles_read(pixels: Any, tile: int, tile_variance: np.ndarray) -> np.ndarray:
+    """Pen-ink tiles of a chunk, only where the chunk was read (NaN variance: not read)."""
+    from wsi_xr.tissue.kernels import to_numpy
+    from wsi_xr.tissue.pen import pen_tiles
+
+    return to_numpy(pen_tiles(pixels, tile)).astype(bool) & np.isfinite(tile_variance)
+
+
+def _chunk_graph(plan: RunPlan, job: ChunkJob, done: np.ndarray) -> da.Array:
+    """The lazy per-chunk tasks of one slide (chunks already done read nothing)."""
+    todo = ~done
+    todo_patches = plan.read_patches & np.repeat(np.repeat(todo, plan.patch_chunks[0], axis=0), plan.patch_chunks[1], axis=1)
+    wanted = None
+    if plan.decision is not None or not todo.all():
+        wanted = segments_for_patches(plan.opened.damage(plan.level), todo_patches, plan.options.patch)
+    pixels = slide_array(
+        plan.opened, plan.level, (plan.chunks[0][0], plan.chunks[1][0]), plan.options.device, damaged="fill", wanted=wanted
+    )
+    tile_chunks = plan.tile_chunks
+    return da.map_blocks(
+        _chunk_task,
+        pixels,
+        da.from_array(plan.excluded[..., None], chunks=tile_chunks + ((1,),)),
+        da.from_array(todo_patches[..., None], chunks=plan.patch_chunks + ((1,),)),
+        da.from_array(todo[..., None], chunks=(1, 1, 1)),
+        chunks=((1,) * len(tile_chunks[0]), (1,) * len(tile_chunks[1]), (1,)),
+        dtype=np.int64,
+        meta=np.empty((0, 0, 0), dtype=np.int64),
+        job=job,
+        name=f"wsi-process-chunk-{Path(job.store).name}-{job.group or ''}",
+    )
 
 
 def _finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
@@ -237,65 +283,181 @@ def _finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
     tile_var = group["tile_variance"][...]
     patch_var = group["patch_variance"][...]
     excluded = group["read_error"][...]
-    if plan.threshold == "auto":
+    options = plan.options
+    if options.threshold == "auto":
         threshold, method = auto_threshold(tile_var)
     else:
-        threshold, method = float(plan.threshold), "given"
+        threshold, method = float(options.threshold), "given"
     k = plan.k
     nty, ntx = tile_var.shape
     patch_of_tile = np.repeat(np.repeat(patch_var, k, axis=0), k, axis=1)[:nty, :ntx]
     tile_mask = two_stage_rule(tile_var, patch_of_tile, excluded, threshold)
+    pen_tiles = 0
+    if options.reject_pen:
+        pen = group["pen_mask"][...]
+        pen_tiles = int((tile_mask & pen).sum())
+        tile_mask &= ~pen
     with np.errstate(invalid="ignore"):
         patch_mask = patch_var > threshold
     group["patch_mask"][...] = patch_mask
     group["tile_mask"][...] = tile_mask
+    failpoint("finalize-masks")
     latent = group["latent"]
     tcy, tcx = latent.chunks[:2]
     for ty in range(0, nty, tcy):
         for tx in range(0, ntx, tcx):
-            block = latent[ty : ty + tcy, tx : tx + tcx, :]
             keep = tile_mask[ty : ty + tcy, tx : tx + tcx]
+            block = latent[ty : ty + tcy, tx : tx + tcx, :]
             if np.isnan(block[keep]).any():
-                raise StoreError(f"{plan.info.path}: latents missing for tissue tiles near tile ({ty}, {tx}); run again.")
-            block[~keep] = np.nan
-            latent[ty : ty + tcy, tx : tx + tcx, :] = block
+                raise StoreError(f"{plan.opened.path}: latents missing for tissue tiles near tile ({ty}, {tx}); run again.")
+            blank = ~keep & ~np.isnan(block).all(axis=-1)
+            if blank.any():
+                block[blank] = np.nan
+                latent[ty : ty + tcy, tx : tx + tcx, :] = block
+    failpoint("finalize-latents")
     from wsi_xr import __version__
 
-    info = plan.info
+    info = plan.opened.info
+    damage = plan.opened.damage(plan.level)
     attrs = {
         "source": info.path,
         "file_size": info.file_size,
         "mtime_ns": info.mtime_ns,
         "vendor": info.vendor,
+        "format": info.format,
         "mpp": info.mpp,
         "level": plan.level,
         "downsample": info.levels[plan.level].downsample,
-        "backend": plan.backend,
-        "tile": plan.tile,
-        "patch": plan.patch,
+        "backend": plan.opened.backend,
+        "backend_reason": plan.opened.choice.reason,
+        "tile": options.tile,
+        "patch": options.patch,
         "threshold": float(threshold),
         "threshold_method": method,
-        "coarse": str(plan.coarse),
-        "coarse_level": -1 if plan.coarse_level is None else plan.coarse_level,
-        "chunks_total": int(plan.read.size),
-        "chunks_read": int(plan.read.sum()),
-        "weights": plan.ref.path,
-        "weights_sha256": plan.ref.sha256,
+        "coarse": str(options.coarse),
+        "coarse_level": -1 if plan.decision is None else plan.decision.coarse_level,
+        "chunks_total": int(group["chunk_done"].size),
+        "chunks_read": int(blocks_any(plan.read_patches, plan.patch_chunks).sum()),
+        "patches_total": int(plan.read_patches.size),
+        "patches_read": int(plan.read_patches.sum()),
+        "file_tiles_total": int(damage.damaged.size),
+        "file_tiles_decoded": int(((plan.decision.segments if plan.decision is not None else True) & ~damage.damaged).sum()),
+        "weights": options.ref.path if options.ref else None,
+        "weights_sha256": options.ref.sha256 if options.ref else None,
+        "precision": options.precision,
+        "reject_pen": options.reject_pen,
+        "pen_tiles": pen_tiles,
         "wsi_xr_version": __version__,
         "tissue_tiles": int(tile_mask.sum()),
         "read_errors": int(excluded.sum()),
-        "damaged_file_tiles": damaged_file_tiles(info, plan.level, plan.backend),
+        "damaged_file_tiles": int(damage.damaged.sum()),
     }
+    if options.reject_pen:
+        from wsi_xr.tissue.pen import pen_settings
+
+        attrs["pen_settings"] = pen_settings()
     group.attrs.update(json_safe_attrs(attrs))
+    failpoint("finalize-attrs")
     group.attrs["complete"] = True  # last: a store is never complete with chunks missing
+    failpoint("finalize-complete")
     return attrs
 
 
 # ------------------------------------------------------------------------------ API
 
 
+def _store_path(store: str | os.PathLike[str]) -> Path:
+    store_path = Path(store)
+    if store_path.exists() and not store_path.is_dir():
+        raise StoreError(f"{store_path}: exists and is not a Zarr store folder; choose another output path.")
+    parent = store_path.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StoreError(f"{store_path}: cannot create the folder {parent} ({err}); choose a writable path.") from err
+    return store_path
+
+
+@dataclass
+class _SlideRun:
+    """One slide of a (cohort) run: its plan, its group and its pending chunk tasks."""
+
+    plan: RunPlan
+    group: zarr.Group
+    group_name: str | None
+    tasks: da.Array | None
+    start: float
+
+
+def _prepare(source: SlideSource, store_path: Path, group_name: str | None, options: RunOptions, overwrite: bool, backend: str) -> _SlideRun:
+    start = time.perf_counter()
+    opened = open_file(source, backend)
+    plan = _plan(opened, options)
+    group = open_or_create_slide_group(store_path, group_name, plan.layout(), plan.fingerprint, plan.excluded, overwrite=overwrite)
+    done = group["chunk_done"][...]
+    assert options.ref is not None
+    job = ChunkJob(
+        str(store_path), group_name, options.tile, options.patch,
+        options.threshold if isinstance(options.threshold, float) else CANDIDATE_FLOOR,
+        options.ref, options.batch_size, options.reject_pen,
+    )
+    tasks = _chunk_graph(plan, job, done) if not done.all() else None
+    return _SlideRun(plan, group, group_name, tasks, start)
+
+
+def _finish(run: _SlideRun) -> dict[str, Any]:
+    attrs = _finalize(run.group, run.plan)
+    log.info("%s: %d tissue tiles in %.1f s", Path(run.plan.opened.path).name, attrs["tissue_tiles"], time.perf_counter() - run.start)
+    return attrs
+
+
+def _killed_worker(err: Exception, path: str) -> Exception:
+    if type(err).__name__ != "KilledWorker":
+        return err
+    # distributed retried the task on other workers and each one died: a crash in a
+    # decoder, contained to worker processes
+    return SlideReadError(
+        f"{path}: Dask workers died while reading it ({err}); the decoder probably crashed on damaged "
+        "data. Finished chunks are kept and the store is not marked complete; run again to retry, or check the file."
+    )
+
+
+def _run_all(runs: list[_SlideRun], client: Any, progress: bool) -> None:
+    """Compute every slide's chunks together (slides in flight at once); finalise each as it ends."""
+    from wsi_xr.cluster import compute
+
+    pending = [r for r in runs if r.tasks is not None]
+    if client is None or not pending:
+        if pending:
+            try:
+                compute(*[r.tasks for r in pending], client=None, progress=progress)
+            except Exception as err:
+                raise _killed_worker(err, pending[0].plan.opened.path) from err
+        for run in runs:
+            _finish(run)
+        return
+    from distributed import as_completed
+
+    futures = {client.compute(r.tasks): r for r in pending}
+    if progress:
+        from distributed import progress as show_progress
+
+        show_progress(list(futures))
+        print()
+    for run in runs:
+        if run.tasks is None:
+            _finish(run)
+    for future in as_completed(list(futures)):
+        run = futures[future]
+        try:
+            future.result()
+        except Exception as err:
+            raise _killed_worker(err, run.plan.opened.path) from err
+        _finish(run)
+
+
 def process_slide(
-    path: str | os.PathLike[str],
+    path: SlideSource,
     store: str | os.PathLike[str],
     *,
     group: str | None = None,
@@ -309,76 +471,53 @@ def process_slide(
     backend: str = "auto",
     batch_size: int = 256,
     device: str = "cpu",
+    precision: str = "fp32",
+    reject_pen: bool = False,
     client: Any = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> xr.Dataset:
     """Mask and encode one slide into ``store`` (or its ``group``); resume if interrupted.
 
-    Returns the stored Dataset (opened lazily from the store): ``tile_mask``,
-    ``tile_variance``, ``patch_mask``, ``patch_variance``, ``read_error``, ``latent``
-    (NaN where not tissue), with provenance attrs. ``client`` is a
-    ``distributed.Client`` (None: dask's threaded scheduler).
-    """
-    from wsi_xr.cluster import compute
+    Parameters
+    ----------
+    path
+        The slide file, or an :class:`~wsi_xr.readers.OpenedSlide` (opened once, reused).
+    precision
+        ``"fp32"`` (exact, default) or ``"bf16"`` (autocast: faster where the CPU/GPU
+        supports bfloat16; recorded in attrs; error documented in the README).
+    reject_pen
+        Remove tiles covered by pen ink from ``tile_mask`` (adds ``pen_mask``).
+    client
+        A ``distributed.Client`` (None: dask's threaded scheduler).
 
-    start = time.perf_counter()
-    plan = _plan(path, weights=weights, tile=tile, patch=patch, threshold=threshold, coarse=coarse, chunks=chunks,
-                 level=level, backend=backend, batch_size=batch_size, device=device)
-    store_path = Path(store)
-    if store_path.exists() and not store_path.is_dir():
-        raise StoreError(f"{store_path}: exists and is not a Zarr store folder; choose another output path.")
-    try:
-        store_path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise StoreError(f"{store_path}: cannot create the store ({err}); choose a writable path.") from err
+    Returns the stored Dataset (opened lazily from the store): ``tile_mask``,
+    ``tile_variance``, ``patch_mask``, ``patch_variance``, ``read_error``, ``latent
+    (tile_y, tile_x, feature)`` (NaN where not tissue), ``chunk_done``, with provenance
+    attrs.
+    """
+    options = validate_run_options(
+        weights, tile=tile, patch=patch, threshold=threshold, coarse=coarse, chunks=chunks, level=level,
+        batch_size=batch_size, device=device, precision=precision, reject_pen=reject_pen,
+    )
+    opened = open_file(path, backend)
+    store_path = _store_path(store)
     with StoreLock(store_path):
         try:
-            g = _open_or_create(store_path, group, plan, overwrite)
-            done = g["chunk_done"][...]
-            todo = ~done
-            if todo.any():
-                pixels = slide_array(plan.info, plan.level, (plan.chunks[0][0], plan.chunks[1][0]), plan.backend,
-                                     device, damaged="fill", skip=~(plan.read & todo))
-                tile_chunks = plan.tile_chunks
-                results = da.map_blocks(
-                    _chunk_task,
-                    pixels,
-                    da.from_array(plan.excluded[..., None], chunks=tile_chunks + ((1,),)),
-                    da.from_array((plan.read & todo)[..., None], chunks=(1, 1, 1)),
-                    chunks=((1,) * len(tile_chunks[0]), (1,) * len(tile_chunks[1]), (1,)),
-                    dtype=np.int64,
-                    meta=np.empty((0, 0, 0), dtype=np.int64),
-                    plan=plan,
-                    store=str(store_path),
-                    group=group,
-                    name="wsi-process-chunk",
-                )
-                # chunks already done neither read nor encode: their tasks only confirm them
-                try:
-                    compute(results, client=client, progress=progress)
-                except Exception as err:
-                    if type(err).__name__ != "KilledWorker":
-                        raise
-                    # distributed retried the task on other workers and each one died:
-                    # a crash in a decoder, contained to worker processes
-                    raise SlideReadError(
-                        f"{plan.info.path}: Dask workers died while reading it ({err}); the decoder probably "
-                        "crashed on damaged data. Finished chunks are kept and the store is not marked "
-                        "complete; run again to retry, or check the file."
-                    ) from err
-            attrs = _finalize(g, plan)
+            run = _prepare(opened, store_path, group, options, overwrite, backend)
+            _run_all([run], client, progress)
             consolidate(store_path)
         except OSError as err:
-            raise StoreError(f"{store_path}: writing failed ({err}); the store is not marked complete. Free space or fix permissions, then run again.") from err
-    log.info("%s: %d tissue tiles in %.1f s", Path(str(path)).name, attrs["tissue_tiles"], time.perf_counter() - start)
+            raise StoreError(
+                f"{store_path}: writing failed ({err}); the store is not marked complete. Free space or fix permissions, then run again."
+            ) from err
     return xr.open_zarr(store_path, group=group, consolidated=False)
 
 
-def _group_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+def _group_names(paths: Sequence[SlideSource]) -> list[str]:
     names: list[str] = []
     for p in paths:
-        stem = Path(str(p)).stem or "slide"
+        stem = Path(p.path if isinstance(p, OpenedSlide) else str(p)).stem or "slide"
         name, n = stem, 2
         while name in names:
             name, n = f"{stem}-{n}", n + 1
@@ -386,46 +525,63 @@ def _group_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     return names
 
 
-def process_slides(paths: Sequence[str | os.PathLike[str]], store: str | os.PathLike[str], **kwargs: Any) -> xr.DataTree:
+def process_slides(
+    paths: Sequence[SlideSource],
+    store: str | os.PathLike[str],
+    *,
+    weights: Any = None,
+    backend: str = "auto",
+    client: Any = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **settings: Any,
+) -> xr.DataTree:
     """A cohort: each slide into its own group (named by file stem, made unique) of one store.
 
-    Returns ``xr.open_datatree(store, engine="zarr")``.
+    Every slide's chunks are computed together, so a cluster stays busy across slides
+    (many small slides do not run one after another); each slide is finalised as soon as
+    its own chunks are done, and a killed run resumes per slide and per chunk. Takes the
+    keyword arguments of :func:`process_slide`. Returns ``xr.open_datatree(store)``.
     """
     if not paths:
         raise InvalidArgumentError("no slides given.")
+    options = validate_run_options(weights, **settings)
+    opened = [open_file(p, backend) for p in paths]  # every file checked before any work
     names = _group_names(paths)
-    for path, name in zip(paths, names):
-        process_slide(path, store, group=name, **kwargs)
-    root = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
-    root.attrs["slides"] = {name: str(Path(str(p)).resolve()) for name, p in zip(names, paths)}
-    consolidate(store)
-    return xr.open_datatree(store, engine="zarr")
+    store_path = _store_path(store)
+    with StoreLock(store_path):
+        try:
+            runs = [_prepare(o, store_path, name, options, overwrite, backend) for o, name in zip(opened, names)]
+            _run_all(runs, client, progress)
+            root = zarr.open_group(store_path, mode="r+", zarr_format=3, use_consolidated=False)
+            root.attrs["slides"] = {name: o.path for name, o in zip(names, opened)}
+            consolidate(store_path)
+        except OSError as err:
+            raise StoreError(
+                f"{store_path}: writing failed ({err}); unfinished slides are not marked complete. Free space or fix permissions, then run again."
+            ) from err
+    return xr.open_datatree(store_path, engine="zarr")
 
 
 def to_dataframe(ds: xr.Dataset, slide: str | None = None) -> pd.DataFrame:
     """One row per tissue tile: ``x``, ``y`` (level-0 origin), ``latent_0`` … (+ ``slide``)."""
-    mask = np.asarray(ds["tile_mask"].values, dtype=bool)
-    rows, cols = np.nonzero(mask)
-    frame = pd.DataFrame({"x": ds["tile_x"].values[cols].astype(np.int64), "y": ds["tile_y"].values[rows].astype(np.int64)})
-    latents = np.asarray(ds["latent"].values)[rows, cols, :]
-    for i in range(latents.shape[1]):
-        frame[f"latent_{i}"] = latents[:, i].astype(np.float32)
-    if slide is not None:
-        frame.insert(0, "slide", slide)
-    return frame
+    return tile_rows(ds, slide)
 
 
-def write_parquet(store: str | os.PathLike[str], out: str | os.PathLike[str]) -> pd.DataFrame:
-    """Write the tissue-tile rows of a store (every group of a cohort) to Parquet."""
-    root = zarr.open_group(store, mode="r", zarr_format=3)
-    groups = list(root.group_keys())
-    if groups:
-        frames = [to_dataframe(xr.open_zarr(store, group=name, consolidated=False), slide=name) for name in groups]
-        frame = pd.concat(frames, ignore_index=True)
-    else:
-        frame = to_dataframe(xr.open_zarr(store, consolidated=False))
-    try:
-        frame.to_parquet(out, index=False)
-    except OSError as err:
-        raise StoreError(f"{out}: cannot write the Parquet file ({err}).") from err
-    return frame
+def write_parquet(store: str | os.PathLike[str], out: str | os.PathLike[str]) -> int:
+    """Write the tissue-tile rows of a store (every slide of a cohort) to one Parquet file.
+
+    Streams one slide at a time (one Parquet row group per slide, with a ``slide`` column
+    for cohorts), so memory does not grow with the number of slides. Returns the number
+    of rows written.
+    """
+    groups = slide_groups(store)
+
+    def frames() -> Iterator[pd.DataFrame]:
+        if groups:
+            for name in groups:
+                yield tile_rows(xr.open_zarr(store, group=name, consolidated=False), slide=name)
+        else:
+            yield tile_rows(xr.open_zarr(store, consolidated=False))
+
+    return write_tile_parquet(frames(), out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from typing import Any
 
 import dask.array as da
@@ -18,9 +19,18 @@ import xarray as xr
 from dask.base import tokenize
 
 from wsi_xr.errors import InvalidArgumentError
-from wsi_xr.readers import DAMAGED_POLICIES, LevelInfo, ReaderKey, SlideInfo, choose_backend, probe, read_window, reader_key
+from wsi_xr.readers import DAMAGED_POLICIES, LevelInfo, OpenedSlide, SlideInfo, decide_backend, open_file, read_window
 
-__all__ = ["ChunkSpec", "default_chunk_size", "open_pyramid", "open_slide", "slide_array", "slide_dataarray"]
+__all__ = [
+    "ChunkSpec",
+    "SlideSource",
+    "default_chunk_size",
+    "open_pyramid",
+    "open_slide",
+    "opened_slide_of",
+    "slide_array",
+    "slide_dataarray",
+]
 
 #: Chunk sides are multiples of this (the reference patch size).
 CHUNK_MULTIPLE = 256
@@ -28,42 +38,42 @@ CHUNK_MULTIPLE = 256
 TARGET_CHUNK = 2048
 #: ``chunks=`` may be an int (square), a ``(y, x)`` pair, or a ``{"y": .., "x": ..}`` mapping.
 ChunkSpec = int | tuple[int, int] | dict[str, int] | None
+#: Where a slide comes from: a path, or a file already opened with :func:`wsi_xr.readers.open_file`.
+SlideSource = str | os.PathLike[str] | OpenedSlide
 
 
 class _LevelWindowReader:
     """An array-like over one level whose ``[y-slice, x-slice, c-slice]`` is one reader call.
 
-    Dask's ``from_array`` calls ``__getitem__`` once per block. It carries only a
-    :class:`ReaderKey`, so it pickles to any worker.
+    Dask's ``from_array`` calls ``__getitem__`` once per block. It holds the
+    :class:`OpenedSlide` (a path, the backend decision, the damage scans: never an open
+    handle), so it pickles to any worker, and the graph stores it once, not per task.
+    ``wanted`` (bool over the level's TIFF tiles) limits decoding to those tiles.
     """
 
     def __init__(
-        self,
-        key: ReaderKey,
-        level: LevelInfo,
-        device: str,
-        damaged: str,
-        skip: tuple[np.ndarray, int, int] | None = None,
+        self, opened: OpenedSlide, level: LevelInfo, device: str, damaged: str, wanted: np.ndarray | None = None
     ) -> None:
-        self.key = key
+        self.opened = opened
         self.level = level.index
         self.shape = (level.height, level.width, 3)
         self.dtype = np.dtype(np.uint8)
         self.ndim = 3
         self.device = device
         self.damaged = damaged
-        self.skip = skip
+        self.wanted = wanted
 
     def __getitem__(self, index: tuple[slice, slice, slice]) -> Any:
         ys, xs, cs = index
         y0, y1, _ = ys.indices(self.shape[0])
         x0, x1, _ = xs.indices(self.shape[1])
-        if self.skip is not None:
-            skipped, chunk_y, chunk_x = self.skip
-            if skipped[y0 // chunk_y, x0 // chunk_x]:
-                return _zeros(self.device, (y1 - y0, x1 - x0, self.shape[2]))[:, :, cs]
+        damage = self.opened.damage(self.level)
+        if self.wanted is not None and not damage.window_any(self.wanted, y0, x0, y1 - y0, x1 - x0):
+            # nothing to decode in this block: a zero-cost read-only view of zeros
+            return _zeros(self.device, (y1 - y0, x1 - x0, self.shape[2]))[:, :, cs]
         pixels = read_window(
-            self.key, self.level, y0, x0, y1 - y0, x1 - x0, device=self.device, damaged=self.damaged
+            self.opened.key, self.level, y0, x0, y1 - y0, x1 - x0,
+            device=self.device, damaged=self.damaged, damage=damage, wanted=self.wanted,
         )
         return pixels[:, :, cs]
 
@@ -73,7 +83,31 @@ def _zeros(device: str, shape: tuple[int, ...]) -> Any:
         import cupy
 
         return cupy.zeros(shape, dtype=np.uint8)
-    return np.zeros(shape, dtype=np.uint8)
+    return np.broadcast_to(np.zeros((1, 1, 1), dtype=np.uint8), shape)
+
+
+#: The :class:`OpenedSlide` behind each lazy image this process built, by Dask name.
+_opened_by_name: "OrderedDict[str, OpenedSlide]" = OrderedDict()
+_OPENED_CAPACITY = 256
+
+
+def _remember(name: str, opened: OpenedSlide) -> None:
+    _opened_by_name[name] = opened
+    _opened_by_name.move_to_end(name)
+    while len(_opened_by_name) > _OPENED_CAPACITY:
+        _opened_by_name.popitem(last=False)
+
+
+def opened_slide_of(image: xr.DataArray) -> OpenedSlide | None:
+    """The :class:`OpenedSlide` an unmodified :func:`open_slide` array reads from, else None.
+
+    Lets :func:`wsi_xr.tissue_mask` reuse the probe, backend decision and damage scans
+    instead of re-deciding them.
+    """
+    data = image.data
+    if not isinstance(data, da.Array):
+        return None
+    return _opened_by_name.get(data.name)
 
 
 def default_chunk_size(level: LevelInfo) -> int:
@@ -120,21 +154,23 @@ def level_coords(info: SlideInfo, level: int) -> dict[str, np.ndarray]:
 
 
 def slide_array(
-    info: SlideInfo,
+    opened: OpenedSlide,
     level: int = 0,
     chunks: ChunkSpec = None,
-    backend: str = "auto",
     device: str = "cpu",
     damaged: str = "raise",
-    skip: np.ndarray | None = None,
+    wanted: np.ndarray | None = None,
 ) -> da.Array:
-    """The lazy Dask array ``(y, x, 3)`` uint8 of one level of a probed slide.
+    """The lazy Dask array ``(y, x, 3)`` uint8 of one level of an opened slide.
 
-    Building it reads no pixels. Each block is one reader call; edge blocks are exact.
-    ``skip`` (bool, one per block) marks blocks that are not read at all: they come
-    back as zeros (the tissue mask uses this for chunks its coarse pass ruled out).
+    Building it reads no pixels. Each block is one reader call (or, with ``wanted``, one
+    call per rectangle of wanted TIFF tiles); edge blocks are exact. ``wanted`` (bool
+    over the level's TIFF tile grid, see :meth:`OpenedSlide.damage`) marks the tiles to
+    decode: the others come back as zeros (the tissue mask passes the coarse pass's
+    "may hold tissue" here, and never scores the zeros).
     """
-    if not 0 <= level < len(info.levels):
+    info = opened.info
+    if not isinstance(level, (int, np.integer)) or isinstance(level, bool) or not 0 <= level < len(info.levels):
         raise InvalidArgumentError(
             f"{info.path}: level={level} does not exist; the slide has levels 0..{len(info.levels) - 1}."
         )
@@ -142,31 +178,31 @@ def slide_array(
         raise InvalidArgumentError(f"device={device!r}: use 'cpu' or 'cuda'.")
     if damaged not in DAMAGED_POLICIES:
         raise InvalidArgumentError(f"damaged={damaged!r}: use one of {DAMAGED_POLICIES}.")
-    name = choose_backend(info, backend)
     lv = info.levels[level]
     cy, cx = _chunk_sides(chunks, lv)
-    key = reader_key(info, name)
     if device == "cuda":
         import cupy
 
         meta = cupy.empty((0, 0, 0), dtype=np.uint8)
     else:
         meta = np.empty((0, 0, 0), dtype=np.uint8)
-    skip_spec = None if skip is None else (np.asarray(skip, dtype=bool), cy, cx)
     block_chunks = da.core.normalize_chunks((cy, cx, 3), (lv.height, lv.width, 3))
-    token = tokenize(info.path, info.file_size, info.mtime_ns, name, level, block_chunks, device, damaged, skip)
-    return da.from_array(
-        _LevelWindowReader(key, lv, device, damaged, skip_spec),
+    token = tokenize(info.path, info.file_size, info.mtime_ns, opened.backend, level, block_chunks, device, damaged, wanted)
+    name = f"wsi-read-{token}"
+    array = da.from_array(
+        _LevelWindowReader(opened, lv, device, damaged, wanted),
         chunks=block_chunks,
-        name=f"wsi-read-{token}",
+        name=name,
         meta=meta,
         asarray=False,
         fancy=False,
     )
+    _remember(name, opened)
+    return array
 
 
 def open_slide(
-    path: str | os.PathLike[str],
+    path: SlideSource,
     level: int = 0,
     chunks: ChunkSpec = None,
     backend: str = "auto",
@@ -179,7 +215,8 @@ def open_slide(
     Parameters
     ----------
     path
-        An Aperio SVS, Philips TIFF or generic (tiled or stripped) TIFF file.
+        A slide file (see README "Slide formats"), or an :class:`~wsi_xr.readers.OpenedSlide`
+        from :func:`wsi_xr.readers.open_file` (probed and decided once, reused here).
     level
         Pyramid level; 0 is full resolution.
     chunks
@@ -208,38 +245,43 @@ def open_slide(
     WsiXrError
         The file is missing or unreadable, or an argument is invalid.
     """
-    return slide_dataarray(probe(path), level, chunks, backend, device, damaged)
+    return slide_dataarray(open_file(path, backend), level, chunks, device=device, damaged=damaged)
 
 
 def open_pyramid(
-    path: str | os.PathLike[str], chunks: ChunkSpec = None, backend: str = "auto", *, device: str = "cpu"
+    path: SlideSource, chunks: ChunkSpec = None, backend: str = "auto", *, device: str = "cpu"
 ) -> xr.DataTree:
     """Open every level of a slide as an ``xr.DataTree``: nodes ``level_0``, ``level_1``, ...
 
     Each node holds the level's :func:`open_slide` array as variable ``image``; the root
     holds the slide's metadata as attrs. Nothing is read.
     """
-    info = probe(path)
+    opened = open_file(path, backend)
+    info = opened.info
     nodes: dict[str, xr.Dataset] = {
         "/": xr.Dataset(
             attrs={"source": info.path, "vendor": info.vendor, "mpp": info.mpp, "levels": len(info.levels)}
         )
     }
     for lv in info.levels:
-        nodes[f"level_{lv.index}"] = slide_dataarray(info, lv.index, chunks, backend, device).to_dataset()
+        nodes[f"level_{lv.index}"] = slide_dataarray(opened, lv.index, chunks, device=device).to_dataset()
     return xr.DataTree.from_dict(nodes)
 
 
 def slide_dataarray(
-    info: SlideInfo,
+    source: OpenedSlide | SlideInfo,
     level: int = 0,
     chunks: ChunkSpec = None,
     backend: str = "auto",
     device: str = "cpu",
     damaged: str = "raise",
 ) -> xr.DataArray:
-    """:func:`open_slide` for an already probed file (see there for the parameters)."""
-    data = slide_array(info, level, chunks, backend, device, damaged)  # validates level and device
+    """:func:`open_slide` for an already opened (or probed) file (see there for the parameters)."""
+    opened = source if isinstance(source, OpenedSlide) else OpenedSlide(source, decide_backend(source, backend))
+    if backend not in ("auto", opened.backend):
+        opened = open_file(opened, backend)
+    info = opened.info
+    data = slide_array(opened, level, chunks, device, damaged)  # validates level and device
     lv = info.levels[level]
     return xr.DataArray(
         data,
@@ -249,7 +291,8 @@ def slide_dataarray(
         attrs={
             "source": info.path,
             "vendor": info.vendor,
-            "backend": choose_backend(info, backend),
+            "format": info.format,
+            "backend": opened.backend,
             "level": level,
             "downsample": lv.downsample,
             "mpp": info.mpp,

@@ -1,16 +1,28 @@
-"""Zarr output: write a mask/latent Dataset atomically, open it back."""
+"""Zarr output: the pipeline's store layout (created atomically, resumable), the mask
+writer, Parquet export, the store lock, and the migration of 0.1.0 stores.
+
+Layout of one slide (a group; a cohort has one per slide), see README "Output layout":
+every dimension has a 1-D index variable of its own name (level-0 pixel origins for
+``tile_*``, ``patch_*`` and ``chunk_*``; ``0..k-1`` for ``feature``), and no other
+variable shares a name with a dimension, so ``sel`` works on every axis.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import uuid
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import xarray as xr
 
+from wsi_xr._failpoints import failpoint
 from wsi_xr.errors import StoreError
 
 
@@ -149,3 +161,369 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# --------------------------------------------------------------------------------------
+# The pipeline's store layout, created atomically so that a store is recognisable as
+# wsi_xr's from the moment it exists.
+# --------------------------------------------------------------------------------------
+
+#: Version of the pipeline store layout. 1: wsi_xr 0.1.0 (``latent`` dimension, unindexed
+#: chunk bookkeeping); 2: ``feature`` dimension, every dimension indexed.
+LAYOUT_VERSION = 2
+#: The attribute holding a run's fingerprint (the parameters that define its results).
+RUN_ATTR = "wsi_xr_run"
+#: The attribute marking the root group of a cohort store.
+COHORT_ATTR = "wsi_xr_cohort"
+
+
+@dataclass(frozen=True)
+class SlideLayout:
+    """Shapes, chunking and index values of one slide's group in a pipeline store.
+
+    Attributes
+    ----------
+    tile_y, tile_x, patch_y, patch_x, chunk_y, chunk_x
+        Level-0 pixel origins: the index of each dimension.
+    tile_chunks, patch_chunks
+        ``(tiles_y, tiles_x)`` and ``(patches_y, patches_x)`` per Zarr chunk: one slide
+        chunk's tiles and patches.
+    n_features
+        Length of the latent vector.
+    tile_flags
+        Extra bool ``(tile_y, tile_x)`` variables to create (e.g. ``"pen_mask"``).
+    """
+
+    tile_y: np.ndarray
+    tile_x: np.ndarray
+    patch_y: np.ndarray
+    patch_x: np.ndarray
+    chunk_y: np.ndarray
+    chunk_x: np.ndarray
+    tile_chunks: tuple[int, int]
+    patch_chunks: tuple[int, int]
+    n_features: int
+    tile_flags: tuple[str, ...] = field(default=())
+
+
+def _create_arrays(group: Any, layout: SlideLayout, read_error: np.ndarray) -> None:
+    """Every array of one slide's group (fill values NaN / False)."""
+    for name in ("tile_y", "tile_x", "patch_y", "patch_x", "chunk_y", "chunk_x"):
+        group.create_array(name, data=np.asarray(getattr(layout, name), dtype=np.int64), dimension_names=(name,))
+    group.create_array("feature", data=np.arange(layout.n_features, dtype=np.int64), dimension_names=("feature",))
+    nty, ntx = len(layout.tile_y), len(layout.tile_x)
+    tcy, tcx = max(1, layout.tile_chunks[0]), max(1, layout.tile_chunks[1])
+    tiles2d = {"shape": (nty, ntx), "chunks": (tcy, tcx), "dimension_names": ("tile_y", "tile_x")}
+    failpoint("create-array")
+    group.create_array("tile_variance", dtype="float32", fill_value=np.nan, **tiles2d)
+    group.create_array("tile_mask", dtype="bool", fill_value=False, **tiles2d)
+    for name in layout.tile_flags:
+        group.create_array(name, dtype="bool", fill_value=False, **tiles2d)
+    errors = group.create_array("read_error", dtype="bool", fill_value=False, **tiles2d)
+    errors[...] = read_error
+    pcy, pcx = max(1, layout.patch_chunks[0]), max(1, layout.patch_chunks[1])
+    patches2d = {"shape": (len(layout.patch_y), len(layout.patch_x)), "chunks": (pcy, pcx), "dimension_names": ("patch_y", "patch_x")}
+    group.create_array("patch_variance", dtype="float32", fill_value=np.nan, **patches2d)
+    group.create_array("patch_mask", dtype="bool", fill_value=False, **patches2d)
+    group.create_array(
+        "latent", shape=(nty, ntx, layout.n_features), chunks=(tcy, tcx, layout.n_features), dtype="float32",
+        fill_value=np.nan, dimension_names=("tile_y", "tile_x", "feature"),
+    )
+    done = group.create_array(
+        "chunk_done", shape=(len(layout.chunk_y), len(layout.chunk_x)), chunks=(1, 1), dtype="bool", fill_value=False,
+        dimension_names=("chunk_y", "chunk_x"),
+    )
+    done.attrs["description"] = "bookkeeping: chunk (i, j) of the slide has been written"
+
+
+def _zarr_attrs(folder: Path) -> dict[str, Any] | None:
+    """The attributes of the Zarr v3 group at ``folder``, or None when it is not one."""
+    meta = folder / "zarr.json"
+    if not meta.is_file():
+        return None
+    try:
+        doc = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    if doc.get("node_type") != "group":
+        return None
+    return dict(doc.get("attributes") or {})
+
+
+def _holds_anything(folder: Path) -> bool:
+    return folder.is_dir() and any(True for _ in folder.iterdir())
+
+
+def _temp_name(target: Path) -> Path:
+    return target.parent / f".{target.name}.creating-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete half-built groups that a killed run left beside ``target`` (hold the lock first)."""
+    for stale in target.parent.glob(f".{target.name}.creating-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _build_then_rename(target: Path, build: Any) -> None:
+    """Build a Zarr group in a temporary folder with ``build(group)``, then rename it to ``target``.
+
+    The rename is atomic: ``target`` either does not exist or is complete and carries
+    its wsi_xr attributes, whatever moment the process is killed at.
+    """
+    import zarr
+
+    temp = _temp_name(target)
+    try:
+        group = zarr.open_group(temp, mode="w", zarr_format=3)
+        failpoint("create-begin")
+        build(group)
+        failpoint("create-rename")
+        if target.exists():  # an empty folder (checked by the caller) or a store being replaced
+            trash = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
+            os.rename(target, trash)
+            os.rename(temp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(temp, target)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _fingerprint_differences(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    a, b = json.loads(json.dumps(existing)), json.loads(json.dumps(wanted))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _old_layout_error(where: Path) -> StoreError:
+    return StoreError(
+        f"{where}: was written by wsi_xr 0.1.0 (store layout 1: a `latent` dimension, unindexed chunk "
+        f"bookkeeping). Update it in place with `wsi-xr migrate {where}` (nothing is recomputed), "
+        "or pass --overwrite to recompute it."
+    )
+
+
+def open_or_create_slide_group(
+    store: Path,
+    group_name: str | None,
+    layout: SlideLayout,
+    fingerprint: dict[str, Any],
+    read_error: np.ndarray,
+    *,
+    overwrite: bool,
+) -> Any:
+    """The slide's Zarr group in ``store`` (or its ``group_name``): resumed when it is this
+    run's, created atomically when absent; hold the store's :class:`StoreLock` first.
+
+    A group whose fingerprint differs, a 0.1.0 store, or a folder holding data that wsi_xr
+    did not write is refused with :class:`StoreError` unless ``overwrite``.
+    """
+    import zarr
+
+    fingerprint = {**fingerprint, "layout": LAYOUT_VERSION}
+    if group_name:
+        _ensure_cohort_root(store)
+        target = store / group_name
+    else:
+        target = store
+    remove_stale_temporaries(target)
+    where = Path(f"{store}/{group_name}") if group_name else store
+    attrs = _zarr_attrs(target)
+    existing = None if attrs is None else attrs.get(RUN_ATTR)
+    if existing is not None and not overwrite:
+        if "layout" not in existing:
+            raise _old_layout_error(store)
+        differ = _fingerprint_differences(existing, fingerprint)
+        if differ:
+            raise StoreError(
+                f"{where}: was made from a different slide or with different parameters ({', '.join(differ)} "
+                "differ). Pass --overwrite (overwrite=True) to replace it, or use another store."
+            )
+        return zarr.open_group(target, mode="r+", zarr_format=3, use_consolidated=False)
+    if existing is None and _holds_anything(target) and not overwrite:
+        raise StoreError(
+            f"{where}: holds data that wsi_xr did not write; choose another path or pass --overwrite."
+        )
+
+    def build(group: Any) -> None:
+        # the fingerprint goes in first: a half-built group is never renamed into place anyway
+        group.attrs.update(json_safe_attrs({RUN_ATTR: fingerprint, "complete": False}))
+        failpoint("create-attrs")
+        _create_arrays(group, layout, read_error)
+
+    _build_then_rename(target, build)
+    return zarr.open_group(target, mode="r+", zarr_format=3, use_consolidated=False)
+
+
+def _ensure_cohort_root(store: Path) -> None:
+    """Create the root group of a cohort store (atomically), or check that it is wsi_xr's."""
+    attrs = _zarr_attrs(store)
+    if attrs is not None:
+        if COHORT_ATTR in attrs:
+            return
+        if RUN_ATTR in attrs:
+            raise StoreError(
+                f"{store}: holds one slide's results, not a cohort; write a cohort to another store."
+            )
+        if "slides" in attrs:  # a 0.1.0 cohort
+            raise _old_layout_error(store)
+    remove_stale_temporaries(store)
+    if attrs is None and _holds_anything(store):
+        raise StoreError(f"{store}: holds data that wsi_xr did not write; choose another path or pass --overwrite.")
+    if attrs is not None and not _holds_only_groups_of_ours(store):
+        raise StoreError(f"{store}: holds data that wsi_xr did not write; choose another path or pass --overwrite.")
+
+    def build(group: Any) -> None:
+        group.attrs[COHORT_ATTR] = {"layout": LAYOUT_VERSION}
+
+    if attrs is None:
+        _build_then_rename(store, build)
+    else:  # an empty Zarr group: mark it
+        import zarr
+
+        zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False).attrs[COHORT_ATTR] = {"layout": LAYOUT_VERSION}
+
+
+def _holds_only_groups_of_ours(store: Path) -> bool:
+    for child in store.iterdir():
+        if child.name in ("zarr.json",) or child.name.startswith("."):
+            continue
+        attrs = _zarr_attrs(child)
+        if attrs is None or RUN_ATTR not in attrs:
+            return False
+    return True
+
+
+def slide_groups(store: str | os.PathLike[str]) -> list[str]:
+    """Names of the slide groups of a cohort store (empty for a one-slide store)."""
+    import zarr
+
+    root = zarr.open_group(store, mode="r", zarr_format=3, use_consolidated=False)
+    return sorted(name for name in root.group_keys() if not name.startswith("."))
+
+
+# --------------------------------------------------------------------------------------
+# Migration of stores written by wsi_xr 0.1.0
+# --------------------------------------------------------------------------------------
+
+
+def _rewrite_json(path: Path, change: Any) -> None:
+    doc = json.loads(path.read_text())
+    change(doc)
+    tmp = path.with_name(path.name + ".migrating")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, path)
+
+
+def _migrate_group(folder: Path) -> bool:
+    """Bring one slide group from layout 1 to 2 in place; False when there is nothing to do."""
+    import zarr
+
+    attrs = _zarr_attrs(folder)
+    if attrs is None or RUN_ATTR not in attrs or "layout" in attrs[RUN_ATTR]:
+        return False
+    latent_meta = folder / "latent" / "zarr.json"
+
+    def rename_dimension(doc: dict[str, Any]) -> None:
+        doc["dimension_names"] = ["tile_y", "tile_x", "feature"]
+
+    _rewrite_json(latent_meta, rename_dimension)
+    group = zarr.open_group(folder, mode="r+", zarr_format=3, use_consolidated=False)
+    n_features = group["latent"].shape[2]
+    if "feature" not in group:
+        group.create_array("feature", data=np.arange(n_features, dtype=np.int64), dimension_names=("feature",))
+    run = dict(attrs[RUN_ATTR])
+    chunks = run.get("chunks")
+    for name, axis in (("chunk_y", 0), ("chunk_x", 1)):
+        if name not in group and chunks:
+            origins = np.cumsum([0] + list(chunks[axis][:-1])) * float(group.attrs.get("downsample", 1.0))
+            group.create_array(name, data=np.round(origins).astype(np.int64), dimension_names=(name,))
+    run["layout"] = LAYOUT_VERSION
+    group.attrs[RUN_ATTR] = run
+    return True
+
+
+def migrate_store(path: str | os.PathLike[str]) -> list[str]:
+    """Update a store written by wsi_xr 0.1.0 to the current layout, in place.
+
+    Renames the ``latent`` dimension of the latent cube to ``feature`` (metadata only,
+    no data rewritten), adds the ``feature`` and ``chunk_y``/``chunk_x`` index
+    variables, records the layout version, and re-consolidates the metadata. Returns the
+    groups changed ("/" for a one-slide store). Running it twice changes nothing.
+    """
+    store = Path(path)
+    if _zarr_attrs(store) is None:
+        raise StoreError(f"{store}: not a Zarr store written by wsi_xr; check the path.")
+    changed = []
+    with StoreLock(store):
+        if _migrate_group(store):
+            changed.append("/")
+        for child in sorted(store.iterdir()):
+            if child.is_dir() and not child.name.startswith(".") and _migrate_group(child):
+                changed.append(child.name)
+        root_attrs = _zarr_attrs(store) or {}
+        if changed and RUN_ATTR not in root_attrs and COHORT_ATTR not in root_attrs:
+            import zarr
+
+            zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False).attrs[COHORT_ATTR] = {"layout": LAYOUT_VERSION}
+        if changed:
+            consolidate(store)
+    return changed
+
+
+# --------------------------------------------------------------------------------------
+# Parquet: one row per tissue tile, streamed one slide (one row group) at a time
+# --------------------------------------------------------------------------------------
+
+
+def tile_rows(ds: xr.Dataset, slide: str | None = None) -> "Any":
+    """One row per tissue tile of a slide Dataset: ``x``, ``y``, ``latent_0`` ... (+ ``slide``).
+
+    Returns a pandas DataFrame (one slide's rows: bounded by the slide, not the cohort).
+    """
+    import pandas as pd
+
+    mask = np.asarray(ds["tile_mask"].values, dtype=bool)
+    rows, cols = np.nonzero(mask)
+    frame = pd.DataFrame({"x": ds["tile_x"].values[cols].astype(np.int64), "y": ds["tile_y"].values[rows].astype(np.int64)})
+    latents = np.asarray(ds["latent"].values)[rows, cols, :] if rows.size else np.zeros((0, ds.sizes["feature"]), np.float32)
+    for i in range(latents.shape[1]):
+        frame[f"latent_{i}"] = latents[:, i].astype(np.float32)
+    if slide is not None:
+        frame.insert(0, "slide", slide)
+    return frame
+
+
+def write_tile_parquet(frames: Iterator[Any], out: str | os.PathLike[str]) -> int:
+    """Stream DataFrames (same columns) into one Parquet file, one row group each.
+
+    Memory holds one frame at a time, never the whole cohort. Written to a temporary
+    name and renamed into place when complete. Returns the number of rows.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    target = Path(out)
+    partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    rows = 0
+    writer = None
+    try:
+        for frame in frames:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(partial, table.schema)
+            writer.write_table(table)
+            rows += len(frame)
+        if writer is None:
+            raise StoreError(f"{target}: no slides to write.")
+        writer.close()
+        writer = None
+        os.replace(partial, target)
+    except OSError as err:
+        raise StoreError(f"{target}: cannot write the Parquet file ({err}).") from err
+    finally:
+        if writer is not None:
+            writer.close()
+        if partial.exists():
+            partial.unlink()
+    return rows

@@ -32,11 +32,19 @@ class SegmentGrid:
     damaged: np.ndarray
     reasons: dict[tuple[int, int], str]
 
-    def window(self, y: int, x: int, height: int, width: int) -> np.ndarray:
-        """The damaged flags of the segments that the window touches (a 2-D view)."""
+    def window_slices(self, y: int, x: int, height: int, width: int) -> tuple[slice, slice]:
+        """The rows and columns of segments that the window touches."""
         i0, i1 = y // self.seg_h, -(-(y + height) // self.seg_h)
         j0, j1 = x // self.seg_w, -(-(x + width) // self.seg_w)
-        return self.damaged[i0:i1, j0:j1]
+        return slice(i0, i1), slice(j0, j1)
+
+    def window(self, y: int, x: int, height: int, width: int) -> np.ndarray:
+        """The damaged flags of the segments that the window touches (a 2-D view)."""
+        return self.damaged[self.window_slices(y, x, height, width)]
+
+    def window_any(self, flags: np.ndarray, y: int, x: int, height: int, width: int) -> bool:
+        """Whether any segment the window touches is set in ``flags`` (a grid of this shape)."""
+        return bool(flags[self.window_slices(y, x, height, width)].any())
 
     def pixel_mask(self, y: int, x: int, height: int, width: int) -> np.ndarray:
         """Per-pixel damaged flags ``(height, width)`` of a window."""

@@ -1,18 +1,33 @@
-"""Coarse skip: rule out level-0 chunks that cannot hold tissue, from a low-resolution level.
+"""Coarse skip: decide from a low-resolution level which patches may hold tissue.
 
 A pixel of a low-resolution level is *possibly tissue* when its colour differs from
-the slide's background colour, or when its neighbourhood is not flat. A chunk is read
-at full resolution only if a possibly-tissue coarse pixel falls within (or one coarse
-pixel around) its footprint. The rule is deliberately generous: skipping must never
-lose tissue, only save reads of empty glass.
+the slide's background colour, or when its neighbourhood is not flat. A ``patch`` x
+``patch`` patch of the masked level is read at full resolution only if a possibly-tissue
+coarse pixel falls within (or one coarse pixel around) its footprint; the file's TIFF
+tiles are then decoded only where such a patch lies (:class:`CoarseDecision`). The rule
+is deliberately generous: skipping must never lose tissue, only save decoding glass.
+
+Whole patches are read or not, so every statistic of a read patch (and of its tiles)
+equals the full-resolution mask's. The coarse level is read in blocks with bounded
+memory when it is large.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from wsi_xr.errors import InvalidArgumentError
-from wsi_xr.readers import SlideInfo, choose_backend, read_window, reader_key
+from wsi_xr.readers import OpenedSlide, SegmentGrid, SlideInfo, read_window
+
+__all__ = [
+    "CoarseDecision",
+    "choose_coarse_level",
+    "coarse_decision",
+    "possible_tissue",
+    "segments_for_patches",
+]
 
 #: Preferred downsample of the coarse level relative to the level being masked.
 TARGET_COARSE_DOWNSAMPLE = 16.0
@@ -22,6 +37,35 @@ MIN_COARSE_DOWNSAMPLE = 4.0
 COLOUR_MARGIN = 8.0
 #: Local standard deviation (uint8 units, 3x3 coarse pixels) that marks possible tissue.
 TEXTURE_MARGIN = 2.5
+#: A coarse level with more pixels than this is read in blocks (two passes), not in one call.
+ONE_CALL_PIXELS = 32 * 1024 * 1024
+#: Side of the blocks a large coarse level is read in (coarse pixels).
+BLOCK_SIDE = 4096
+#: Samples (coarse pixels) used to estimate the background colour of a large coarse level.
+BACKGROUND_SAMPLES = 4_000_000
+#: Pixels around a block that its flags depend on (3x3 texture, then a 3x3 dilation).
+_HALO = 2
+
+
+@dataclass(frozen=True)
+class CoarseDecision:
+    """Which parts of a level the coarse pass says are worth decoding.
+
+    Attributes
+    ----------
+    coarse_level
+        The pyramid level the decision was made on.
+    patches
+        Bool ``(patch_y, patch_x)`` over the masked level's patch grid: patches that may
+        hold tissue. Only these are scored; the others come out as not read.
+    segments
+        Bool over the level's TIFF tile (segment) grid: the tiles to decode (every tile
+        that a wanted patch touches).
+    """
+
+    coarse_level: int
+    patches: np.ndarray
+    segments: np.ndarray
 
 
 def choose_coarse_level(info: SlideInfo, level: int, coarse: str | int) -> int | None:
@@ -56,12 +100,23 @@ def _box3(values: np.ndarray) -> np.ndarray:
     return rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]
 
 
-def possible_tissue(thumbnail: np.ndarray) -> np.ndarray:
-    """Bool ``(h, w)``: coarse pixels that may hold tissue (generous), dilated by one pixel."""
-    pixels = thumbnail.astype(np.float32)
-    brightness = pixels.mean(axis=2)
+def background_colour(pixels: np.ndarray) -> np.ndarray:
+    """The glass colour: the median RGB of the brightest quarter of ``pixels`` (``(..., 3)``)."""
+    flat = pixels.reshape(-1, 3).astype(np.float32)
+    brightness = flat.mean(axis=1)
     bright = brightness >= np.quantile(brightness, 0.75)
-    background = np.median(pixels[bright], axis=0)
+    return np.median(flat[bright], axis=0)
+
+
+def possible_tissue(thumbnail: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
+    """Bool ``(h, w)``: coarse pixels that may hold tissue (generous), dilated by one pixel.
+
+    ``background`` is the glass colour (default: estimated from ``thumbnail`` itself).
+    """
+    pixels = thumbnail.astype(np.float32)
+    if background is None:
+        background = background_colour(thumbnail)
+    brightness = pixels.mean(axis=2)
     colour = np.abs(pixels - background).max(axis=2) > COLOUR_MARGIN
     mean = _box3(brightness) / 9.0
     variance = np.maximum(_box3(brightness * brightness) / 9.0 - mean * mean, 0.0)
@@ -70,31 +125,100 @@ def possible_tissue(thumbnail: np.ndarray) -> np.ndarray:
     return _box3(flagged) > 0
 
 
-def blocks_with_possible_tissue(
-    info: SlideInfo, level: int, coarse_level: int, chunks: tuple[tuple[int, ...], tuple[int, ...]], backend: str = "auto"
-) -> np.ndarray:
-    """Bool ``(n_block_y, n_block_x)``: the blocks of ``level`` worth reading.
+def _patch_ranges(n_patches: int, patch: int, scale: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Coarse pixel range ``[start, stop)`` of each patch, one coarse pixel wider each side."""
+    starts = np.arange(n_patches) * patch
+    lo = np.maximum(0, np.floor(starts * scale).astype(np.int64) - 1)
+    hi = np.minimum(limit, np.ceil((starts + patch) * scale).astype(np.int64) + 1)
+    return lo, hi
 
-    Reads the whole of ``coarse_level`` once (damaged tiles there count as tissue).
+
+def _mark_patches(
+    flagged: np.ndarray, top: int, left: int, rows: tuple[np.ndarray, np.ndarray], cols: tuple[np.ndarray, np.ndarray], out: np.ndarray
+) -> None:
+    """OR into ``out`` the patches whose coarse range meets a flagged pixel of this block.
+
+    ``flagged`` covers coarse pixels ``[top:top+h, left:left+w]``.
     """
-    clv = info.levels[coarse_level]
-    key = reader_key(info, choose_backend(info, backend))
-    thumbnail = read_window(key, coarse_level, 0, 0, clv.height, clv.width, damaged="fill")
-    flagged = possible_tissue(thumbnail)
+    h, w = flagged.shape
     integral = np.pad(flagged.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    lv = info.levels[level]
-    scale_y = lv.downsample_y / clv.downsample_y
-    scale_x = lv.downsample_x / clv.downsample_x
+    (r0, r1), (c0, c1) = rows, cols
+    pr = np.flatnonzero((r1 > top) & (r0 < top + h))
+    pc = np.flatnonzero((c1 > left) & (c0 < left + w))
+    if pr.size == 0 or pc.size == 0:
+        return
+    y0, y1 = np.clip(r0[pr] - top, 0, h)[:, None], np.clip(r1[pr] - top, 0, h)[:, None]
+    x0, x1 = np.clip(c0[pc] - left, 0, w)[None, :], np.clip(c1[pc] - left, 0, w)[None, :]
+    hits = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0] > 0
+    out[np.ix_(pr, pc)] |= hits
 
-    def coarse_range(start: int, stop: int, scale: float, limit: int) -> tuple[int, int]:
-        return max(0, int(np.floor(start * scale)) - 1), min(limit, int(np.ceil(stop * scale)) + 1)
 
-    ys = np.cumsum((0,) + chunks[0])
-    xs = np.cumsum((0,) + chunks[1])
-    keep = np.zeros((len(chunks[0]), len(chunks[1])), dtype=bool)
-    for i in range(len(chunks[0])):
-        y0, y1 = coarse_range(ys[i], ys[i + 1], scale_y, clv.height)
-        for j in range(len(chunks[1])):
-            x0, x1 = coarse_range(xs[j], xs[j + 1], scale_x, clv.width)
-            keep[i, j] = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0] > 0
-    return keep
+def _wanted_patches(opened: OpenedSlide, level: int, coarse_level: int, patch_shape: tuple[int, int], patch: int) -> np.ndarray:
+    info = opened.info
+    clv, lv = info.levels[coarse_level], info.levels[level]
+    rows = _patch_ranges(patch_shape[0], patch, lv.downsample_y / clv.downsample_y, clv.height)
+    cols = _patch_ranges(patch_shape[1], patch, lv.downsample_x / clv.downsample_x, clv.width)
+    wanted = np.zeros(patch_shape, dtype=bool)
+    damage = opened.damage(coarse_level)  # damaged coarse tiles read as zeros: far from glass, so "tissue"
+
+    def read(y: int, x: int, h: int, w: int) -> np.ndarray:
+        return read_window(opened.key, coarse_level, y, x, h, w, damaged="fill", damage=damage)
+
+    if clv.height * clv.width <= ONE_CALL_PIXELS:
+        _mark_patches(possible_tissue(read(0, 0, clv.height, clv.width)), 0, 0, rows, cols, wanted)
+        return wanted
+    blocks = [(y, x) for y in range(0, clv.height, BLOCK_SIDE) for x in range(0, clv.width, BLOCK_SIDE)]
+    step = max(1, int(np.sqrt(clv.height * clv.width / BACKGROUND_SAMPLES)))
+    samples = []
+    for y, x in blocks:  # pass 1: a subsample for the background colour
+        h, w = min(BLOCK_SIDE, clv.height - y), min(BLOCK_SIDE, clv.width - x)
+        samples.append(read(y, x, h, w)[::step, ::step].reshape(-1, 3))
+    background = background_colour(np.concatenate(samples))
+    for y, x in blocks:  # pass 2: flags per block, with a halo so they equal the whole-level ones
+        top, left = max(0, y - _HALO), max(0, x - _HALO)
+        bottom, right = min(clv.height, y + BLOCK_SIDE + _HALO), min(clv.width, x + BLOCK_SIDE + _HALO)
+        flagged = possible_tissue(read(top, left, bottom - top, right - left), background)
+        inner = flagged[y - top : min(clv.height, y + BLOCK_SIDE) - top, x - left : min(clv.width, x + BLOCK_SIDE) - left]
+        _mark_patches(inner, y, x, rows, cols, wanted)
+    return wanted
+
+
+def segments_for_patches(grid: SegmentGrid, patches: np.ndarray, patch: int) -> np.ndarray:
+    """Bool over ``grid``'s segments: those that a set patch of ``patches`` touches."""
+    n_seg_y, n_seg_x = grid.damaged.shape
+    integral = np.pad(patches.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+
+    def ranges(n_seg: int, seg: int, n_patches: int) -> tuple[np.ndarray, np.ndarray]:
+        starts = np.arange(n_seg) * seg
+        return np.minimum(starts // patch, n_patches), np.minimum(-(-(starts + seg) // patch), n_patches)
+
+    y0, y1 = ranges(n_seg_y, grid.seg_h, patches.shape[0])
+    x0, x1 = ranges(n_seg_x, grid.seg_w, patches.shape[1])
+    y0, y1, x0, x1 = y0[:, None], y1[:, None], x0[None, :], x1[None, :]
+    return integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0] > 0
+
+
+def coarse_decision(
+    opened: OpenedSlide, level: int, coarse: str | int, *, patch_shape: tuple[int, int], patch: int
+) -> CoarseDecision | None:
+    """Decide, from a coarse level, which patches of ``level`` to read (None: read all).
+
+    Parameters
+    ----------
+    opened
+        The slide.
+    level
+        The level being masked.
+    coarse
+        ``"auto"``, ``"none"`` or a level index (see :func:`choose_coarse_level`).
+    patch_shape
+        ``(patch_y, patch_x)``: the size of the level's patch grid.
+    patch
+        Patch side in pixels.
+    """
+    coarse_level = choose_coarse_level(opened.info, level, coarse)
+    if coarse_level is None:
+        return None
+    patches = _wanted_patches(opened, level, coarse_level, patch_shape, patch)
+    segments = segments_for_patches(opened.damage(level), patches, patch)
+    return CoarseDecision(coarse_level, patches, segments)

@@ -21,13 +21,22 @@ import numpy as np
 import xarray as xr
 
 from wsi_xr.errors import InvalidArgumentError
-from wsi_xr.readers import SlideInfo, choose_backend, damaged_segments, probe, reader_key
-from wsi_xr.slide import slide_array
-from wsi_xr.tissue.coarse import blocks_with_possible_tissue, choose_coarse_level
+from wsi_xr.readers import SegmentGrid
+from wsi_xr.slide import opened_slide_of, slide_array
+from wsi_xr.tissue.coarse import coarse_decision
 from wsi_xr.tissue.kernels import array_namespace, block_statistics, to_numpy
 from wsi_xr.tissue.threshold import auto_threshold
 
-__all__ = ["resolve_threshold", "tissue_mask", "two_stage_rule", "validate_mask_arguments"]
+__all__ = [
+    "blocks_any",
+    "damaged_tile_grid",
+    "masked_statistics",
+    "patch_chunks",
+    "resolve_threshold",
+    "tissue_mask",
+    "two_stage_rule",
+    "validate_mask_arguments",
+]
 
 
 def validate_mask_arguments(tile: int, patch: int, threshold: float | str) -> None:
@@ -44,15 +53,60 @@ def validate_mask_arguments(tile: int, patch: int, threshold: float | str) -> No
         raise InvalidArgumentError(f"threshold={threshold!r}: must be a finite variance >= 0, or 'auto'.")
 
 
-def _block_statistics_task(pixels: Any, excluded: np.ndarray, read: np.ndarray, *, tile: int, patch: int) -> np.ndarray:
-    """One block -> float64 ``(tiles_y, tiles_x, 2)``: tile variance, its patch's variance."""
+def masked_statistics(
+    pixels: Any, excluded: np.ndarray, read_patches: np.ndarray | None, *, tile: int, patch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tile variances and each tile's patch variance of one block, on the host, NaN where not read.
+
+    Parameters
+    ----------
+    pixels
+        ``(h, w, 3)`` uint8 block (NumPy or CuPy); starts on a patch border.
+    excluded
+        Bool ``(h // tile, w // tile)``: damaged tiles (they enter no statistic).
+    read_patches
+        Bool ``(ceil(h // tile / k), ...)``: the patches that were decoded (None: all).
+        Only bands of patch rows holding a read patch are computed; unread patches (and
+        their tiles) are NaN.
+
+    Returns
+    -------
+    (tile_variance, patch_variance_of_tile)
+        float64 NumPy arrays ``(h // tile, w // tile)``.
+    """
     nty, ntx = pixels.shape[0] // tile, pixels.shape[1] // tile
-    if not bool(read.reshape(-1)[0]):
-        return np.full((nty, ntx, 2), np.nan)
+    tile_var = np.full((nty, ntx), np.nan)
+    patch_var = np.full((nty, ntx), np.nan)
+    if nty == 0 or ntx == 0 or (read_patches is not None and not read_patches.any()):
+        return tile_var, patch_var
     xp = array_namespace(pixels)
-    excluded_here = xp.asarray(excluded[..., 0]) if excluded[..., 0].any() else None
-    tile_var, patch_var = block_statistics(pixels, tile, patch, excluded_here)
-    return np.stack([to_numpy(tile_var), to_numpy(patch_var)], axis=-1)
+    k = patch // tile
+    if read_patches is None:
+        bands = [(0, nty, 0, ntx)]
+    else:
+        bands = []
+        for r in np.flatnonzero(read_patches.any(axis=1)):
+            cols = np.flatnonzero(read_patches[r])
+            bands.append((r * k, min(nty, (r + 1) * k), cols[0] * k, min(ntx, (cols[-1] + 1) * k)))
+    for t0, t1, c0, c1 in bands:
+        band_excluded = excluded[t0:t1, c0:c1]
+        tv, pv = block_statistics(
+            pixels[t0 * tile : t1 * tile, c0 * tile : c1 * tile], tile, patch,
+            xp.asarray(band_excluded) if band_excluded.any() else None,
+        )
+        tile_var[t0:t1, c0:c1] = to_numpy(tv)
+        patch_var[t0:t1, c0:c1] = to_numpy(pv)
+    if read_patches is not None:
+        unread = ~np.repeat(np.repeat(read_patches, k, axis=0), k, axis=1)[:nty, :ntx]
+        tile_var[unread] = np.nan
+        patch_var[unread] = np.nan
+    return tile_var, patch_var
+
+
+def _block_statistics_task(pixels: Any, excluded: np.ndarray, read_patches: np.ndarray, *, tile: int, patch: int) -> np.ndarray:
+    """One block -> float64 ``(tiles_y, tiles_x, 2)``: tile variance, its patch's variance."""
+    tile_var, patch_var = masked_statistics(pixels, np.asarray(excluded)[..., 0], np.asarray(read_patches)[..., 0], tile=tile, patch=patch)
+    return np.stack([tile_var, patch_var], axis=-1)
 
 
 def two_stage_rule(tile_variance: Any, patch_variance_of_tile: Any, excluded: Any, threshold: Any) -> Any:
@@ -69,41 +123,28 @@ def _auto_threshold_block(variances: np.ndarray) -> np.ndarray:
     return np.full((1, 1), auto_threshold(variances)[0])
 
 
-def _source_slide(image: xr.DataArray) -> tuple[SlideInfo, dict[str, Any]] | None:
-    """The probed slide and read settings if ``image`` is an unmodified :func:`open_slide` array."""
-    attrs = image.attrs
-    if not isinstance(image.data, da.Array) or "source" not in attrs or "level" not in attrs:
-        return None
-    try:
-        info = probe(attrs["source"])
-    except Exception:
-        return None
-    settings = {
-        "level": int(attrs["level"]),
-        "chunks": (image.data.chunks[0][0], image.data.chunks[1][0]),
-        "backend": attrs.get("backend", "auto"),
-        "device": "cuda" if type(image.data._meta).__module__.startswith("cupy") else "cpu",
-    }
-    try:
-        expected = slide_array(info, damaged=attrs.get("damaged", "raise"), **settings)
-    except Exception:
-        return None
-    return (info, settings) if expected.name == image.data.name else None
-
-
-def damaged_file_tiles(info: SlideInfo, level: int, backend: str) -> int:
-    """How many TIFF tiles (or strips) of ``level`` are damaged, inside the tile grid or not."""
-    return int(damaged_segments(reader_key(info, choose_backend(info, backend)), level).damaged.sum())
-
-
-def damaged_tile_grid(info: SlideInfo, level: int, backend: str, tile: int, shape: tuple[int, int]) -> np.ndarray:
-    """Bool tile grid: tiles with any pixel in a damaged TIFF tile."""
-    grid = damaged_segments(reader_key(info, choose_backend(info, backend)), level)
+def damaged_tile_grid(grid: SegmentGrid, tile: int, shape: tuple[int, int]) -> np.ndarray:
+    """Bool tile grid ``shape``: tiles with any pixel in a damaged TIFF tile of ``grid``."""
     nty, ntx = shape
     if not grid.damaged.any():
         return np.zeros((nty, ntx), dtype=bool)
     pixel_bad = grid.pixel_mask(0, 0, nty * tile, ntx * tile)
     return pixel_bad.reshape(nty, tile, ntx, tile).any(axis=(1, 3))
+
+
+def blocks_any(flags: np.ndarray, chunks: tuple[tuple[int, ...], tuple[int, ...]]) -> np.ndarray:
+    """Bool per block: whether any of ``flags`` is set inside it (``chunks`` splits ``flags``)."""
+    ys, xs = np.cumsum((0,) + chunks[0]), np.cumsum((0,) + chunks[1])
+    out = np.zeros((len(chunks[0]), len(chunks[1])), dtype=bool)
+    for i in range(len(chunks[0])):
+        for j in range(len(chunks[1])):
+            out[i, j] = flags[ys[i] : ys[i + 1], xs[j] : xs[j + 1]].any()
+    return out
+
+
+def patch_chunks(tile_chunks: tuple[int, ...], k: int) -> tuple[int, ...]:
+    """Patch counts per block along one axis, from the blocks' full-tile counts."""
+    return tuple(-(-n // k) for n in tile_chunks)
 
 
 def tissue_mask(
@@ -128,8 +169,9 @@ def tissue_mask(
         the log of the tile variances, with a fallback for one-mode slides
         (:func:`wsi_xr.tissue.threshold.auto_threshold`).
     coarse
-        ``"auto"``: use a lower pyramid level to skip chunks without tissue (no skip
-        when the file has no pyramid); ``"none"``; or the level number to use.
+        ``"auto"``: use a lower pyramid level to skip patches without tissue: only the
+        file's TIFF tiles under a patch that may hold tissue are decoded (no skip when
+        the file has no pyramid); ``"none"``; or the level number to use.
 
     Returns
     -------
@@ -155,33 +197,41 @@ def tissue_mask(
                 "(or another multiple of the patch size)."
             )
     nty, ntx = image.sizes["y"] // tile, image.sizes["x"] // tile
+    k = patch // tile
+    npy, npx = -(-nty // k), -(-ntx // k)
     tile_chunks = (tuple(c // tile for c in data.chunks[0]), tuple(c // tile for c in data.chunks[1]))
-    n_blocks = (len(data.chunks[0]), len(data.chunks[1]))
 
     excluded = np.zeros((nty, ntx), dtype=bool)
-    read = np.ones(n_blocks, dtype=bool)
+    read_patches = np.ones((npy, npx), dtype=bool)
     coarse_level: int | None = None
     damaged_count = 0
-    source = _source_slide(image)
-    if source is not None:
-        info, settings = source
-        level = settings["level"]
-        coarse_level = choose_coarse_level(info, level, coarse)
-        if coarse_level is not None:
-            read = blocks_with_possible_tissue(info, level, coarse_level, data.chunks[:2], settings["backend"])
-        excluded = damaged_tile_grid(info, level, settings["backend"], tile, (nty, ntx))
-        damaged_count = damaged_file_tiles(info, level, settings["backend"])
-        data = slide_array(info, damaged="fill", skip=~read, **settings)
+    segments_total = segments_decoded = 0
+    opened = opened_slide_of(image)
+    if opened is not None:
+        level = int(image.attrs["level"])
+        device = "cuda" if type(data._meta).__module__.startswith("cupy") else "cpu"
+        grid = opened.damage(level)
+        excluded = damaged_tile_grid(grid, tile, (nty, ntx))
+        damaged_count = int(grid.damaged.sum())
+        decision = coarse_decision(opened, level, coarse, patch_shape=(npy, npx), patch=patch)
+        wanted = None
+        if decision is not None:
+            coarse_level, read_patches, wanted = decision.coarse_level, decision.patches, decision.segments
+        segments_total = int(grid.damaged.size)
+        segments_decoded = int((~grid.damaged if wanted is None else wanted & ~grid.damaged).sum())
+        data = slide_array(opened, level, (data.chunks[0][0], data.chunks[1][0]), device, damaged="fill", wanted=wanted)
     elif coarse not in ("auto", "none"):
         raise InvalidArgumentError(
             f"coarse={coarse!r} needs an image straight from wsi_xr.open_slide (this one was modified)."
         )
+    pchunks = (patch_chunks(tile_chunks[0], k), patch_chunks(tile_chunks[1], k))
+    chunk_reads = blocks_any(read_patches, pchunks)
 
     stats = da.map_blocks(
         _block_statistics_task,
         data,
         da.from_array(excluded[..., None], chunks=tile_chunks + ((1,),)),
-        da.from_array(read[..., None], chunks=(1, 1, 1)),
+        da.from_array(read_patches[..., None], chunks=pchunks + ((1,),)),
         chunks=tile_chunks + ((2,),),
         dtype=np.float64,
         meta=np.empty((0, 0, 0), dtype=np.float64),
@@ -191,7 +241,6 @@ def tissue_mask(
     )
     tile_var = stats[..., 0]
     patch_var_per_tile = stats[..., 1]
-    k = patch // tile
     patch_var = stats[::k, ::k, 1]
 
     if threshold == "auto":
@@ -219,8 +268,12 @@ def tissue_mask(
         "threshold_method": method,
         "coarse": str(coarse),
         "coarse_level": -1 if coarse_level is None else coarse_level,
-        "chunks_total": int(read.size),
-        "chunks_read": int(read.sum()),
+        "chunks_total": int(chunk_reads.size),
+        "chunks_read": int(chunk_reads.sum()),
+        "patches_total": int(read_patches.size),
+        "patches_read": int(read_patches.sum()),
+        "file_tiles_total": segments_total,
+        "file_tiles_decoded": segments_decoded,
         "damaged_file_tiles": damaged_count,
         **{key: image.attrs[key] for key in ("source", "level", "downsample", "mpp", "backend") if key in image.attrs},
     }
