@@ -530,3 +530,47 @@ def test_gpu_unbatchable_level_falls_back_exactly(gpu: None) -> None:
         assert reader.counters["gpu_tiles"] == 0 and reader.counters["fallback_tiles"] > 0
     finally:
         reader.close()
+
+
+# -- benchmarks/bench_gpu.py: what runs without a GPU --------------------------------------
+
+
+def test_bench_gpu_cpu_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import bench_gpu, common
+
+    args = bench_gpu.build_parser().parse_args(["--size", "32768", "--size", "49152", "--backends", "auto,nvimgcodec"])
+    assert args.size == [32768, 49152] and args.chunk == 2048 and args.precisions == "fp32,bf16"
+    assert bench_gpu.windows(2000, 3000, 1024)[-1] == (1024, 2048, 976, 952) and len(bench_gpu.windows(2048, 2048, 1024)) == 4
+    monkeypatch.setattr(common, "CACHE", tmp_path)
+    assert common.synthetic_slide(512, bench_gpu.TISSUE_FRACTION).exists()
+    write = bench_gpu.zarr_write(1024, 512, 1, 2)
+    assert write["stage"] == "zarr write" and write["mp_per_s"] > 0
+    mp = bench_gpu.megapixels(32768)
+    stages = [
+        bench_gpu.stage_row("cpu decode", "cuCIM", 1.0, mp),
+        bench_gpu.stage_row("gpu decode", "nvImageCodec", 0.5, mp),
+        bench_gpu.stage_row("statistics", "CuPy", 0.1, mp),
+        {"stage": "encoder", "setting": "fp32/TF32, batch 4096", "seconds": 1.0, "tiles_per_s": 50_000.0},
+        {"stage": "encoder", "setting": "bf16, batch 4096", "seconds": 1.0, "tiles_per_s": 900_000.0},
+        bench_gpu.stage_row("zarr write", "xarray", 0.2, mp),
+    ]
+    runs = [
+        {"backend": "auto", "precision": "fp32", "seconds": 4.0, "mp_per_s": mp / 4, "tissue_tiles": 80_000, "tissue_tiles_per_s": 20_000.0},
+        {"backend": "nvimgcodec", "precision": "bf16", "seconds": 1.0, "mp_per_s": mp, "tissue_tiles": 80_000, "tissue_tiles_per_s": 80_000.0},
+        {"backend": "nvimgcodec", "precision": "fp32", "error": "InvalidArgumentError: not registered"},
+    ]
+    rows = bench_gpu.summarize(stages, runs, mp, 80_000)
+    assert rows[0]["bottleneck"] == "encoder fp32" and rows[0]["ratio"] == pytest.approx((mp / 4) / (50_000 / (80_000 / mp)))
+    assert rows[1]["bottleneck"] == "gpu decode" and rows[1]["ratio"] == pytest.approx(0.5)
+    assert "error" in rows[2] and "ratio" not in rows[2]
+    result = {"size": 32768, "megapixels": mp, "chunk": 2048, "threads": 16, "gpu": "test GPU", "stages": stages, "pipeline": rows}
+    table = bench_gpu.format_tables(result)
+    assert "| nvimgcodec | bf16 |" in table and "gpu decode" in table and "not registered" in table
+
+
+def test_bench_gpu_stops_clearly_without_a_gpu() -> None:
+    if nvimgcodec_backend.nvimgcodec_available()[0]:
+        pytest.skip("a GPU is available here")
+    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_gpu", "--size", "32768"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert run.returncode != 0 and "bench_gpu needs CuPy and a CUDA GPU" in run.stderr
