@@ -291,7 +291,8 @@ class _FakeNvImageCodec:
     class BackendKind:
         GPU_ONLY = HYBRID_CPU_GPU = HW_GPU_ONLY = "gpu"
 
-    P_YCC = "p_ycc"
+    class SampleFormat:
+        P_YCC = "p_ycc"
 
     def __init__(self, honours_adobe: bool = True, fail: tuple[int, ...] = (), drop: bool = False) -> None:
         self.honours_adobe, self.fail, self.drop = honours_adobe, fail, drop
@@ -424,6 +425,20 @@ def test_reader_disables_a_level_that_disagrees(jpeg_slide: Path, monkeypatch: p
         got = reader.read(0, 0, 0, 300, 300)  # type: ignore[attr-defined]
     np.testing.assert_array_equal(got, tifffile_window(jpeg_slide, 0, 0, 0, 300, 300))
     assert reader.report[0]["mode"] is None and reader.counters["cpu_tiles"] == 4  # type: ignore[attr-defined]
+
+
+def test_real_nvimgcodec_accepts_our_parameters_and_streams(cmu: Path, j2k_slide: Path) -> None:
+    """Without a GPU, nvImageCodec still parses streams and builds decode parameters."""
+    nv = pytest.importorskip("nvidia.nvimgcodec")
+    reader = object.__new__(nvimgcodec_backend.NvImageCodecReader)
+    reader._nv = nv  # type: ignore[attr-defined]
+    for mode in ("srgb", "planar"):
+        assert isinstance(reader._params(mode), nv.DecodeParams)  # type: ignore[attr-defined]
+    for path, codec, side in ((cmu, "jpeg", 240), (j2k_slide, "jpeg2k", 256)):
+        with TiffTiles(path) as tiles:
+            streams = tiles.batch(0, 0, 0, 2 * side, 2 * side).streams
+        parsed = [nv.CodeStream(s) for s in streams]
+        assert [(c.codec_name, c.height, c.width) for c in parsed] == [(codec, side, side)] * 4
 
 
 def test_cpu_path_imports_no_gpu_package() -> None:

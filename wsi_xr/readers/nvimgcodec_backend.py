@@ -209,13 +209,15 @@ class NvImageCodecReader:
         return decoder
 
     def _params(self, mode: str) -> Any:
+        """DecodeParams of a mode: "srgb" (interleaved RGB) or "planar" (raw components)."""
         nv = self._nv
-        if mode == "srgb":
-            spec = getattr(nv.ColorSpec, "SRGB", None) or getattr(nv.ColorSpec, "RGB")
+        if mode == "srgb":  # the enum member is SRGB in nvImageCodec 0.9, RGB in early releases
+            spec = nv.ColorSpec.SRGB if hasattr(nv.ColorSpec, "SRGB") else nv.ColorSpec.RGB
             return nv.DecodeParams(color_spec=spec, allow_any_depth=False, apply_exif_orientation=False)
-        # "planar": the raw components, no colour transform (RGB-coded JPEG)
-        spec = getattr(nv.ColorSpec, "SYCC", None) or getattr(nv.ColorSpec, "YCC")
-        fmt = getattr(nv, "P_YCC", None) or getattr(nv, "P_YUV")
+        # "planar": the components as coded, no colour transform (for RGB-coded JPEG):
+        # YCC colour spec with planar YCC (= YUV) output, shape (3, h, w)
+        spec = nv.ColorSpec.SYCC if hasattr(nv.ColorSpec, "SYCC") else nv.ColorSpec.YCC
+        fmt = nv.SampleFormat.P_YCC if hasattr(nv, "SampleFormat") else nv.P_YUV
         return nv.DecodeParams(color_spec=spec, allow_any_depth=False, apply_exif_orientation=False, sample_format=fmt)
 
     def _decode_gpu(self, streams: list[bytes], mode: str) -> list[Any]:
