@@ -402,6 +402,7 @@ def test_reader_leaves_damaged_tiles_zero_and_lists_them(
 ) -> None:
     path, cell = damaged_slide
     reader, nv = _fake_reader(path, monkeypatch)
+    reader.use_damage(0, scan_level(str(path), 0))  # type: ignore[attr-defined]  # a grid scanned by the caller
     window = (200, 400, 400, 500)
     got, damaged = reader.read_with_damage(0, *window)  # type: ignore[attr-defined]
     assert [(d.placement.row, d.placement.col) for d in damaged] == [cell]

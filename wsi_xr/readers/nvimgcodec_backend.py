@@ -352,6 +352,13 @@ class NvImageCodecReader:
         self._count(gpu_tiles=gpu, cpu_tiles=cpu, fallback_tiles=len(batch.fallback), damaged_tiles=len(damaged))
         return out, damaged
 
+    def use_damage(self, level: int, grid: Any) -> None:
+        """Use a damage grid scanned elsewhere (e.g. ``OpenedSlide.damage(level)``) for ``level``.
+
+        Otherwise the reader scans the level itself on first use (the same scan).
+        """
+        self._tiles.set_damage(level, grid)
+
     def read(self, level: int, y: int, x: int, height: int, width: int) -> Any:
         """Decode a window of ``level`` into a CuPy uint8 ``(height, width, 3)`` array.
 
