@@ -118,7 +118,7 @@ def test_invalid_arguments(synth_slide: Path) -> None:
     with pytest.raises(wsi_xr.InvalidArgumentError, match="chunks"):
         wsi_xr.open_slide(synth_slide, chunks=0)
     with pytest.raises(wsi_xr.InvalidArgumentError, match="backend"):
-        wsi_xr.open_slide(synth_slide, backend="openslide")
+        wsi_xr.open_slide(synth_slide, backend="no-such-backend")
 
 
 def test_same_pixels_threads_and_process_cluster(synth_slide: Path) -> None:

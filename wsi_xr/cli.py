@@ -24,23 +24,24 @@ EXIT_USER_ERROR = 2
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Print what the probe learns about a slide (levels, mpp, backend, tiles)."""
-    from wsi_xr.readers import choose_backend, probe
+    """Print what the probe learns about a slide (format, levels, mpp, backend and why, tiles)."""
+    from wsi_xr.readers import open_file
 
-    info = probe(args.slide)
-    backend = choose_backend(info, "auto")
+    opened = open_file(args.slide)
+    info, choice = opened.info, opened.choice
     if args.json:
-        print(json.dumps({**info.to_dict(), "backend": backend}, indent=2))
+        print(json.dumps({**info.to_dict(), "backend": choice.name, "backend_reason": choice.reason}, indent=2))
         return 0
     print(f"{info.path}")
+    print(f"  format      {info.format}")
     print(f"  vendor      {info.vendor}")
     print(f"  size        {info.width} x {info.height} px (level 0)")
     print(f"  mpp         {info.mpp if info.mpp is not None else 'unknown'}")
-    print(f"  backend     {backend}" + (f"  (cuCIM avoided: {info.cucim_unsafe_reason})" if backend != "cucim" else ""))
+    print(f"  backend     {choice.name} ({choice.reason})")
     print(f"  photometric {info.photometric}")
     print("  level  width x height   downsample  tile      compression")
     for lv in info.levels:
-        tile = f"{lv.tile_width}x{lv.tile_height}" if lv.tiled else "stripped"
+        tile = f"{lv.tile_width}x{lv.tile_height}" if lv.tiled else ("stripped" if info.problem("tifffile") is None else "unknown")
         print(f"  {lv.index:>5}  {lv.width:>6} x {lv.height:<7}  {lv.downsample:>10.3f}  {tile:<9} {lv.compression_name}")
     return 0
 

@@ -22,17 +22,22 @@ __all__ = ["AUTO_ORDER", "BACKENDS", "BackendChoice", "choose_backend", "decide_
 _READERS = {
     "cucim": "wsi_xr.readers.cucim_backend:CuCIMReader",
     "tifffile": "wsi_xr.readers.tifffile_backend:TifffileReader",
+    "openslide": "wsi_xr.readers.openslide_backend:OpenSlideReader",
 }
 
 #: Accepted values of every ``backend=`` argument.
 BACKENDS = ("auto", *_READERS)
 
-#: The order ``"auto"`` tries backends in: fastest exact decoder first.
-AUTO_ORDER = ("cucim", "tifffile")
+#: The order ``"auto"`` tries backends in: fastest exact decoder first. OpenSlide comes
+#: last: it reads every vendor format, but through cairo (slower) and, on levels whose
+#: downsample is not an integer, only from exactly placed locations (see its module).
+AUTO_ORDER = ("cucim", "tifffile", "openslide")
 
 #: One line per backend, said by ``wsi-xr info`` when ``auto`` picks it.
 _WHY_CHOSEN = {
     "cucim": "cuCIM is safe for this file and the fastest exact CPU decoder here",
+    "tifffile": "tifffile decodes this TIFF exactly",
+    "openslide": "OpenSlide reads this format",
 }
 
 
@@ -67,7 +72,7 @@ def decide_backend(info: SlideInfo, backend: str = "auto") -> BackendChoice:
         if problem is None:
             why = _WHY_CHOSEN.get(name, "")
             if skipped:
-                why = "; ".join(skipped) if not why else why + " (" + "; ".join(skipped) + ")"
+                why = "; ".join([why, *skipped] if why else skipped)
             return BackendChoice(name, why or "the first backend that reads this file")
         skipped.append(f"{name} avoided: {problem}")
     raise UnsupportedFormatError(

@@ -53,9 +53,16 @@ class HandleCache:
         self.opened = 0
 
     def get(self, key: ReaderKey, open_reader: Callable[[ReaderKey], Reader]) -> Reader:
-        """Return the cached reader for ``key``, opening it with ``open_reader`` if needed."""
+        """Return the cached reader for ``key``, opening it with ``open_reader`` if needed.
+
+        A cached reader whose ``usable`` attribute is False (an OpenSlide handle after an
+        error: its errors latch) is dropped and the file opened again.
+        """
         with self._lock:
             reader = self._items.get(key)
+            if reader is not None and getattr(reader, "usable", True) is False:
+                del self._items[key]
+                reader = None
             if reader is not None:
                 self._items.move_to_end(key)
                 return reader
@@ -66,6 +73,15 @@ class HandleCache:
                 _, old = self._items.popitem(last=False)
                 old.close()
             return reader
+
+    def evict(self, key: ReaderKey) -> bool:
+        """Forget the reader of ``key`` (the next :meth:`get` opens the file again).
+
+        The reader is not closed here: another thread may be reading with it. Readers
+        release their handle when the last reference goes. Returns whether it was cached.
+        """
+        with self._lock:
+            return self._items.pop(key, None) is not None
 
     def clear(self) -> None:
         """Close every cached reader."""

@@ -1,17 +1,26 @@
-"""Inspect a slide file safely, with tifffile, before any decoder touches it.
+"""Inspect a slide file safely before any decoder touches it.
 
 cuCIM crashes the interpreter on some valid files (a tiled Deflate TIFF segfaults
-cucim 26.10 on open) and mis-decodes others. :func:`probe` reads only the TIFF
-structure (IFDs, tags, the first bytes of one tile) and decides which backend may read
-the file. Nothing here decodes pixels.
+cucim 26.10 on open) and mis-decodes others. :func:`probe` reads only the file's
+structure and records which backends may read it (:attr:`SlideInfo.backend_problems`):
+
+- TIFF-based files (Aperio SVS, Philips TIFF, OME-TIFF with its pyramid in SubIFDs,
+  generic TIFF) are described with tifffile: IFDs, tags, the first bytes of one tile.
+- Vendor formats that only OpenSlide assembles correctly (Hamamatsu NDPI, Leica SCN,
+  Ventana BIF, although they are TIFFs) and everything tifffile cannot open (3DHISTECH
+  MRXS, DICOM WSI, Hamamatsu VMS/VMU, Sakura, Zeiss CZI, ...) are described with
+  OpenSlide: its levels, tile size and microns per pixel properties.
+
+Nothing here decodes pixels.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import tifffile
 
@@ -28,7 +37,9 @@ class LevelInfo:
     """One resolution level of a slide.
 
     ``downsample`` is the level-0 size divided by this level's size, per axis.
-    ``tile_width``/``tile_height`` are the TIFF tile size, 0 for a stripped page.
+    ``tile_width``/``tile_height`` are the TIFF tile size, 0 for a stripped page (for
+    files described with OpenSlide: its ``openslide.level[i].tile-*`` properties, 0 when
+    unknown; ``compression`` is then 0, ``compression_name`` ``"unknown"``).
     """
 
     index: int
@@ -67,7 +78,9 @@ class SlideInfo:
     #: ``(backend, reason)`` pairs: backends that must not read this file, and why.
     #: A backend not listed may read it.
     backend_problems: tuple[tuple[str, str], ...] = ()
-    #: What kind of file this is (``"aperio-svs"``, ``"philips-tiff"``, ``"generic-tiff"``, ...).
+    #: What kind of file this is: ``"aperio-svs"``, ``"philips-tiff"``, ``"ome-tiff"``,
+    #: ``"generic-tiff"`` (described with tifffile) or ``"mrxs"``, ``"dicom"``, ``"ndpi"``,
+    #: ``"scn"``, ``"bif"``, ``"vms"``, ... (described with OpenSlide).
     format: str = "generic-tiff"
 
     def problem(self, backend: str) -> str | None:
@@ -127,24 +140,44 @@ class SlideInfo:
 
 
 def check_path(path: str | os.PathLike[str]) -> Path:
-    """Return ``path`` as an absolute Path, or raise :class:`SlideOpenError` saying why not."""
+    """Return ``path`` as an absolute Path, or raise :class:`SlideOpenError` saying why not.
+
+    A folder holding a DICOM WSI series stands for the series: the path of its first
+    DICOM file (by name) that OpenSlide recognises is returned (OpenSlide finds the
+    other files of the series beside it).
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise SlideOpenError(f"{p}: no such file. Check the path (relative paths are taken from {Path.cwd()}).")
     if p.is_dir():
-        raise SlideOpenError(f"{p}: is a directory, not a slide file. Pass the path of a .svs/.tif/.tiff file.")
+        dicom = _dicom_file_in(p)
+        if dicom is None:
+            raise SlideOpenError(
+                f"{p}: is a directory without a DICOM WSI series, not a slide file. Pass the path of a "
+                ".svs/.tif/.ndpi/.mrxs/... file, or a folder holding the .dcm files of one DICOM slide."
+            )
+        p = dicom
     if p.stat().st_size == 0:
         raise SlideOpenError(f"{p}: is empty (0 bytes). The file was not copied or written completely.")
     return p.resolve()
 
 
 def probe(path: str | os.PathLike[str]) -> SlideInfo:
-    """Inspect ``path`` with tifffile and describe it; decodes no pixels.
+    """Inspect a slide file and describe it; decodes no pixels.
+
+    TIFF-based files are described with tifffile, vendor formats with OpenSlide (see
+    the module docstring); :attr:`SlideInfo.format` says which kind the file is and
+    :attr:`SlideInfo.backend_problems` which backends must not read it, and why.
+
+    Parameters
+    ----------
+    path
+        A slide file, or a folder holding the files of one DICOM WSI series.
 
     Raises
     ------
     SlideOpenError
-        The file is missing, empty, a directory, or not a TIFF.
+        The file is missing, empty, damaged, or in no format wsi_xr reads.
     UnsupportedFormatError
         A TIFF whose pixel layout or compression no backend can decode.
     """
@@ -152,22 +185,208 @@ def probe(path: str | os.PathLike[str]) -> SlideInfo:
     stat = p.stat()
     try:
         with tifffile.TiffFile(p) as tf:
-            return _describe(tf, p, stat.st_size, stat.st_mtime_ns)
+            kind = _tiff_kind(tf)
+            if kind not in OPENSLIDE_TIFF_KINDS:
+                info = _describe(tf, p, stat.st_size, stat.st_mtime_ns, kind)
     except (SlideOpenError, UnsupportedFormatError):
         raise
     except tifffile.TiffFileError as err:
-        raise SlideOpenError(
-            f"{p}: not a readable TIFF slide ({err}). wsi_xr reads Aperio SVS, Philips TIFF and "
-            "generic tiled TIFF files; check that this is one and that it was copied completely."
-        ) from err
+        return _describe_with_openslide(p, stat.st_size, stat.st_mtime_ns, None, f"not a TIFF ({err})")
     except Exception as err:  # damaged structures make tifffile raise many types
         raise SlideOpenError(
             f"{p}: the TIFF structure is damaged ({type(err).__name__}: {err}). "
             "The file is probably truncated or corrupt; copy it again from its source."
         ) from err
+    if kind in OPENSLIDE_TIFF_KINDS:
+        return _describe_with_openslide(p, stat.st_size, stat.st_mtime_ns, kind, f"a {kind} TIFF")
+    problem = _openslide_problem(p, info.levels)
+    if problem is None:
+        return info
+    return replace(info, backend_problems=(*info.backend_problems, ("openslide", problem)))
 
 
-def _describe(tf: tifffile.TiffFile, p: Path, size: int, mtime_ns: int) -> SlideInfo:
+#: TIFF-based vendor formats that wsi_xr reads with OpenSlide, and why not with cuCIM / tifffile.
+OPENSLIDE_TIFF_KINDS: dict[str, dict[str, str]] = {
+    "ndpi": {
+        "cucim": "Hamamatsu NDPI (cuCIM 26.10 does not read NDPI)",
+        "tifffile": "Hamamatsu NDPI (tifffile decodes its restart-interval tiles 4-12x slower than OpenSlide "
+        "here, and in wrong colours when the TIFF says RGB)",
+    },
+    "scn": {
+        "cucim": "Leica SCN (several images placed in one frame; only OpenSlide assembles them)",
+        "tifffile": "Leica SCN (several images placed in one frame; only OpenSlide assembles them)",
+    },
+    "bif": {
+        "cucim": "Ventana BIF (tiles may overlap, placed by XMP tile-joint data that only OpenSlide uses)",
+        "tifffile": "Ventana BIF (tiles may overlap, placed by XMP tile-joint data that only OpenSlide uses)",
+    },
+}
+
+#: ``format`` of the files OpenSlide describes, by OpenSlide vendor.
+_OPENSLIDE_FORMATS = {
+    "aperio": "aperio-svs",
+    "dicom": "dicom",
+    "generic-tiff": "generic-tiff",
+    "leica": "scn",
+    "mirax": "mrxs",
+    "philips": "philips-tiff",
+    "sakura": "svslide",
+    "trestle": "trestle-tiff",
+    "ventana": "bif",
+    "zeiss": "czi",
+}
+
+
+def _tiff_kind(tf: tifffile.TiffFile) -> str:
+    """The :attr:`SlideInfo.format` of a file that tifffile opened."""
+    for kind, flag in (("ndpi", "is_ndpi"), ("scn", "is_scn"), ("bif", "is_bif"), ("aperio-svs", "is_svs"),
+                       ("philips-tiff", "is_philips"), ("ome-tiff", "is_ome")):
+        if getattr(tf, flag, False):
+            return kind
+    return "generic-tiff"
+
+
+def _dicom_file_in(folder: Path) -> Path | None:
+    """The first file (by name) of ``folder`` that OpenSlide recognises as DICOM WSI, or None."""
+    for candidate in sorted(folder.iterdir()):
+        try:
+            if not candidate.is_file():
+                continue
+            with candidate.open("rb") as fh:
+                head = fh.read(132)
+        except OSError:
+            continue
+        if head[128:132] != b"DICM":
+            continue
+        try:
+            import openslide
+        except ImportError:
+            return candidate  # the probe then says that OpenSlide is needed
+        if openslide.OpenSlide.detect_format(str(candidate)) == "dicom":
+            return candidate
+    return None
+
+
+def _import_openslide(p: Path, why: str) -> Any:
+    try:
+        import openslide
+    except ImportError as err:  # openslide-bin missing on this platform
+        raise SlideOpenError(
+            f"{p}: {why}; wsi_xr reads such files with OpenSlide, which is not installed here ({err}). "
+            "Install it with `pip install openslide-python openslide-bin`."
+        ) from err
+    return openslide
+
+
+def _describe_with_openslide(p: Path, size: int, mtime_ns: int, kind: str | None, why_not_tiff: str) -> SlideInfo:
+    """Describe a file with OpenSlide (its levels, tiles, mpp); decodes no pixels.
+
+    ``kind`` is the format when tifffile recognised a vendor TIFF, None when the file
+    is not a TIFF; ``why_not_tiff`` says why tifffile does not read it.
+    """
+    openslide = _import_openslide(p, why_not_tiff)
+    vendor = openslide.OpenSlide.detect_format(str(p))
+    if vendor is None:
+        raise SlideOpenError(
+            f"{p}: not a slide file wsi_xr can read: {why_not_tiff}, and OpenSlide does not recognise it. "
+            "wsi_xr reads TIFF-based slides (Aperio SVS, Philips, OME-TIFF, generic tiled TIFF) and what "
+            "OpenSlide reads (MRXS, DICOM, NDPI, SCN, BIF, VMS, ...); check that the file is one of "
+            "these and that it was copied completely."
+        )
+    try:
+        slide = openslide.OpenSlide(str(p))
+    except openslide.OpenSlideError as err:
+        raise SlideOpenError(
+            f"{p}: OpenSlide recognises a {vendor} slide but cannot open it ({err}). The file (or, for "
+            "MRXS, its folder of .dat files; for DICOM, the other files of the series) is probably "
+            "incomplete or damaged; copy it again from its source."
+        ) from err
+    with slide:
+        dims = [tuple(int(v) for v in d) for d in slide.level_dimensions]
+        props = dict(slide.properties)
+    if not dims or dims[0][0] <= 0 or dims[0][1] <= 0:
+        raise SlideOpenError(f"{p}: OpenSlide finds no image in this {vendor} slide; copy it again from its source.")
+    fmt = kind or _OPENSLIDE_FORMATS.get(vendor, vendor)
+    if vendor == "hamamatsu":
+        fmt = kind or p.suffix.lower().lstrip(".") or "hamamatsu"
+    base_w, base_h = dims[0]
+    levels = tuple(
+        LevelInfo(
+            index=i,
+            width=w,
+            height=h,
+            downsample_x=base_w / w,
+            downsample_y=base_h / h,
+            tile_width=_int_property(props, f"openslide.level[{i}].tile-width"),
+            tile_height=_int_property(props, f"openslide.level[{i}].tile-height"),
+            compression=0,
+            compression_name="unknown",
+        )
+        for i, (w, h) in enumerate(dims)
+    )
+    if kind is None:
+        problems = (("cucim", f"a {fmt} slide, not a TIFF"), ("tifffile", f"a {fmt} slide, not a TIFF"))
+    else:
+        problems = tuple(OPENSLIDE_TIFF_KINDS[kind].items())
+    return SlideInfo(
+        path=str(p),
+        file_size=size,
+        mtime_ns=mtime_ns,
+        vendor=vendor,
+        levels=levels,
+        mpp=_openslide_mpp(props),
+        photometric="rgb",
+        samples_per_pixel=3,
+        backend_problems=problems,
+        format=fmt,
+    )
+
+
+def _int_property(props: dict[str, str], name: str) -> int:
+    try:
+        return max(0, int(props.get(name, 0)))
+    except ValueError:
+        return 0
+
+
+def _openslide_mpp(props: dict[str, str]) -> float | None:
+    """µm per level-0 pixel from OpenSlide's ``openslide.mpp-x`` (and ``-y``); None if unknown."""
+    values = []
+    for axis in ("x", "y"):
+        try:
+            values.append(float(props.get(f"openslide.mpp-{axis}", "")))
+        except ValueError:
+            pass
+    for mpp in values:
+        if _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1]:
+            return mpp
+    return None
+
+
+def _openslide_problem(p: Path, levels: tuple[LevelInfo, ...]) -> str | None:
+    """Why OpenSlide must not read a TIFF that tifffile described, or None when it may.
+
+    OpenSlide may read it only when it opens it and sees the same levels (an OME-TIFF
+    keeps its pyramid in SubIFDs, where OpenSlide sees only level 0).
+    """
+    try:
+        import openslide
+    except ImportError:
+        return "openslide-python/openslide-bin are not installed (pip install openslide-python openslide-bin)"
+    if openslide.OpenSlide.detect_format(str(p)) is None:
+        return "OpenSlide does not recognise this TIFF (it reads tiled TIFFs only)"
+    try:
+        with openslide.OpenSlide(str(p)) as slide:
+            dims = [tuple(int(v) for v in d) for d in slide.level_dimensions]
+    except openslide.OpenSlideError as err:
+        return f"OpenSlide cannot open it ({err})"
+    ours = [(lv.width, lv.height) for lv in levels]
+    if dims != ours:
+        return f"OpenSlide sees {len(dims)} level(s) {dims[:3]}, not the file's {len(ours)} {ours[:3]}"
+    return None
+
+
+def _describe(tf: tifffile.TiffFile, p: Path, size: int, mtime_ns: int, kind: str = "generic-tiff") -> SlideInfo:
     if not tf.series:
         raise SlideOpenError(
             f"{p}: TIFF without any readable image; the file is probably truncated or damaged. "
@@ -176,7 +395,7 @@ def _describe(tf: tifffile.TiffFile, p: Path, size: int, mtime_ns: int) -> Slide
     series = tf.series[0]
     pages = [level.keyframe for level in series.levels]
     first = pages[0]
-    vendor = "aperio" if tf.is_svs else "philips" if tf.is_philips else "generic-tiff"
+    vendor = {"aperio-svs": "aperio", "philips-tiff": "philips", "ome-tiff": "ome"}.get(kind, "generic-tiff")
     _check_pixel_layout(p, first)
 
     base_h, base_w = int(first.imagelength), int(first.imagewidth)
@@ -201,6 +420,9 @@ def _describe(tf: tifffile.TiffFile, p: Path, size: int, mtime_ns: int) -> Slide
             )
         )
     reason = _cucim_unsafe_reason(tf, pages)
+    top_level = {page.offset for page in tf.pages}
+    if reason is None and any(page.offset not in top_level for page in pages):
+        reason = "pyramid levels stored in SubIFDs (cuCIM 26.10 reads only top-level pages: level 1+ fail)"
     return SlideInfo(
         path=str(p),
         file_size=size,
@@ -211,7 +433,7 @@ def _describe(tf: tifffile.TiffFile, p: Path, size: int, mtime_ns: int) -> Slide
         photometric=_photometric_name(first),
         samples_per_pixel=int(first.samplesperpixel),
         backend_problems=(() if reason is None else (("cucim", reason),)),
-        format={"aperio": "aperio-svs", "philips": "philips-tiff"}.get(vendor, "generic-tiff"),
+        format=kind,
     )
 
 

@@ -64,9 +64,31 @@ def get_reader(key: ReaderKey) -> Reader:
         ) from err
 
 
+#: Segment side of the damage grid of a level whose file tile size is unknown.
+DEFAULT_SEGMENT = 256
+
+
 def level_damage(info: SlideInfo, level: int) -> SegmentGrid:
-    """Scan the TIFF tiles (or strips) of one level for damage, from the file structure."""
-    return scan_level(info.path, level)
+    """The damage grid of one level: which of its file tiles must not be decoded.
+
+    - Files tifffile reads (Aperio SVS, Philips TIFF, OME-TIFF including levels in
+      SubIFDs, generic TIFF): every TIFF tile (or strip) is checked from the file
+      structure (:func:`wsi_xr.readers.integrity.scan_level`): data present, inside the
+      file, a well-formed JPEG stream.
+    - Formats read by OpenSlide (MRXS, DICOM, NDPI, SCN, BIF, VMS, ...) have no
+      structural scan here: the grid has the file's tile size (else
+      :data:`DEFAULT_SEGMENT`) and flags nothing. Damage there shows when the pixels are
+      decoded: OpenSlide fails and the read raises :class:`SlideReadError`. Tiles that a
+      format may leave out (sparse MRXS/DICOM) come back as background, indistinguishable
+      from unscanned glass.
+    """
+    lv = info.levels[level]
+    if info.problem("tifffile") is None:
+        return scan_level(info.path, level)
+    seg_h = lv.tile_height if lv.tile_height > 0 else DEFAULT_SEGMENT
+    seg_w = lv.tile_width if lv.tile_width > 0 else DEFAULT_SEGMENT
+    damaged = np.zeros((-(-lv.height // seg_h), -(-lv.width // seg_w)), dtype=bool)
+    return SegmentGrid(seg_h, seg_w, damaged, {})
 
 
 _grids: dict[tuple[str, int, int, int], SegmentGrid] = {}
