@@ -96,7 +96,9 @@ def cmd_mask(args: argparse.Namespace) -> int:
     check_output(args.out, overwrite=args.overwrite)
     start = time.perf_counter()
     image = open_slide(args.slide, chunks=args.chunk, device=_device(args.device))
-    mask = tissue_mask(image, tile=args.tile, patch=args.patch, threshold=args.threshold, coarse=args.coarse)
+    mask = tissue_mask(
+        image, tile=args.tile, patch=args.patch, threshold=args.threshold, coarse=args.coarse, reject_pen=args.reject_pen
+    )
     with dask_client(args.scheduler or "threads") as client:
         (computed,) = compute(mask, client=client, progress=not args.quiet)
     computed = resolve_threshold(computed)
@@ -108,8 +110,9 @@ def cmd_mask(args: argparse.Namespace) -> int:
         f"{Path(args.slide).name}: patches kept {int(patches.sum())}/{patches.size}, "
         f"tiles kept {int(tiles.sum())}/{tiles.size} ({fraction:.1%}), "
         f"threshold {computed.attrs['threshold']:.2f} ({computed.attrs['threshold_method']}), "
-        f"read errors {int(computed.read_error.sum())} tiles ({computed.attrs['damaged_file_tiles']} damaged TIFF tiles), "
-        f"chunks read {computed.attrs['chunks_read']}/{computed.attrs['chunks_total']}, "
+        + (f"pen tiles {int(computed.pen_mask.sum())}, " if args.reject_pen else "")
+        + f"read errors {int(computed.read_error.sum())} tiles ({computed.attrs['damaged_file_tiles']} damaged TIFF tiles), "
+        f"TIFF tiles decoded {computed.attrs['file_tiles_decoded']}/{computed.attrs['file_tiles_total']}, "
         f"{time.perf_counter() - start:.2f} s -> {args.out}"
     )
     return 0
@@ -159,11 +162,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         "precision": args.precision,
         "reject_pen": args.reject_pen,
     }
-    start = time.perf_counter()
     # every argument, weights file and slide is checked before a cluster starts
     validate_run_options(args.weights, **settings)
     opened = [open_file(s) for s in slides]
     options = {**settings, "weights": args.weights, "overwrite": args.overwrite, "progress": not args.quiet}
+    start = time.perf_counter()
     processes = args.workers is not None and args.workers > 1
     with dask_client(args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker, processes=processes) as client:
         if len(opened) == 1:
@@ -173,8 +176,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             tree = process_slides(opened, out, client=client, **options)
             summaries = [(name, tree[name].to_dataset()) for name in tree.children]
     for name, ds in summaries:
-        print(
         pen = f", pen tiles removed {ds.attrs['pen_tiles']}" if ds.attrs.get("reject_pen") else ""
+        print(
             f"{name}: tissue tiles {ds.attrs['tissue_tiles']}/{ds.tile_mask.size}, threshold "
             f"{ds.attrs['threshold']:.2f} ({ds.attrs['threshold_method']}){pen}, read errors {ds.attrs['read_errors']} tiles "
             f"({ds.attrs['damaged_file_tiles']} damaged TIFF tiles), TIFF tiles decoded "
@@ -187,7 +190,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Update a store written by wsi_xr 0.1.0 to the current layout, in place."""
     from wsi_xr.store import migrate_store
@@ -197,6 +199,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
     """Train the VAE on tissue tiles of the given slides; write the weights file."""
     from wsi_xr.sampling import sample_tissue_tiles
     from wsi_xr.store import check_output
@@ -215,6 +218,37 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     }
     save_vae(result.model, args.out, metadata=metadata)
     print(f"validation loss per tile {result.val_loss:.2f} after {args.epochs} epochs -> {args.out}")
+    return 0
+
+
+def cmd_eval_vae(args: argparse.Namespace) -> int:
+    """Reconstruction MSE of the VAE, PCA and downsampling on tissue tiles of slides; table and JSON."""
+    from wsi_xr.sampling import evaluate_slides, parse_slide_region
+
+    regions = dict(parse_slide_region(text) for text in args.region)
+    if args.json:
+        from wsi_xr.store import check_output
+
+        check_output(args.json, overwrite=True)  # fail fast on an unwritable path
+    report = evaluate_slides(
+        args.weights,
+        args.slides,
+        train_slides=args.train_slides,
+        regions=regions,
+        margin=args.margin,
+        max_tiles=args.max_tiles,
+        max_train_tiles=args.max_train_tiles,
+        seed=args.seed,
+        n_components=args.pca_components,
+        dihedral=not args.no_dihedral,
+        device=args.device,
+    )
+    print(report.table())
+    print("MSE of pixels in [0, 1]; (n) = numbers kept per tile; * = lowest in the row")
+    if args.json:
+        out = {**report.to_dict(), "weights": args.weights}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -295,6 +329,14 @@ def _add_mask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coarse", type=_coarse, default="auto", help="auto, none, or the pyramid level for the coarse skip")
     p.add_argument("--chunk", type=_positive_int, default=None, help="chunk side in pixels (multiple of --patch)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="CuPy chunks on the GPU (auto: when a GPU is present)")
+    p.add_argument("--reject-pen", action="store_true", help="remove tiles covered by pen ink from the mask (adds pen_mask)")
+
+
+def _add_precision_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32",
+        help="encoder arithmetic: fp32 (exact, default) or bf16 autocast (faster where the hardware has it)",
+    )
 
 
 def _device(choice: str) -> str:
@@ -327,14 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a slide: levels, mpp, backend, tiles")
     p.add_argument("slide")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--reject-pen", action="store_true", help="remove tiles covered by pen ink from the mask (adds pen_mask)")
-
-
-def _add_precision_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--precision", choices=["fp32", "bf16"], default="fp32",
-        help="encoder arithmetic: fp32 (exact, default) or bf16 autocast (faster where the hardware has it)",
-    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("synth", help="write a synthetic H&E-like slide with known tissue")
@@ -363,6 +397,7 @@ def _add_precision_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parquet", default=None, help="also write one row per tissue tile to this Parquet file")
     _add_mask_options(p)
     p.add_argument("--batch-size", type=_positive_int, default=256)
+    _add_precision_option(p)
     p.add_argument("--scheduler", default=None, help="tcp://host:port of an existing Dask cluster, or 'threads' (default: a LocalCluster)")
     p.add_argument("--workers", type=_positive_int, default=None, help="LocalCluster workers (more than 1: separate processes)")
     p.add_argument("--threads-per-worker", type=_positive_int, default=None)
@@ -381,6 +416,21 @@ def _add_precision_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("eval-vae", help="reconstruction MSE: VAE vs PCA vs downsampling, on held-out tiles")
+    p.add_argument("weights", help="VAE weights file")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="evaluation slides")
+    p.add_argument("--train-slides", nargs="+", default=[], metavar="SLIDE", help="fit the PCA baseline on these slides' tissue tiles (never on evaluation tiles)")
+    p.add_argument("--region", action="append", default=[], metavar="SLIDE=X,Y,W,H", help="evaluate SLIDE only on tiles inside this level-0 rectangle; training tiles of SLIDE stay --margin px clear of it (repeatable)")
+    p.add_argument("--margin", type=int, default=64, help="gap in level-0 px between a region and training tiles (default 64)")
+    p.add_argument("--max-tiles", type=_positive_int, default=None, help="at most N evaluation tiles per slide (random, --seed)")
+    p.add_argument("--max-train-tiles", type=_positive_int, default=None, help="at most N PCA training tiles")
+    p.add_argument("--pca-components", type=_positive_int, default=32)
+    p.add_argument("--no-dihedral", action="store_true", help="fit the PCA without the 8 flips/rotations of each training tile")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the numbers as JSON")
+    p.set_defaults(func=cmd_eval_vae)
+
     p = sub.add_parser("plot-recon", help="tissue tiles above their VAE reconstructions")
     p.add_argument("weights")
     p.add_argument("slide")
@@ -395,7 +445,6 @@ def _add_precision_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=_csv(_positive_int), default=[512, 1024, 2048, 4096])
     p.add_argument("--stage", type=_csv(str), default=["read"], help="read,mask,pipeline")
     p.add_argument("--backend", type=_csv(str), default=["cucim"], help="cucim,tifffile")
-    _add_precision_option(p)
     p.add_argument("--scheduler", type=_csv(str), default=["threads"], help="threads,processes,distributed")
     p.add_argument("--repeat", type=_positive_int, default=3)
     p.add_argument("--weights", default=None, help="VAE weights for --stage pipeline")
@@ -403,8 +452,13 @@ def _add_precision_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="write a throughput plot (PNG)")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("migrate", help="update a store written by wsi_xr 0.1.0 to the current layout (in place)")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_migrate)
+
     p = sub.add_parser("demo", help="run the pipeline on a built-in synthetic slide")
     p.add_argument("--out", default="demo_output", help="folder for the outputs (default demo_output)")
+    _add_precision_option(p)
     p.add_argument("--size", type=_positive_int, default=8192, help="side of the synthetic slide (default 8192)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
@@ -450,11 +504,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wsi-xr {args.command}: interrupted", file=sys.stderr)
         return 130
 
-    p = sub.add_parser("migrate", help="update a store written by wsi_xr 0.1.0 to the current layout (in place)")
-    p.add_argument("store")
-    p.set_defaults(func=cmd_migrate)
-
 
 if __name__ == "__main__":
-    _add_precision_option(p)
     sys.exit(main())

@@ -49,7 +49,16 @@ from wsi_xr.store import (
     write_tile_parquet,
 )
 from wsi_xr.tissue.coarse import CoarseDecision, coarse_decision, segments_for_patches
-from wsi_xr.tissue.mask import blocks_any, damaged_tile_grid, masked_statistics, patch_chunks, two_stage_rule, validate_mask_arguments
+from wsi_xr.tissue.mask import (
+    blocks_any,
+    damaged_tile_grid,
+    masked_statistics,
+    patch_chunks,
+    pen_attrs,
+    pen_flags,
+    two_stage_rule,
+    validate_mask_arguments,
+)
 from wsi_xr.tissue.threshold import THRESHOLD_RANGE, auto_threshold
 
 __all__ = ["RunOptions", "process_slide", "process_slides", "to_dataframe", "validate_run_options", "write_parquet"]
@@ -92,6 +101,8 @@ def validate_run_options(weights: Any = None, **settings: Any) -> RunOptions:
         raise InvalidArgumentError(f"device={options.device!r}: use 'cpu' or 'cuda'.")
     if options.coarse not in ("auto", "none") and not (isinstance(options.coarse, int) and not isinstance(options.coarse, bool)):
         raise InvalidArgumentError(f"coarse={options.coarse!r}: use 'auto', 'none' or a pyramid level number.")
+    if not isinstance(options.reject_pen, bool):
+        raise InvalidArgumentError(f"reject_pen={options.reject_pen!r}: use True or False.")
     check_precision(options.precision, options.device)
     ref = model_ref(weights, device=options.device, precision=options.precision)
     return RunOptions(**{**options.__dict__, "ref": ref})
@@ -231,7 +242,7 @@ def _chunk_task(
         tile_var, patch_tile = masked_statistics(pixels, excluded, read_patches, tile=tile, patch=job.patch)
         candidates = two_stage_rule(tile_var, patch_tile, excluded, job.candidate_floor)
         if job.reject_pen:
-            pen = pen_tiles_read(pixels, tile, tile_var)
+            pen = pen_flags(pixels, tile, tile_var)
             g["pen_mask"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = pen
             candidates &= ~pen
         latents = encode_block(pixels, candidates, job.ref, tile=tile, batch_size=job.batch_size)
@@ -243,14 +254,6 @@ def _chunk_task(
     g["chunk_done"][i, j] = True  # only after the data: a kill before this redoes the chunk
     failpoint("chunk-done")
     return np.full((1, 1, 1), count, dtype=np.int64)
-
-
-def pen_tiles_read(pixels: Any, tile: int, tile_variance: np.ndarray) -> np.ndarray:
-    """Pen-ink tiles of a chunk, only where the chunk was read (NaN variance: not read)."""
-    from wsi_xr.tissue.kernels import to_numpy
-    from wsi_xr.tissue.pen import pen_tiles
-
-    return to_numpy(pen_tiles(pixels, tile)).astype(bool) & np.isfinite(tile_variance)
 
 
 def _chunk_graph(plan: RunPlan, job: ChunkJob, done: np.ndarray) -> da.Array:
@@ -353,9 +356,7 @@ def _finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
         "damaged_file_tiles": int(damage.damaged.sum()),
     }
     if options.reject_pen:
-        from wsi_xr.tissue.pen import pen_settings
-
-        attrs["pen_settings"] = pen_settings()
+        attrs["pen"] = pen_attrs()
     group.attrs.update(json_safe_attrs(attrs))
     failpoint("finalize-attrs")
     group.attrs["complete"] = True  # last: a store is never complete with chunks missing

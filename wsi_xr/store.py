@@ -223,12 +223,14 @@ def _create_arrays(group: Any, layout: SlideLayout, read_error: np.ndarray) -> N
     errors[...] = read_error
     pcy, pcx = max(1, layout.patch_chunks[0]), max(1, layout.patch_chunks[1])
     patches2d = {"shape": (len(layout.patch_y), len(layout.patch_x)), "chunks": (pcy, pcx), "dimension_names": ("patch_y", "patch_x")}
+    failpoint("create-array")
     group.create_array("patch_variance", dtype="float32", fill_value=np.nan, **patches2d)
     group.create_array("patch_mask", dtype="bool", fill_value=False, **patches2d)
     group.create_array(
         "latent", shape=(nty, ntx, layout.n_features), chunks=(tcy, tcx, layout.n_features), dtype="float32",
         fill_value=np.nan, dimension_names=("tile_y", "tile_x", "feature"),
     )
+    failpoint("create-array")
     done = group.create_array(
         "chunk_done", shape=(len(layout.chunk_y), len(layout.chunk_x)), chunks=(1, 1), dtype="bool", fill_value=False,
         dimension_names=("chunk_y", "chunk_x"),

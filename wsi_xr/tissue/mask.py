@@ -32,6 +32,8 @@ __all__ = [
     "damaged_tile_grid",
     "masked_statistics",
     "patch_chunks",
+    "pen_attrs",
+    "pen_flags",
     "resolve_threshold",
     "tissue_mask",
     "two_stage_rule",
@@ -103,10 +105,32 @@ def masked_statistics(
     return tile_var, patch_var
 
 
-def _block_statistics_task(pixels: Any, excluded: np.ndarray, read_patches: np.ndarray, *, tile: int, patch: int) -> np.ndarray:
-    """One block -> float64 ``(tiles_y, tiles_x, 2)``: tile variance, its patch's variance."""
+def pen_flags(pixels: Any, tile: int, tile_variance: np.ndarray) -> np.ndarray:
+    """Bool ``(tiles_y, tiles_x)`` on the host: tiles covered by pen ink, where the block was read.
+
+    From the same decoded pixels as the variance (no extra read); NumPy or CuPy blocks.
+    """
+    from wsi_xr.tissue.pen import pen_tiles
+
+    return to_numpy(pen_tiles(pixels, tile)).astype(bool) & np.isfinite(tile_variance)
+
+
+def _block_statistics_task(
+    pixels: Any, excluded: np.ndarray, read_patches: np.ndarray, *, tile: int, patch: int, reject_pen: bool
+) -> np.ndarray:
+    """One block -> float64 ``(tiles_y, tiles_x, 3)``: tile variance, its patch's variance, pen (0/1)."""
     tile_var, patch_var = masked_statistics(pixels, np.asarray(excluded)[..., 0], np.asarray(read_patches)[..., 0], tile=tile, patch=patch)
-    return np.stack([tile_var, patch_var], axis=-1)
+    pen = pen_flags(pixels, tile, tile_var) if reject_pen and tile_var.size else np.zeros(tile_var.shape, dtype=bool)
+    return np.stack([tile_var, patch_var, pen.astype(np.float64)], axis=-1)
+
+
+def pen_attrs() -> dict[str, Any]:
+    """The pen rule's version and thresholds, as recorded in a mask's attrs."""
+    import dataclasses
+
+    from wsi_xr.tissue.pen import DEFAULT_PEN_RULE, PEN_RULE_VERSION
+
+    return {"rule": PEN_RULE_VERSION, **dataclasses.asdict(DEFAULT_PEN_RULE)}
 
 
 def two_stage_rule(tile_variance: Any, patch_variance_of_tile: Any, excluded: Any, threshold: Any) -> Any:
@@ -154,6 +178,7 @@ def tissue_mask(
     patch: int = 256,
     threshold: float | str = "auto",
     coarse: str | int = "auto",
+    reject_pen: bool = False,
 ) -> xr.Dataset:
     """Two-stage variance tissue mask of a slide image, lazily and blockwise.
 
@@ -172,6 +197,10 @@ def tissue_mask(
         ``"auto"``: use a lower pyramid level to skip patches without tissue: only the
         file's TIFF tiles under a patch that may hold tissue are decoded (no skip when
         the file has no pyramid); ``"none"``; or the level number to use.
+    reject_pen
+        Also find tiles covered by pen ink (marker strokes, from the same decoded pixels)
+        and remove them from ``tile_mask``; adds ``pen_mask`` and records the rule in
+        ``attrs["pen"]``. Off by default: the default is the exact reference rule.
 
     Returns
     -------
@@ -185,6 +214,8 @@ def tissue_mask(
         ``attrs["threshold"]`` says ``"auto"`` until a writer fills it in.
     """
     validate_mask_arguments(tile, patch, threshold)
+    if not isinstance(reject_pen, bool):
+        raise InvalidArgumentError(f"reject_pen={reject_pen!r}: use True or False.")
     if tuple(image.dims) != ("y", "x", "c"):
         raise InvalidArgumentError(f"tissue_mask needs an image with dims ('y', 'x', 'c'), got {image.dims}.")
     data = image.data if isinstance(image.data, da.Array) else da.from_array(image.data, chunks=(patch * 8, patch * 8, -1))
@@ -232,11 +263,12 @@ def tissue_mask(
         data,
         da.from_array(excluded[..., None], chunks=tile_chunks + ((1,),)),
         da.from_array(read_patches[..., None], chunks=pchunks + ((1,),)),
-        chunks=tile_chunks + ((2,),),
+        chunks=tile_chunks + ((3,),),
         dtype=np.float64,
         meta=np.empty((0, 0, 0), dtype=np.float64),
         tile=tile,
         patch=patch,
+        reject_pen=bool(reject_pen),
         name="wsi-tile-stats",
     )
     tile_var = stats[..., 0]
@@ -254,6 +286,11 @@ def tissue_mask(
         method = "given"
     read_error = xr.DataArray(excluded, dims=("tile_y", "tile_x"))
     tile_mask = two_stage_rule(tile_var, patch_var_per_tile, excluded, value)
+    variables: dict[str, Any] = {}
+    if reject_pen:
+        pen_mask = stats[..., 2] > 0
+        tile_mask = tile_mask & ~pen_mask
+        variables["pen_mask"] = (("tile_y", "tile_x"), pen_mask)
     y, x = image["y"].values, image["x"].values
     coords = {
         "tile_y": y[: nty * tile : tile],
@@ -275,11 +312,14 @@ def tissue_mask(
         "file_tiles_total": segments_total,
         "file_tiles_decoded": segments_decoded,
         "damaged_file_tiles": damaged_count,
+        "reject_pen": bool(reject_pen),
+        **({"pen": pen_attrs()} if reject_pen else {}),
         **{key: image.attrs[key] for key in ("source", "level", "downsample", "mpp", "backend") if key in image.attrs},
     }
     return xr.Dataset(
         {
             "tile_mask": (("tile_y", "tile_x"), tile_mask),
+            **variables,
             "tile_variance": (("tile_y", "tile_x"), tile_var.astype(np.float32)),
             "patch_mask": (("patch_y", "patch_x"), patch_var > value),
             "read_error": read_error,

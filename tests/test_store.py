@@ -1,0 +1,190 @@
+"""The pipeline's store: xarray-native names, resume from any kill point (creation, chunk
+writes, finalisation), refusal of foreign stores, migration of 0.1.0 stores, streamed
+Parquet."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+import zarr
+
+import wsi_xr
+from wsi_xr.models import VAE2, save_vae
+from wsi_xr.pipeline import process_slide, process_slides, write_parquet
+from wsi_xr.store import LAYOUT_VERSION, migrate_store
+from wsi_xr.synth import write_synthetic_slide
+
+CLI = [sys.executable, "-m", "wsi_xr.cli"]
+VARIABLES = ("tile_mask", "patch_mask", "read_error", "tile_variance", "patch_variance", "latent", "chunk_done")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp("weights") / "vae.pt"
+    save_vae(VAE2().eval(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("slides") / "small.tif"
+    write_synthetic_slide(path, 1536, 1280, seed=31, tissue_fraction=0.5)
+    return path
+
+
+def _assert_same_store(a: xr.Dataset, b: xr.Dataset) -> None:
+    for name in VARIABLES:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    assert a.attrs["complete"] is True and b.attrs["complete"] is True
+    assert a.attrs["threshold"] == b.attrs["threshold"] and a.attrs["tissue_tiles"] == b.attrs["tissue_tiles"]
+
+
+def test_output_is_xarray_native(small_slide: Path, weights: Path, tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ds = process_slide(small_slide, tmp_path / "n.zarr", weights=weights, chunks=512, progress=False)
+    # every dimension has an index of its own name; no other variable shares a dimension's name
+    assert set(ds.indexes) == set(ds.dims)
+    for name, variable in ds.variables.items():
+        if name in ds.dims:
+            assert variable.dims == (name,), f"{name} shares its name with a dimension"
+    assert ds.latent.dims == ("tile_y", "tile_x", "feature")
+    assert list(ds.feature.values) == list(range(32))
+    assert list(ds.chunk_y.values) == [0, 512, 1024] and list(ds.chunk_x.values) == [0, 512, 1024]
+    first = ds.latent.sel(feature=0)
+    assert first.dims == ("tile_y", "tile_x")
+    tissue = ds.tile_mask.values
+    assert np.isfinite(first.values[tissue]).all() and np.isnan(first.values[~tissue]).all()
+    assert bool(ds.chunk_done.sel(chunk_y=512, chunk_x=1024))
+    assert int(ds.tile_variance.sel(tile_y=640, tile_x=128).size) == 1
+    frame = ds.to_dataframe()  # every variable broadcast over every dimension: fine for a small slide
+    assert len(frame) == np.prod([ds.sizes[d] for d in frame.index.names])
+    tiles = ds[["tile_mask", "tile_variance", "read_error"]].to_dataframe()  # the per-tile table
+    assert len(tiles) == tissue.size and int(tiles.tile_mask.sum()) == int(tissue.sum())
+    ds.tile_variance.plot()
+    ds.latent.sel(feature=3).plot()
+    matplotlib.pyplot.close("all")
+
+
+def test_process_slide_takes_an_opened_slide(small_slide: Path, weights: Path, tmp_path: Path) -> None:
+    opened = wsi_xr.readers.open_file(small_slide)
+    grid = opened.damage(0)
+    a = process_slide(opened, tmp_path / "a.zarr", weights=weights, chunks=512, progress=False).compute()
+    assert opened.damage(0) is grid  # scanned once, reused
+    b = process_slide(small_slide, tmp_path / "b.zarr", weights=weights, chunks=512, progress=False).compute()
+    _assert_same_store(a, b)
+    assert a.attrs["backend"] == "cucim" and "safe" in a.attrs["backend_reason"]
+
+
+KILL_POINTS = [
+    "create-begin",
+    "create-attrs",
+    "create-array",
+    "create-array#3",
+    "create-rename",
+    "chunk-done#1",
+    "chunk-done#5",
+    "finalize-masks",
+    "finalize-latents",
+    "finalize-attrs",
+    "finalize-complete",
+]
+
+
+def test_resume_from_any_kill_point(small_slide: Path, weights: Path, tmp_path: Path) -> None:
+    """SIGKILL `wsi-xr run` at each named point (creation, chunk writes, finalisation),
+    then run again (in this process, to keep the test short): the store ends identical
+    to an uninterrupted run, and no half-built copy is left behind."""
+    args = ["--weights", str(weights), "--chunk", "512", "--scheduler", "threads", "--quiet"]
+    options = {"weights": weights, "chunks": 512, "progress": False}
+    expected = process_slide(small_slide, tmp_path / "reference.zarr", **options).compute()
+    for point in KILL_POINTS:
+        store = tmp_path / f"killed-{point.replace('#', '-')}.zarr"
+        env = {**os.environ, "WSI_XR_KILL_AT": point}
+        killed = subprocess.run(CLI + ["run", str(small_slide), str(store), *args], env=env, capture_output=True, text=True)
+        assert killed.returncode == -9, f"{point}: the run was not killed ({killed.returncode}): {killed.stderr[-500:]}"
+        if store.exists():  # from its first moment the store is wsi_xr's, never half-built
+            assert "wsi_xr_run" in json.loads((store / "zarr.json").read_text())["attributes"], point
+            assert not xr.open_zarr(store, consolidated=False).attrs["complete"] or point == "finalize-complete"
+        _assert_same_store(expected, process_slide(small_slide, store, **options).compute())
+        assert not list(tmp_path.glob(f".{store.name}.creating-*")), f"{point}: a half-built copy was left behind"
+
+
+def test_a_foreign_store_is_still_refused(small_slide: Path, weights: Path, tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.zarr"
+    zarr.open_group(foreign, mode="w", zarr_format=3).create_array("data", shape=(4,), dtype="int8")
+    with pytest.raises(wsi_xr.StoreError, match="did not write"):
+        process_slide(small_slide, foreign, weights=weights, progress=False)
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(wsi_xr.StoreError, match="did not write"):
+        process_slide(small_slide, folder, weights=weights, progress=False)
+    assert (folder / "notes.txt").read_text() == "mine"
+    empty = tmp_path / "empty.zarr"
+    empty.mkdir()  # an empty folder is fine to write into
+    assert process_slide(small_slide, empty, weights=weights, chunks=512, progress=False).attrs["complete"]
+
+
+def _downgrade_to_layout_1(store: Path) -> None:
+    """Rewrite a store into the layout wsi_xr 0.1.0 wrote (a ``latent`` dimension, no index
+    for ``latent``/``chunk_*``, no layout version) -- what a user of 0.1.0 has on disk."""
+    for name in ("feature", "chunk_y", "chunk_x"):
+        shutil.rmtree(store / name)
+    meta = store / "latent" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["dimension_names"] = ["tile_y", "tile_x", "latent"]
+    meta.write_text(json.dumps(doc))
+    group = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
+    run = dict(group.attrs["wsi_xr_run"])
+    del run["layout"], run["precision"], run["reject_pen"]
+    group.attrs["wsi_xr_run"] = run
+    zarr.consolidate_metadata(store)
+
+
+def test_old_stores_get_a_clear_message_and_migrate(small_slide: Path, weights: Path, tmp_path: Path) -> None:
+    store = tmp_path / "old.zarr"
+    current = process_slide(small_slide, store, weights=weights, chunks=512, progress=False).compute()
+    _downgrade_to_layout_1(store)
+    with pytest.raises(wsi_xr.StoreError, match="wsi-xr migrate"):
+        process_slide(small_slide, store, weights=weights, chunks=512, progress=False)
+    run = subprocess.run(CLI + ["migrate", str(store)], capture_output=True, text=True)
+    assert run.returncode == 0 and "migrated /" in run.stdout, run.stderr
+    migrated = xr.open_zarr(store).compute()
+    assert migrated.latent.dims == ("tile_y", "tile_x", "feature") and set(migrated.indexes) == set(migrated.dims)
+    np.testing.assert_array_equal(migrated.latent.values, current.latent.values)
+    np.testing.assert_array_equal(migrated.chunk_y.values, current.chunk_y.values)
+    assert migrated.attrs["wsi_xr_run"]["layout"] == LAYOUT_VERSION
+    assert migrate_store(store) == []  # a second time changes nothing
+
+
+def test_cohort_parquet_streams_every_slide(small_slide: Path, weights: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.tif"
+    write_synthetic_slide(other, 1024, 1024, seed=32, tissue_fraction=0.4)
+    store = tmp_path / "cohort.zarr"
+    tree = process_slides([small_slide, other, small_slide], store, weights=weights, chunks=512, progress=False)
+    rows = write_parquet(store, tmp_path / "rows.parquet")
+    back = pd.read_parquet(tmp_path / "rows.parquet")
+    counts = {name: int(tree[name].tile_mask.sum()) for name in tree.children}
+    assert rows == len(back) == sum(counts.values())
+    assert back.groupby("slide").size().to_dict() == {k: v for k, v in counts.items() if v}
+    import pyarrow.parquet as pq
+
+    assert pq.ParquetFile(tmp_path / "rows.parquet").num_row_groups == 3  # one slide at a time
+    first = back[back.slide == "small"].iloc[0]
+    ds = tree["small"].to_dataset()
+    np.testing.assert_allclose(
+        ds.latent.sel(tile_y=first.y, tile_x=first.x).values, first[[f"latent_{i}" for i in range(32)]].to_numpy(dtype=np.float32)
+    )
