@@ -19,7 +19,7 @@ import xarray as xr
 from dask.base import tokenize
 
 from wsi_xr.errors import InvalidArgumentError
-from wsi_xr.readers import DAMAGED_POLICIES, LevelInfo, OpenedSlide, SlideInfo, decide_backend, open_file, read_window
+from wsi_xr.readers import DAMAGED_POLICIES, GPU_BACKENDS, LevelInfo, OpenedSlide, SlideInfo, decide_backend, open_file, read_window
 
 __all__ = [
     "ChunkSpec",
@@ -178,6 +178,11 @@ def slide_array(
         raise InvalidArgumentError(f"device={device!r}: use 'cpu' or 'cuda'.")
     if damaged not in DAMAGED_POLICIES:
         raise InvalidArgumentError(f"damaged={damaged!r}: use one of {DAMAGED_POLICIES}.")
+    if opened.backend in GPU_BACKENDS and device != "cuda":
+        raise InvalidArgumentError(
+            f"{info.path}: backend {opened.backend!r} decodes into GPU memory; use device='cuda' with it, "
+            "or backend='auto' for CPU chunks."
+        )
     lv = info.levels[level]
     cy, cx = _chunk_sides(chunks, lv)
     if device == "cuda":

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from wsi_xr.readers.backends import AUTO_ORDER, BACKENDS, BackendChoice, choose_backend, decide_backend, reader_key
+from wsi_xr.readers.backends import AUTO_ORDER, BACKENDS, GPU_BACKENDS, BackendChoice, choose_backend, decide_backend, reader_key
 from wsi_xr.readers.base import HandleCache, Reader, ReaderKey, ReadStats, decoded_pixels, read_stats, record_read, reset_read_stats
 from wsi_xr.readers.integrity import SegmentGrid, scan_level
 from wsi_xr.readers.opened import OpenedSlide, open_file
@@ -32,6 +32,7 @@ __all__ = [
     "AUTO_ORDER",
     "BACKENDS",
     "DAMAGED_POLICIES",
+    "GPU_BACKENDS",
     "BackendChoice",
     "HandleCache",
     "LevelInfo",

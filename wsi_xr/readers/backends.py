@@ -16,14 +16,20 @@ from wsi_xr.errors import InvalidArgumentError, UnsupportedFormatError
 from wsi_xr.readers.base import Reader, ReaderKey
 from wsi_xr.readers.probe import SlideInfo
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "BackendChoice", "choose_backend", "decide_backend", "reader_class", "reader_key"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "GPU_BACKENDS", "BackendChoice", "choose_backend", "decide_backend", "reader_class", "reader_key"]
 
 #: ``backend name -> "module:Class"`` of every reader wsi_xr has.
 _READERS = {
     "cucim": "wsi_xr.readers.cucim_backend:CuCIMReader",
     "tifffile": "wsi_xr.readers.tifffile_backend:TifffileReader",
     "openslide": "wsi_xr.readers.openslide_backend:OpenSlideReader",
+    # GPU decode into CuPy chunks; opt-in (never chosen by "auto") until a GPU benchmark
+    # shows it beating the CPU decoders -- see README "GPU decoding"
+    "nvimgcodec": "wsi_xr.readers.nvimgcodec_backend:NvImageCodecReader",
 }
+
+#: Backends that decode into GPU memory (they need ``device="cuda"``).
+GPU_BACKENDS = frozenset({"nvimgcodec"})
 
 #: Accepted values of every ``backend=`` argument.
 BACKENDS = ("auto", *_READERS)
@@ -60,6 +66,8 @@ def decide_backend(info: SlideInfo, backend: str = "auto") -> BackendChoice:
         raise InvalidArgumentError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}.")
     if backend != "auto":
         problem = info.problem(backend)
+        if problem is None and backend == "nvimgcodec":
+            problem = _nvimgcodec_problem(info)
         if problem is not None:
             raise InvalidArgumentError(
                 f"{info.path}: the {backend} backend cannot read this file safely ({problem}); "
@@ -79,6 +87,13 @@ def decide_backend(info: SlideInfo, backend: str = "auto") -> BackendChoice:
         f"{info.path}: no wsi_xr backend can read this file ({'; '.join(skipped)}). "
         "Convert it to a tiled pyramidal TIFF, e.g. with `vips tiffsave --tile --pyramid --compression jpeg`."
     )
+
+
+def _nvimgcodec_problem(info: SlideInfo) -> str | None:
+    from wsi_xr.readers.nvimgcodec_backend import nvimgcodec_available, nvimgcodec_file_problem
+
+    ok, reason = nvimgcodec_available()
+    return nvimgcodec_file_problem(info) if ok else reason
 
 
 def choose_backend(info: SlideInfo, backend: str = "auto") -> str:

@@ -173,6 +173,26 @@ def window_rectangles(decode: np.ndarray) -> list[tuple[int, int, int, int]]:
     return sorted(rectangles)
 
 
+def _read_batched(reader: Any, key: ReaderKey, lv: LevelInfo, y: int, x: int, height: int, width: int, decode: np.ndarray) -> Any:
+    """Decode every wanted, sound TIFF tile of a window in one batched call (GPU backends)."""
+    try:
+        pixels, failed = reader.read_with_damage(lv.index, y, x, height, width, decode)
+    except WsiXrError:
+        raise
+    except Exception as err:
+        raise SlideReadError(
+            f"{key.path}: could not decode level {lv.index} window y={y} x={x} {height}x{width} "
+            f"with {key.backend} ({type(err).__name__}: {err})."
+        ) from err
+    if failed:  # sound by the structural scan, yet no decoder could decode it: never score zeros
+        raise SlideReadError(
+            f"{key.path}: level {lv.index} window y={y} x={x} {height}x{width}: {len(failed)} TIFF tile(s) could "
+            f"not be decoded ({failed[0].reason}). Try backend='cucim' or 'tifffile', or re-export the slide."
+        )
+    record_read(height * width, decoded_pixels(y, x, height, width, lv.tile_height, lv.tile_width, lv.height, lv.width))
+    return pixels
+
+
 def read_window(
     key: ReaderKey,
     level: int,
@@ -229,6 +249,9 @@ def read_window(
     if wanted is not None:
         i0, j0 = y // grid.seg_h, x // grid.seg_w
         decode = decode & wanted[i0 : i0 + bad.shape[0], j0 : j0 + bad.shape[1]]
+    if hasattr(reader, "read_with_damage"):  # a batched GPU decoder: one call for the whole grid
+        reader.use_damage(level, grid)  # the client's scan: the reader does not scan again
+        return _read_batched(reader, key, lv, y, x, height, width, decode)
     try:
         if decode.all():
             pixels = _decode(reader, lv, y, x, height, width)
