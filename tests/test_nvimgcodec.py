@@ -590,3 +590,35 @@ def test_bench_gpu_stops_clearly_without_a_gpu() -> None:
     run = subprocess.run([sys.executable, "-m", "benchmarks.bench_gpu", "--size", "32768"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert run.returncode != 0 and "bench_gpu needs CuPy and a CUDA GPU" in run.stderr
+
+
+def test_auto_never_picks_nvimgcodec(jpeg_slide: Path, j2k_slide: Path, cmu: Path) -> None:
+    from wsi_xr.readers import decide_backend
+
+    for path in (jpeg_slide, j2k_slide, cmu):
+        assert decide_backend(probe(path)).name != "nvimgcodec"
+    ok, reason = nvimgcodec_backend.nvimgcodec_available()
+    if ok:
+        pytest.skip("this machine has a GPU with nvImageCodec: the refusal below cannot be seen here")
+    with pytest.raises(wsi_xr.InvalidArgumentError, match="nvimgcodec") as err:
+        wsi_xr.open_slide(jpeg_slide, backend="nvimgcodec", device="cuda")
+    assert str(jpeg_slide) in str(err.value) and reason.split(" (")[0] in str(err.value)
+
+
+@pytest.mark.gpu
+def test_gpu_pipeline_store_equals_cpu_store(gpu: None, j2k_slide: Path, jpeg_slide: Path, tmp_path: Path) -> None:
+    """JPEG 2000 decodes exactly on the GPU: the whole store equals the CPU run's (latents
+    within TF32 tolerance). JPEG may differ by a few levels: masks agree on nearly every tile."""
+    from wsi_xr.pipeline import process_slide
+
+    for path, exact in ((j2k_slide, True), (jpeg_slide, False)):
+        cpu = process_slide(path, tmp_path / f"{path.stem}-cpu.zarr", chunks=512, threshold=100.0, progress=False).compute()
+        gpu_store = process_slide(
+            path, tmp_path / f"{path.stem}-gpu.zarr", chunks=512, threshold=100.0, device="cuda", backend="nvimgcodec", progress=False
+        ).compute()
+        both = cpu.tile_mask.values & gpu_store.tile_mask.values
+        if exact:
+            np.testing.assert_array_equal(cpu.tile_mask.values, gpu_store.tile_mask.values)
+        else:
+            assert (cpu.tile_mask.values == gpu_store.tile_mask.values).mean() >= 0.99
+        np.testing.assert_allclose(gpu_store.latent.values[both], cpu.latent.values[both], atol=0.05)
