@@ -58,7 +58,7 @@ def write_noise_tiff(path: Path) -> None:
     """Uncompressed tiled TIFF of random pixels whose level 1 has a non-integer downsample.
 
     Level 0 is 4501 x 651 (so level-0 windows wider than OpenSlide's 4096-px pieces exist),
-    level 1 is 2250 x 325: OpenSlide's downsample for it is 2.0013..., so most level-1
+    level 1 is 2250 x 325: OpenSlide's downsample for it is 2.0018..., so most level-1
     pixels cannot be placed exactly from their own level-0 location. Random pixels make
     any resampling visible.
     """
