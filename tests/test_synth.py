@@ -14,12 +14,16 @@ import tifffile
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.synth import (
     SynthSpec,
+    ink_strokes,
+    ink_tile_fraction,
+    ink_truth,
     render_region,
     tile_tissue_fraction,
     tile_truth,
     tissue_truth,
     write_synthetic_slide,
 )
+from wsi_xr.synth_ink import InkStroke, ink_mask_region, ink_od_region
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,6 +176,7 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     bad = [
         {"width": 0}, {"seed": -1}, {"tissue_fraction": 1.5}, {"tile_size": 100},
         {"compression": "lzw"}, {"jpeg_quality": 0}, {"mpp": -0.5}, {"levels": 0}, {"levels": 40},
+        {"pen_strokes": -1}, {"pen_strokes": 65}, {"pen_strokes": 2.5}, {"pen_strokes": True},
     ]
     for change in bad:
         args = {"width": 64, "height": 64} | change
@@ -318,3 +323,75 @@ def test_memory_stays_bounded(large: tuple[Path, SynthSpec, int]) -> None:
         assert tif.pages[0].shape == (16384, 16384, 3)
         assert len(tif.pages) == spec.n_levels == 7
     assert growth_kib / 1024 < 300, f"peak RSS grew by {growth_kib / 1024:.0f} MB"
+
+
+# ----------------------------------------------------------------------------- pen marks
+
+
+def test_pen_strokes_off_changes_nothing(tmp_path: Path) -> None:
+    spec = SynthSpec(700, 600, seed=5)
+    assert spec.pen_strokes == 0 and spec == SynthSpec(700, 600, seed=5, pen_strokes=0)
+    write_synthetic_slide(tmp_path / "default.tif", 700, 600, seed=5)
+    write_synthetic_slide(tmp_path / "off.tif", 700, 600, seed=5, pen_strokes=0)
+    write_synthetic_slide(tmp_path / "on.tif", 700, 600, seed=5, pen_strokes=3)
+    default = (tmp_path / "default.tif").read_bytes()
+    assert (tmp_path / "off.tif").read_bytes() == default
+    assert (tmp_path / "on.tif").read_bytes() != default
+    assert ink_strokes(spec) == () and not ink_truth(spec).any() and not ink_tile_fraction(spec).any()
+    with tifffile.TiffFile(tmp_path / "on.tif") as tif:
+        assert tif.pages[0].description == "wsi_xr synthetic slide seed=5 tissue_fraction=0.3 pen_strokes=3"
+
+
+def test_pen_strokes_darken_only_where_ink_is() -> None:
+    spec = SynthSpec(1024, 768, seed=2, tissue_fraction=0.4, pen_strokes=8)
+    plain = SynthSpec(1024, 768, seed=2, tissue_fraction=0.4)
+    inked, clean = render_region(spec, 0, 0, 1024, 768), render_region(plain, 0, 0, 1024, 768)
+    np.testing.assert_array_equal(render_region(spec, 300, 200, 400, 300), inked[200:500, 300:700])  # seamless
+    truth = ink_truth(spec)
+    assert 0.03 < truth.mean() < 0.6
+    # Ink only absorbs: no pixel gets brighter, and pixels the ink cannot reach are unchanged.
+    assert (inked <= clean).all()
+    changed = (inked != clean).any(axis=2)
+    assert changed[truth].mean() > 0.99
+    untouched = ink_od_region(ink_strokes(spec), 0, 0, 1024, 768).max(axis=0) == 0
+    assert untouched.mean() > 0.4 and not changed[untouched].any()
+    assert not (truth & untouched).any()
+    # A pixel inside a stroke is clearly darker (the ink is not faint).
+    loss = clean.astype(np.int16).sum(axis=2) - inked.astype(np.int16).sum(axis=2)
+    assert np.median(loss[truth]) > 100
+    # Deterministic from the seed; another seed draws other strokes.
+    again = SynthSpec(1024, 768, seed=2, tissue_fraction=0.4, pen_strokes=8)
+    np.testing.assert_array_equal(ink_truth(again), truth)
+    assert not np.array_equal(ink_truth(SynthSpec(1024, 768, seed=3, tissue_fraction=0.4, pen_strokes=8)), truth)
+
+
+def test_ink_truth_colours_kinds_and_tiles() -> None:
+    spec = SynthSpec(2048, 1536, seed=1, tissue_fraction=0.35, pen_strokes=6)
+    strokes = ink_strokes(spec)
+    assert len(strokes) == 6
+    assert {s.colour for s in strokes} == {"blue", "green", "red", "black"}
+    assert {s.kind for s in strokes} == {"glass", "tissue", "crossing"}
+    tissue = tissue_truth(spec)
+    for stroke in strokes:
+        alone = ink_truth_of(spec, stroke)
+        on_tissue = tissue[alone].mean()
+        expected = {"glass": (0.0, 0.05), "tissue": (0.95, 1.0), "crossing": (0.1, 0.9)}[stroke.kind]
+        assert expected[0] <= on_tissue <= expected[1], (stroke.colour, stroke.kind, on_tissue)
+    # Tile fractions are the tile means of the pixel truth, per ink and together.
+    truth = ink_truth(spec)
+    fraction = ink_tile_fraction(spec, 64)
+    assert fraction.shape == (24, 32) and fraction.dtype == np.float32
+    np.testing.assert_allclose(fraction, truth.reshape(24, 64, 32, 64).mean(axis=(1, 3)), atol=1e-7)
+    per_colour = [ink_tile_fraction(spec, 64, colour=c) for c in ("blue", "green", "red", "black")]
+    assert all(p.any() for p in per_colour)
+    assert (sum(per_colour) >= fraction - 1e-6).all() and all((p <= fraction + 1e-6).all() for p in per_colour)
+    assert ink_truth(spec, level=1).shape == spec.level_shape(1)
+    with pytest.raises(InvalidArgumentError, match="colour='purple'"):
+        ink_tile_fraction(spec, colour="purple")
+    with pytest.raises(InvalidArgumentError):
+        ink_tile_fraction(spec, tile=0)
+
+
+def ink_truth_of(spec: SynthSpec, stroke: InkStroke) -> np.ndarray:
+    """Pixel truth of one stroke alone."""
+    return ink_mask_region((stroke,), 0, 0, spec.width, spec.height)

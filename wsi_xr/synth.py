@@ -27,6 +27,10 @@ How it is built:
   Output is byte-identical for identical arguments (on one machine: the coarse field
   uses BLAS matrix products and float32 maths that may differ in the last bit on
   another CPU).
+* **Pen marks (opt-in).** ``pen_strokes=N`` adds N marker strokes (blue, green, red,
+  black; on glass, over tissue, and crossing both) in front of the section, with
+  ground truth from :func:`ink_truth` and :func:`ink_tile_fraction`
+  (:mod:`wsi_xr.synth_ink`). With the default ``pen_strokes=0`` nothing changes.
 
 >>> spec = write_synthetic_slide("slide.tif", 4096, 4096, seed=1)   # doctest: +SKIP
 >>> truth = tile_truth(spec)                                         # doctest: +SKIP
@@ -48,12 +52,16 @@ import numpy as np
 import tifffile
 
 from wsi_xr.errors import InvalidArgumentError
+from wsi_xr.synth_ink import INK_COLOURS, InkStroke, ink_mask_region, ink_od_region, make_strokes
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 __all__ = [
     "SynthSpec",
+    "ink_strokes",
+    "ink_tile_fraction",
+    "ink_truth",
     "render_region",
     "tile_tissue_fraction",
     "tile_truth",
@@ -86,6 +94,8 @@ _BLOTCH_PERIOD = 768
 _NOISE_POOL = 1024
 #: Blocks whose nuclei and specks a slide model keeps (3 block rows of a 65536-px slide).
 _FEATURE_CACHE = 1024
+#: Most pen strokes a slide may have.
+_MAX_STROKES = 64
 #: Threads rendering level-0 tiles ahead of the TIFF writer.
 _RENDER_THREADS = max(1, min(4, os.cpu_count() or 1))
 
@@ -112,6 +122,9 @@ class SynthSpec:
         JPEG quality, 1-100 (ignored for other compressions).
     mpp : float or None
         Microns per level-0 pixel written to the resolution tags; ``None`` writes none.
+    pen_strokes : int
+        Number of marker-pen strokes drawn on the slide (0 to 64; 0, the default,
+        draws none and leaves every pixel as without the option).
 
     Raises
     ------
@@ -128,6 +141,7 @@ class SynthSpec:
     compression: str = "jpeg"
     jpeg_quality: int = 90
     mpp: float | None = 0.5
+    pen_strokes: int = 0
 
     def __post_init__(self) -> None:
         for name in ("width", "height"):
@@ -153,6 +167,10 @@ class SynthSpec:
             not isinstance(self.mpp, (int, float)) or not math.isfinite(self.mpp) or self.mpp <= 0
         ):
             raise InvalidArgumentError(f"mpp={self.mpp!r}: give a positive number of microns per pixel, or None")
+        if not _is_int(self.pen_strokes) or not 0 <= self.pen_strokes <= _MAX_STROKES:
+            raise InvalidArgumentError(
+                f"pen_strokes={self.pen_strokes!r}: give an integer from 0 (no ink) to {_MAX_STROKES}"
+            )
         most = _max_levels(self.width, self.height)
         if self.levels is not None and (not _is_int(self.levels) or not 1 <= self.levels <= most):
             raise InvalidArgumentError(
@@ -314,6 +332,7 @@ class _Model:
     white: np.ndarray  # float32 (3,) light through clean glass
     gradient: tuple[float, float, float]  # illumination: x slope, y slope, vignette
     eosin_scale: float
+    strokes: tuple[InkStroke, ...] = ()  # marker-pen ink (empty unless spec.pen_strokes)
     # Nuclei and specks of recently used blocks (each block needs its neighbours').
     features: dict[tuple[int, int], tuple[_Blobs, _Blobs]] = field(default_factory=dict)
 
@@ -355,6 +374,13 @@ def _model(spec: SynthSpec) -> _Model:
     rng = np.random.default_rng([seed, 5])
     white = np.array([241.0, 239.0, 242.0]) + rng.uniform(-1.0, 1.0, 3)
     gradient = (float(rng.uniform(-0.02, 0.02)), float(rng.uniform(-0.02, 0.02)), float(rng.uniform(0.01, 0.03)))
+    strokes: tuple[InkStroke, ...] = ()
+    if spec.pen_strokes:
+
+        def on_tissue(px: np.ndarray, py: np.ndarray) -> np.ndarray:
+            return _points(shape, step, px, py) > threshold
+
+        strokes = make_strokes(np.random.default_rng([seed, 6]), width, height, spec.pen_strokes, on_tissue)
     return _Model(
         spec=spec,
         step=step,
@@ -366,6 +392,7 @@ def _model(spec: SynthSpec) -> _Model:
         white=white.astype(np.float32),
         gradient=gradient,
         eosin_scale=float(rng.uniform(0.9, 1.15)),
+        strokes=strokes,
     )
 
 
@@ -551,12 +578,17 @@ def _render_block(model: _Model, bx: int, by: int) -> np.ndarray:
         haem *= on
         sigma = _NOISE_GLASS + (_NOISE_TISSUE - _NOISE_GLASS) * on
 
+    # Marker ink lies in front of the section: its absorbance adds to the stains'.
+    ink = ink_od_region(model.strokes, x0, y0, w, h) if model.strokes else None
+
     out = np.empty((h, w, 3), dtype=np.uint8)
     for c in range(3):
         od = dust.copy()
         if eosin is not None and haem is not None:
             od += eosin * _EOSIN_OD[c]
             od += haem * _HAEMATOXYLIN_OD[c]
+        if ink is not None:
+            od += ink[c]
         np.negative(od, out=od)
         np.exp(od, out=od)
         od *= light
@@ -776,6 +808,109 @@ def tile_truth(spec: SynthSpec, tile: int = 64, *, min_fraction: float = 0.5) ->
     return tile_tissue_fraction(spec, tile) >= np.float32(min_fraction)
 
 
+def ink_strokes(spec: SynthSpec) -> tuple[InkStroke, ...]:
+    """The marker-pen strokes of a slide (empty unless ``spec.pen_strokes``).
+
+    Each :class:`~wsi_xr.synth_ink.InkStroke` says its ``colour`` (blue, green, red,
+    black), its ``kind`` (drawn on glass, over tissue, or crossing both) and geometry.
+    """
+    return _model(spec).strokes
+
+
+def _selected_strokes(spec: SynthSpec, colour: str | None) -> tuple[InkStroke, ...]:
+    if colour is not None and colour not in INK_COLOURS:
+        raise InvalidArgumentError(f"colour={colour!r}: choose one of {list(INK_COLOURS)}, or None for all inks")
+    return tuple(s for s in ink_strokes(spec) if colour is None or s.colour == colour)
+
+
+def ink_truth(spec: SynthSpec, *, level: int = 0, colour: str | None = None) -> np.ndarray:
+    """Ground-truth per-pixel ink mask of one level (all False without pen strokes).
+
+    A level-0 pixel is ink when its centre lies inside a stroke (within the stroke's
+    half width of its centre line: the middle of the stroke's soft border). A
+    lower-level pixel is ink when at least half of the level-0 pixels it averages are.
+    Builds the whole mask in memory: meant for small slides and tests.
+
+    Parameters
+    ----------
+    spec : SynthSpec
+        The slide.
+    level : int
+        Pyramid level.
+    colour : str or None
+        Only strokes of this ink (``"blue"``, ``"green"``, ``"red"``, ``"black"``).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``bool`` array of the level's ``(height, width)``.
+
+    Raises
+    ------
+    InvalidArgumentError
+        If the level or colour does not exist, or the slide is too large for one mask.
+    """
+    shape = spec.level_shape(level)
+    if spec.width * spec.height > _MAX_TRUTH_PIXELS:
+        raise InvalidArgumentError(
+            f"ink_truth builds the whole {spec.width}x{spec.height} mask in memory; "
+            "use ink_tile_fraction for slides this large"
+        )
+    strokes = _selected_strokes(spec, colour)
+    mask = ink_mask_region(strokes, 0, 0, spec.width, spec.height)
+    if level == 0:
+        return mask
+    fraction = mask.astype(np.float32)
+    for _ in range(level):
+        fraction = _box_mean(fraction)
+    assert fraction.shape == shape
+    return fraction >= 0.5
+
+
+def ink_tile_fraction(spec: SynthSpec, tile: int = 64, *, colour: str | None = None) -> np.ndarray:
+    """Exact fraction of ink pixels (see :func:`ink_truth`) in each full level-0 tile.
+
+    Only regions that a stroke can reach are evaluated, so the cost grows with the
+    inked area, not the slide. With :func:`tile_tissue_fraction` this separates
+    ink-only tiles (ink, no tissue), clean tissue tiles (tissue, no ink) and inked
+    tissue.
+
+    Parameters
+    ----------
+    spec : SynthSpec
+        The slide.
+    tile : int
+        Tile side in level-0 pixels.
+    colour : str or None
+        Only strokes of this ink (``"blue"``, ``"green"``, ``"red"``, ``"black"``).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32 (height // tile, width // tile)``; partial edge tiles left out.
+
+    Raises
+    ------
+    InvalidArgumentError
+        If ``tile`` is not a positive integer or ``colour`` is not an ink.
+    """
+    if not _is_int(tile) or tile < 1:
+        raise InvalidArgumentError(f"tile={tile!r}: give a positive tile size in pixels")
+    tile = int(tile)
+    strokes = _selected_strokes(spec, colour)
+    n_ty, n_tx = spec.height // tile, spec.width // tile
+    out = np.zeros((n_ty, n_tx), dtype=np.float32)
+    per = max(1, _BLOCK // tile)  # tiles per side of one evaluated region
+    for ty in range(0, n_ty, per):
+        for tx in range(0, n_tx, per):
+            rows, cols = min(per, n_ty - ty), min(per, n_tx - tx)
+            mask = ink_mask_region(strokes, tx * tile, ty * tile, cols * tile, rows * tile)
+            if mask.any():
+                counts = mask.reshape(rows, tile, cols, tile).sum(axis=(1, 3))
+                out[ty:ty + rows, tx:tx + cols] = counts / np.float32(tile * tile)
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # Writing the TIFF.
 # --------------------------------------------------------------------------------------
@@ -899,6 +1034,7 @@ def write_synthetic_slide(
     compression: str = "jpeg",
     jpeg_quality: int = 90,
     mpp: float | None = 0.5,
+    pen_strokes: int = 0,
     progress: bool = False,
 ) -> SynthSpec:
     """Write a synthetic H&E-like pyramidal tiled TIFF.
@@ -933,6 +1069,9 @@ def write_synthetic_slide(
     mpp : float or None
         Microns per level-0 pixel for the resolution tags (centimetre unit; lower
         levels scaled by their nominal downsample ``2**L``). ``None`` writes none.
+    pen_strokes : int
+        Marker-pen strokes to draw (0-64; default 0: none, and the file is exactly
+        as without the option). Their truth: :func:`ink_truth`, :func:`ink_tile_fraction`.
     progress : bool
         Show a progress bar per level (tqdm).
 
@@ -949,7 +1088,7 @@ def write_synthetic_slide(
     """
     spec = SynthSpec(
         width=width, height=height, seed=seed, tissue_fraction=tissue_fraction, tile_size=tile_size,
-        levels=levels, compression=compression, jpeg_quality=jpeg_quality, mpp=mpp,
+        levels=levels, compression=compression, jpeg_quality=jpeg_quality, mpp=mpp, pen_strokes=pen_strokes,
     )
     path = os.fspath(path)
     model = _model(spec)
@@ -997,6 +1136,8 @@ def write_synthetic_slide(
             tiles.close()  # type: ignore[attr-defined]
 
     description = f"wsi_xr synthetic slide seed={spec.seed} tissue_fraction={float(spec.tissue_fraction):g}"
+    if spec.pen_strokes:
+        description += f" pen_strokes={spec.pen_strokes}"
     with tifffile.TiffWriter(path, bigtiff=bigtiff) as writer:
         write(writer, _level0_tiles(model, size), 0, description=description)
     for level in range(1, spec.n_levels):
