@@ -13,6 +13,8 @@ from wsi_xr.slide import slide_dataarray
 
 #: Longest side of thumbnails, in pixels.
 THUMBNAIL_SIDE = 1024
+#: Overlay colours of :func:`plot_mask_overlay`: tissue, read error, pen mark.
+TISSUE_COLOUR, READ_ERROR_COLOUR, PEN_COLOUR = "#1b9e77", "#d7191c", "#7570b3"
 
 
 def thumbnail(slide: str | os.PathLike[str], max_side: int = THUMBNAIL_SIDE) -> xr.DataArray:
@@ -31,8 +33,26 @@ def thumbnail(slide: str | os.PathLike[str], max_side: int = THUMBNAIL_SIDE) -> 
     return image[::step, ::step].compute()
 
 
+def overlay_classes(mask: xr.Dataset) -> np.ndarray:
+    """Tile classes drawn by :func:`plot_mask_overlay`, float ``(tile_y, tile_x)``.
+
+    1 = tissue (``tile_mask``), 2 = read error, 3 = pen mark (``pen_mask``, when the
+    Dataset has one), NaN = nothing drawn. Read errors win over pen marks, pen marks
+    over tissue (a pen tile is not tissue once pen rejection is on).
+    """
+    classes = np.where(np.asarray(mask.tile_mask.values, dtype=bool), 1.0, np.nan)
+    if "pen_mask" in mask:
+        classes[np.asarray(mask.pen_mask.values, dtype=bool)] = 3.0
+    classes[np.asarray(mask.read_error.values, dtype=bool)] = 2.0
+    return classes
+
+
 def plot_mask_overlay(mask: xr.Dataset, slide: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
-    """Write a PNG: the slide thumbnail, tissue tiles in green, read errors in red."""
+    """Write a PNG: the slide thumbnail, tissue tiles in green, read errors in red.
+
+    When ``mask`` has a ``pen_mask (tile_y, tile_x)`` variable (pen-mark rejection),
+    its tiles are drawn in a third colour (purple) with their own legend entry.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,14 +72,20 @@ def plot_mask_overlay(mask: xr.Dataset, slide: str | os.PathLike[str], out: str 
         ax.set_xlabel("x (level-0 px)")
     axes[0].set_ylabel("y (level-0 px)")
     axes[0].set_title("slide")
-    layer = np.where(mask.read_error.values, 2, np.where(mask.tile_mask.values, 1, 0)).astype(float)
-    layer[layer == 0] = np.nan
+    layer = overlay_classes(mask)
     if layer.size:
-        axes[1].pcolormesh(x_edges, y_edges, layer, cmap=ListedColormap(["#1b9e77", "#d7191c"]), vmin=1, vmax=2, alpha=0.45, shading="flat")
+        colours = ListedColormap([TISSUE_COLOUR, READ_ERROR_COLOUR, PEN_COLOUR])
+        axes[1].pcolormesh(x_edges, y_edges, layer, cmap=colours, vmin=0.5, vmax=3.5, alpha=0.45, shading="flat")
     kept = int(mask.tile_mask.sum())
     threshold = mask.attrs.get("threshold")
-    axes[1].set_title(f"tissue tiles: {kept} of {mask.tile_mask.size}  (threshold {threshold if isinstance(threshold, str) else f'{threshold:.1f}'})")
-    axes[1].legend(handles=[Patch(color="#1b9e77", alpha=0.6, label="tissue tile"), Patch(color="#d7191c", alpha=0.6, label="read error")], loc="lower right", fontsize=8)
+    title = f"tissue tiles: {kept} of {mask.tile_mask.size}  (threshold {threshold if isinstance(threshold, str) else f'{threshold:.1f}'})"
+    handles = [Patch(color=TISSUE_COLOUR, alpha=0.6, label="tissue tile"), Patch(color=READ_ERROR_COLOUR, alpha=0.6, label="read error")]
+    if "pen_mask" in mask:
+        pen = int(mask.pen_mask.sum())
+        title += f", pen: {pen}"
+        handles.append(Patch(color=PEN_COLOUR, alpha=0.6, label=f"pen mark ({pen} tiles)"))
+    axes[1].set_title(title)
+    axes[1].legend(handles=handles, loc="lower right", fontsize=8)
     axes[1].set_xlim(0, width)
     axes[1].set_ylim(height, 0)
     fig.suptitle(Path(str(slide)).name)
