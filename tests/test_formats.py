@@ -25,7 +25,6 @@ import wsi_xr
 from wsi_xr.readers import decide_backend, handle_cache, level_damage, probe, read_window, reader_key
 from wsi_xr.readers.openslide_backend import PIECE, OpenSlideReader, exact_location, plan_axis
 
-from .conftest import data_file
 
 openslide = pytest.importorskip("openslide")
 
@@ -426,9 +425,10 @@ def test_unreadable_inputs_give_clear_errors(tmp_path: Path, ndpi: Path) -> None
     broken.write_bytes(bytes(data))
     with pytest.raises(wsi_xr.SlideOpenError, match="broken.ndpi.*hamamatsu.*cannot open"):
         probe(broken)
-    kidney = probe(data_file("kidney-48-5.tif"))
-    with pytest.raises(wsi_xr.InvalidArgumentError, match="openslide backend cannot read.*tiled"):
-        decide_backend(kidney, "openslide")
+    stripped = tmp_path / "stripped.tif"  # OpenSlide reads tiled TIFFs only
+    tifffile.imwrite(stripped, np.zeros((64, 64, 3), np.uint8), photometric="rgb")
+    with pytest.raises(wsi_xr.InvalidArgumentError, match="stripped.tif.*openslide backend cannot read.*tiled"):
+        decide_backend(probe(stripped), "openslide")
 
 
 def test_info_prints_format_and_backend_reason(ome: Path, ndpi: Path) -> None:
