@@ -16,7 +16,7 @@ from cucim import CuImage
 
 import wsi_xr
 from wsi_xr.readers import read_stats, reset_read_stats
-from wsi_xr.synth import tile_truth, write_synthetic_slide
+from wsi_xr.synth import SynthSpec, tile_truth, write_synthetic_slide
 from wsi_xr.tissue import auto_threshold, block_statistics, tissue_mask
 
 
@@ -131,22 +131,65 @@ def _recall(full: np.ndarray, skipped: np.ndarray) -> float:
     return float((full & skipped).sum() / max(full.sum(), 1))
 
 
-def test_coarse_skip_recall_and_savings(tmp_path: Path) -> None:
-    path = tmp_path / "sparse.tif"
-    write_synthetic_slide(path, 8192, 8192, seed=11, tissue_fraction=0.25)
-    image = wsi_xr.open_slide(path, chunks=512)
-    full = tissue_mask(image, threshold=100.0, coarse="none").tile_mask.values
-    reset_read_stats()
+def _segments_of(calls: list[tuple[int, int, int, int, int]], level: int, seg: int) -> list[tuple[int, int]]:
+    """The TIFF tiles (row, column) each traced decoder call of ``level`` touched, with repeats."""
+    out = []
+    for lv, y, x, h, w in calls:
+        if lv == level:
+            out += [(i, j) for i in range(y // seg, -(-(y + h) // seg)) for j in range(x // seg, -(-(x + w) // seg))]
+    return out
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.1, 0.3, 0.6])
+def test_coarse_skip_decodes_only_tiles_that_may_hold_tissue(fraction: float, tmp_path: Path) -> None:
+    """Read counters prove it: TIFF tiles outside the coarse decision are never decoded,
+    every decoded tile is decoded once, every read tile's statistics equal the
+    full-resolution mask's, and >= 99.5% of full-resolution tissue tiles are kept."""
+    from wsi_xr.readers import trace_reads
+    from wsi_xr.tissue.coarse import coarse_decision
+
+    path = tmp_path / f"sparse-{fraction}.tif"
+    write_synthetic_slide(path, 4096, 4096, seed=int(fraction * 100) + 11, tissue_fraction=fraction)
+    image = wsi_xr.open_slide(path, chunks=1024)
     with dask.config.set(scheduler="threads"):
-        skipped = tissue_mask(image, threshold=100.0, coarse="auto").compute()
-    pixels_read = read_stats().pixels_requested
-    assert skipped.attrs["coarse_level"] > 0
-    assert _recall(full, skipped.tile_mask.values) >= 0.995
-    assert not (skipped.tile_mask.values & ~full).any()  # skipping never adds tissue
-    level0 = 8192 * 8192
-    coarse_pixels = pixels_read - skipped.attrs["chunks_read"] * 512 * 512
-    assert coarse_pixels < level0 / 16
-    assert pixels_read < 0.75 * level0, f"coarse skip read {pixels_read / level0:.0%} of level 0"
+        full = tissue_mask(image, threshold=100.0, coarse="none").compute()
+        with trace_reads() as calls:
+            skipped = tissue_mask(image, threshold=100.0, coarse="auto").compute()
+    opened = wsi_xr.readers.open_file(path)
+    decision = coarse_decision(opened, 0, "auto", patch_shape=(16, 16), patch=256)
+    decoded = _segments_of(calls, 0, 256)
+    assert len(decoded) == len(set(decoded)), "a TIFF tile was decoded twice"
+    wanted = {tuple(ij) for ij in np.argwhere(decision.segments)}
+    assert set(decoded) == wanted, "decoded TIFF tiles differ from the coarse decision"
+    assert skipped.attrs["file_tiles_decoded"] == len(wanted) < skipped.attrs["file_tiles_total"]
+    assert all(lv == decision.coarse_level for lv, *_ in calls if lv != 0)  # the rest is the coarse pass
+    read = np.isfinite(skipped.tile_variance.values)
+    np.testing.assert_array_equal(skipped.tile_variance.values[read], full.tile_variance.values[read])
+    np.testing.assert_array_equal(skipped.tile_mask.values[read], full.tile_mask.values[read])
+    assert not (skipped.tile_mask.values & ~full.tile_mask.values).any()  # skipping never adds tissue
+    assert _recall(full.tile_mask.values, skipped.tile_mask.values) >= 0.995
+    truth = tile_truth(SynthSpec(4096, 4096, seed=int(fraction * 100) + 11, tissue_fraction=fraction), 64, min_fraction=0.05)
+    assert _recall(truth & full.tile_mask.values, skipped.tile_mask.values) >= 0.995
+    if fraction <= 0.1:
+        assert len(wanted) < 0.5 * decision.segments.size, f"decoded {len(wanted)} of {decision.segments.size} TIFF tiles"
+
+
+def test_coarse_level_read_in_blocks_gives_the_same_decision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large coarse level is read in blocks (bounded memory) with the same result as one read."""
+    from wsi_xr.readers import trace_reads
+    from wsi_xr.tissue import coarse
+
+    path = tmp_path / "blocks.tif"
+    write_synthetic_slide(path, 8192, 6144, seed=13, tissue_fraction=0.3)
+    opened = wsi_xr.readers.open_file(path)
+    one = coarse.coarse_decision(opened, 0, "auto", patch_shape=(24, 32), patch=256)
+    monkeypatch.setattr(coarse, "ONE_CALL_PIXELS", 1000)
+    monkeypatch.setattr(coarse, "BLOCK_SIDE", 100)
+    with trace_reads() as calls:
+        blocked = coarse.coarse_decision(opened, 0, "auto", patch_shape=(24, 32), patch=256)
+    assert max(h * w for _, _, _, h, w in calls) <= 104 * 104  # a block and its halo, never the level
+    np.testing.assert_array_equal(blocked.patches, one.patches)
+    np.testing.assert_array_equal(blocked.segments, one.segments)
 
 
 def _pyramid_copy(src: Path, dst: Path) -> None:
@@ -166,7 +209,7 @@ def test_coarse_skip_recall_on_real_slide(cmu: Path, tmp_path: Path) -> None:
     image = wsi_xr.open_slide(pyramid, chunks=256)
     full = tissue_mask(image, threshold="auto", coarse="none").compute()
     skipped = tissue_mask(image, threshold=float(full.threshold), coarse=2).compute()
-    assert skipped.attrs["chunks_read"] < skipped.attrs["chunks_total"]
+    assert skipped.attrs["file_tiles_decoded"] < skipped.attrs["file_tiles_total"]
     assert _recall(full.tile_mask.values, skipped.tile_mask.values) >= 0.995
 
 

@@ -1,0 +1,88 @@
+"""The encoder's fast path is exact (fp32 ``mu`` equal to the plain eager model within
+1e-5, on real and synthetic tiles, in and out of the pipeline); bf16 is opt-in, finite,
+within its documented tolerance, recorded in attrs, and refused where unsupported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+import wsi_xr
+from wsi_xr import encode as encode_module
+from wsi_xr.encode import check_precision, model_ref, worker_model
+from wsi_xr.models import encode_tiles, load_vae
+from wsi_xr.pipeline import process_slide
+from wsi_xr.synth import render_region, SynthSpec
+
+#: Documented bf16 error (README "Precision"): relative error of ``mu`` (Frobenius norm).
+BF16_RELATIVE_TOLERANCE = 0.02
+
+
+def _eager_mu(model: torch.nn.Module, tiles: np.ndarray) -> np.ndarray:
+    """The reference computation: NCHW float32, plain eager forward, no fast path."""
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float().div(255.0).contiguous()
+    with torch.no_grad():
+        return model.fc1(model.encoder(x)).numpy()
+
+
+def _cmu_tiles(cmu: Path, n: int = 300) -> np.ndarray:
+    pixels = tifffile.imread(cmu)[..., :3]
+    ny, nx = pixels.shape[0] // 64, pixels.shape[1] // 64
+    grid = pixels[: ny * 64, : nx * 64].reshape(ny, 64, nx, 64, 3).transpose(0, 2, 1, 3, 4).reshape(-1, 64, 64, 3)
+    variance = grid.reshape(len(grid), -1).astype(np.float32).var(axis=1)
+    return np.ascontiguousarray(grid[np.argsort(variance)[-n:]])  # the most textured: tissue
+
+
+def _synthetic_tiles(n: int = 256) -> np.ndarray:
+    region = render_region(SynthSpec(2048, 2048, seed=5, tissue_fraction=0.6), 0, 0, 1024, 1024)[..., :3]
+    return np.ascontiguousarray(region.reshape(16, 64, 16, 64, 3).transpose(0, 2, 1, 3, 4).reshape(-1, 64, 64, 3)[:n])
+
+
+@pytest.mark.parametrize("source", ["cmu", "synthetic"])
+def test_fast_fp32_path_equals_eager_model(source: str, request: pytest.FixtureRequest) -> None:
+    tiles = _cmu_tiles(request.getfixturevalue("cmu")) if source == "cmu" else _synthetic_tiles()
+    model = load_vae()
+    expected = _eager_mu(model, tiles)
+    fast = encode_tiles(worker_model(model_ref(None)), tiles, batch_size=128)  # what every chunk task runs
+    assert fast.dtype == np.float32
+    np.testing.assert_allclose(fast, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_is_finite_close_and_recorded(cmu: Path, tmp_path: Path) -> None:
+    try:
+        check_precision("bf16", "cpu")
+    except wsi_xr.InvalidArgumentError as err:
+        pytest.skip(f"this CPU cannot run bf16 fast: {err}")
+    tiles = _cmu_tiles(cmu)
+    model = load_vae()
+    fp32 = _eager_mu(model, tiles)
+    bf16 = encode_tiles(model, tiles, precision="bf16")
+    assert np.isfinite(bf16).all()
+    relative = np.linalg.norm(bf16 - fp32) / np.linalg.norm(fp32)
+    assert 0 < relative < BF16_RELATIVE_TOLERANCE  # not exact, but close
+    ds = process_slide(cmu, tmp_path / "bf16.zarr", precision="bf16", chunks=512, progress=False)
+    assert ds.attrs["precision"] == "bf16" and ds.attrs["wsi_xr_run"]["precision"] == "bf16"
+    exact = process_slide(cmu, tmp_path / "fp32.zarr", chunks=512, progress=False)
+    assert exact.attrs["precision"] == "fp32"
+    tissue = exact.tile_mask.values
+    np.testing.assert_array_equal(ds.tile_mask.values, tissue)  # the mask never depends on precision
+    a, b = exact.latent.values[tissue], ds.latent.values[tissue]
+    assert np.linalg.norm(b - a) / np.linalg.norm(a) < BF16_RELATIVE_TOLERANCE
+    with pytest.raises(wsi_xr.StoreError, match="precision"):  # a store is one precision
+        process_slide(cmu, tmp_path / "fp32.zarr", precision="bf16", chunks=512, progress=False)
+
+
+def test_bf16_refused_where_it_would_be_slow(monkeypatch: pytest.MonkeyPatch, synth_slide: Path, tmp_path: Path) -> None:
+    monkeypatch.setattr(encode_module, "_cpu_flags", lambda: {"sse2", "avx2"})  # a CPU without bf16 units
+    with pytest.raises(wsi_xr.InvalidArgumentError, match="bfloat16 instructions"):
+        process_slide(synth_slide, tmp_path / "x.zarr", precision="bf16", progress=False)
+    assert not (tmp_path / "x.zarr").exists()
+    if not torch.cuda.is_available():
+        with pytest.raises(wsi_xr.InvalidArgumentError, match="cuda"):
+            check_precision("bf16", "cuda")
+    with pytest.raises(wsi_xr.InvalidArgumentError, match="precision"):
+        check_precision("fp16", "cpu")
