@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import importlib
 
 import wsi_xr
-from wsi_xr import encode as encode_module
 from wsi_xr.encode import check_precision, model_ref, worker_model
 from wsi_xr.models import encode_tiles, load_vae
 from wsi_xr.pipeline import process_slide
@@ -77,6 +77,7 @@ def test_bf16_is_finite_close_and_recorded(cmu: Path, tmp_path: Path) -> None:
 
 
 def test_bf16_refused_where_it_would_be_slow(monkeypatch: pytest.MonkeyPatch, synth_slide: Path, tmp_path: Path) -> None:
+    encode_module = importlib.import_module("wsi_xr.encode")  # the module (wsi_xr.encode is the function)
     monkeypatch.setattr(encode_module, "_cpu_flags", lambda: {"sse2", "avx2"})  # a CPU without bf16 units
     with pytest.raises(wsi_xr.InvalidArgumentError, match="bfloat16 instructions"):
         process_slide(synth_slide, tmp_path / "x.zarr", precision="bf16", progress=False)
