@@ -308,3 +308,41 @@ def test_overlay_draws_pen_tiles_in_a_third_colour(synth_slide: Path, tmp_path: 
     # the pen colour, blended at alpha 0.45 over light glass, is in the figure
     target = 0.45 * np.array([int(PEN_COLOUR[i : i + 2], 16) / 255 for i in (1, 3, 5)]) + 0.55 * 0.94
     assert (np.abs(drawn - target).max(axis=-1) < 0.06).sum() > 100
+
+
+# ----------------------------------------------------------------- through the mask and the pipeline
+
+
+def test_reject_pen_in_tissue_mask_and_pipeline(all_scored: list[Scored], tmp_path: Path) -> None:
+    """``reject_pen`` in :func:`wsi_xr.tissue_mask` and :func:`wsi_xr.process_slide`: the
+    kernel's tiles, from the same one read; off, the mask is exactly the reference's."""
+    import dask
+    import torch
+
+    from wsi_xr.models import VAE2, save_vae
+    from wsi_xr.pipeline import process_slide
+
+    spec = all_scored[0].spec
+    path = tmp_path / "ink.tif"
+    write_synthetic_slide(path, spec.width, spec.height, seed=spec.seed, tissue_fraction=spec.tissue_fraction, pen_strokes=6)
+    image = wsi_xr.open_slide(path, chunks=1024)
+    with dask.config.set(scheduler="threads"):
+        plain = wsi_xr.tissue_mask(image, threshold=100.0).compute()
+        off = wsi_xr.tissue_mask(image, threshold=100.0, reject_pen=False).compute()
+        on = wsi_xr.tissue_mask(image, threshold=100.0, reject_pen=True).compute()
+    xr.testing.assert_identical(plain, off)
+    assert "pen_mask" not in off and "pen_rule" not in off.attrs
+    np.testing.assert_array_equal(on.tile_mask.values, plain.tile_mask.values & ~on.pen_mask.values)
+    np.testing.assert_array_equal(on.tile_variance.values, plain.tile_variance.values)  # same read, same statistics
+    assert on.attrs["reject_pen"] is True and on.attrs["pen_rule"] == DEFAULT_PEN_RULE.attrs()["pen_rule"]
+    ink_only = (ink_tile_fraction(spec, TILE) >= 0.5) & (tile_tissue_fraction(spec, TILE) == 0) & plain.tile_mask.values
+    assert ink_only.sum() >= 5 and on.pen_mask.values[ink_only].mean() >= 0.9
+    torch.manual_seed(3)
+    weights = tmp_path / "vae.pt"
+    save_vae(VAE2().eval(), weights)
+    ds = process_slide(path, tmp_path / "ink.zarr", weights=weights, chunks=1024, threshold=100.0, reject_pen=True, progress=False).compute()
+    np.testing.assert_array_equal(ds.pen_mask.values, on.pen_mask.values)
+    np.testing.assert_array_equal(ds.tile_mask.values, on.tile_mask.values)
+    assert np.isnan(ds.latent.values[ds.pen_mask.values]).all()  # pen tiles are never encoded
+    assert ds.attrs["pen_tiles"] == int((plain.tile_mask.values & on.pen_mask.values).sum()) > 0
+    assert ds.attrs["pen_rule"] == on.attrs["pen_rule"]

@@ -242,7 +242,7 @@ def _chunk_task(
         tile_var, patch_tile = masked_statistics(pixels, excluded, read_patches, tile=tile, patch=job.patch)
         candidates = two_stage_rule(tile_var, patch_tile, excluded, job.candidate_floor)
         if job.reject_pen:
-            pen = pen_flags(pixels, tile, tile_var)
+            pen = pen_flags(pixels, tile, tile_var) & ~excluded
             g["pen_mask"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = pen
             candidates &= ~pen
         latents = encode_block(pixels, candidates, job.ref, tile=tile, batch_size=job.batch_size)
@@ -356,7 +356,7 @@ def _finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
         "damaged_file_tiles": int(damage.damaged.sum()),
     }
     if options.reject_pen:
-        attrs["pen"] = pen_attrs()
+        attrs.update(pen_attrs())
     group.attrs.update(json_safe_attrs(attrs))
     failpoint("finalize-attrs")
     group.attrs["complete"] = True  # last: a store is never complete with chunks missing

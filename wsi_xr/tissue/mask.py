@@ -125,12 +125,10 @@ def _block_statistics_task(
 
 
 def pen_attrs() -> dict[str, Any]:
-    """The pen rule's version and thresholds, as recorded in a mask's attrs."""
-    import dataclasses
+    """The pen rule's version and thresholds (``pen_rule``, ``pen_cool``, ...) for a mask's attrs."""
+    from wsi_xr.tissue.pen import DEFAULT_PEN_RULE
 
-    from wsi_xr.tissue.pen import DEFAULT_PEN_RULE, PEN_RULE_VERSION
-
-    return {"rule": PEN_RULE_VERSION, **dataclasses.asdict(DEFAULT_PEN_RULE)}
+    return DEFAULT_PEN_RULE.attrs()
 
 
 def two_stage_rule(tile_variance: Any, patch_variance_of_tile: Any, excluded: Any, threshold: Any) -> Any:
@@ -199,8 +197,9 @@ def tissue_mask(
         the file has no pyramid); ``"none"``; or the level number to use.
     reject_pen
         Also find tiles covered by pen ink (marker strokes, from the same decoded pixels)
-        and remove them from ``tile_mask``; adds ``pen_mask`` and records the rule in
-        ``attrs["pen"]``. Off by default: the default is the exact reference rule.
+        and remove them from ``tile_mask``; adds ``pen_mask`` and records the rule's
+        thresholds in ``attrs`` (``pen_rule``, ``pen_*``). The variance threshold is
+        chosen as without it. Off by default: the default is the exact reference rule.
 
     Returns
     -------
@@ -288,7 +287,7 @@ def tissue_mask(
     tile_mask = two_stage_rule(tile_var, patch_var_per_tile, excluded, value)
     variables: dict[str, Any] = {}
     if reject_pen:
-        pen_mask = stats[..., 2] > 0
+        pen_mask = (stats[..., 2] > 0) & ~excluded
         tile_mask = tile_mask & ~pen_mask
         variables["pen_mask"] = (("tile_y", "tile_x"), pen_mask)
     y, x = image["y"].values, image["x"].values
@@ -313,7 +312,7 @@ def tissue_mask(
         "file_tiles_decoded": segments_decoded,
         "damaged_file_tiles": damaged_count,
         "reject_pen": bool(reject_pen),
-        **({"pen": pen_attrs()} if reject_pen else {}),
+        **(pen_attrs() if reject_pen else {}),
         **{key: image.attrs[key] for key in ("source", "level", "downsample", "mpp", "backend") if key in image.attrs},
     }
     return xr.Dataset(
