@@ -59,3 +59,44 @@ def test_demo_writes_everything(tmp_path: Path) -> None:
     for name in ("mask-overlay.png", "latent-map.png"):
         assert (out / name).read_bytes()[:8] == PNG
     assert str(out / "result.zarr") in done.stdout
+
+
+def test_run_checks_everything_before_starting_a_cluster(tmp_path: Path, synth_slide: Path) -> None:
+    """Bad options, a missing slide or bad weights fail at once, before any Dask cluster
+    starts (no dashboard line), and leave nothing behind."""
+    out = tmp_path / "o.zarr"
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a model")
+    cases = {
+        "chunk not a multiple of the patch": ([str(synth_slide), str(out), "--chunk", "300"], "multiples of patch=256"),
+        "missing slide": ([str(tmp_path / "nope.svs"), str(out)], "nope.svs"),
+        "bad weights": ([str(synth_slide), str(out), "--weights", str(junk)], "junk.pt"),
+    }
+    for name, (args, message) in cases.items():
+        run = subprocess.run(CLI + ["run", *args], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, (name, run.stderr)
+        assert message in run.stderr and "Traceback" not in run.stderr, (name, run.stderr)
+        assert "dashboard" not in run.stderr.lower(), f"{name}: a cluster was started before the arguments were checked"
+        assert not out.exists()
+
+
+def test_slide_dependent_options_are_checked_without_reading_pixels(synth_slide: Path) -> None:
+    import pytest
+
+    from wsi_xr import InvalidArgumentError
+    from wsi_xr.pipeline import RunOptions, check_slide_options
+    from wsi_xr.readers import open_file, read_stats, reset_read_stats
+
+    reset_read_stats()
+    with pytest.raises(InvalidArgumentError, match=r"level=9 does not exist; the slide has levels 0\.\."):
+        check_slide_options(open_file(synth_slide), RunOptions(level=9))
+    assert read_stats().calls == 0
+
+
+def test_bench_exits_non_zero_when_every_case_fails(synth_slide: Path, tmp_path: Path) -> None:
+    run = subprocess.run(
+        CLI + ["bench", str(synth_slide), "--chunks", "300", "--stage", "mask", "--repeat", "1"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 1 and "every case failed" in run.stderr, run.stderr
+    ok = subprocess.run(CLI + ["bench", str(synth_slide), "--chunks", "512", "--stage", "read", "--repeat", "1"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr

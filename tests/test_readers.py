@@ -139,3 +139,31 @@ def test_read_window_rejects_out_of_bounds(cmu: Path) -> None:
     info = probe(cmu)
     with pytest.raises(wsi_xr.InvalidArgumentError, match="outside level 0"):
         read_window(reader_key(info, "cucim"), 0, 2900, 0, 100, 100)
+
+
+def test_third_party_warnings_become_wsi_xr_log_records(tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """tifffile's warnings about a damaged (unneeded) tag, raised inside wsi_xr, are wsi_xr
+    INFO records (shown with -v), not stray lines on the terminal; outside wsi_xr,
+    tifffile logs as before."""
+    import logging
+    import struct
+
+    import tifffile
+
+    path = tmp_path / "odd-tag.tif"
+    pixels = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    tifffile.imwrite(path, pixels, tile=(256, 256), compression="jpeg", photometric="rgb", software="s" * 60)
+    with tifffile.TiffFile(path) as tf:
+        entry = tf.pages[0].tags["Software"].offset
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, entry + 8, len(data) + 1000)  # the Software text now lies past the end
+    path.write_bytes(data)
+    with caplog.at_level(logging.INFO, logger="wsi_xr"):
+        info = probe(path)
+        np.asarray(wsi_xr.open_slide(path).values)
+    assert info.width == 512
+    assert "invalid value offset" not in capfd.readouterr().err
+    assert any(r.name == "wsi_xr.thirdparty" and "invalid value offset" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.WARNING, logger="tifffile"):
+        tifffile.TiffFile(path).pages[0].tags  # the user's own tifffile call: unchanged
+    assert any(r.name == "tifffile" for r in caplog.records)

@@ -61,6 +61,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         tissue_fraction=args.tissue_fraction,
         compression=args.compression,
+        pen_strokes=args.pen_strokes,
         progress=not args.quiet,
     )
     print(f"wrote {out} ({spec.width} x {spec.height}, seed {spec.seed}) in {time.perf_counter() - start:.1f} s")
@@ -139,7 +140,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Mask and encode slide(s) into a Zarr store (one group per slide for several)."""
     from wsi_xr.cluster import dask_client
-    from wsi_xr.pipeline import process_slide, process_slides, validate_run_options, write_parquet
+    from wsi_xr.pipeline import check_slide_options, process_slide, process_slides, validate_run_options, write_parquet
     from wsi_xr.readers import open_file
 
     if len(args.paths) < 2:
@@ -163,8 +164,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         "reject_pen": args.reject_pen,
     }
     # every argument, weights file and slide is checked before a cluster starts
-    validate_run_options(args.weights, **settings)
+    checked = validate_run_options(args.weights, **settings)
     opened = [open_file(s) for s in slides]
+    for slide in opened:
+        check_slide_options(slide, checked)
     options = {**settings, "weights": args.weights, "overwrite": args.overwrite, "progress": not args.quiet}
     start = time.perf_counter()
     processes = args.workers is not None and args.workers > 1
@@ -291,6 +294,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(report.to_json())
         print(f"wrote {args.out}")
+    failed = [r for r in report.results if r.error]
+    if failed and len(failed) == len(report.results):
+        print(f"wsi-xr bench: error: every case failed (first: {failed[0].error})", file=sys.stderr)
+        return 1
     if args.plot:
         print(f"wrote {plot_report(report, args.plot)}")
     return 0
@@ -378,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tissue-fraction", type=float, default=0.3)
     p.add_argument("--compression", choices=["jpeg", "deflate", "none"], default="jpeg")
+    p.add_argument("--pen-strokes", type=int, default=0, help="marker-ink strokes to draw, with ground truth (default 0)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)

@@ -35,7 +35,7 @@ import zarr
 from wsi_xr._failpoints import failpoint
 from wsi_xr.encode import PRECISIONS, ModelRef, check_precision, encode_block, model_ref
 from wsi_xr.errors import InvalidArgumentError, SlideReadError, StoreError
-from wsi_xr.readers import OpenedSlide, open_file
+from wsi_xr.readers import GPU_BACKENDS, OpenedSlide, open_file
 from wsi_xr.slide import SlideSource, level_coords, slide_array
 from wsi_xr.slide import ChunkSpec
 from wsi_xr.store import (
@@ -61,7 +61,10 @@ from wsi_xr.tissue.mask import (
 )
 from wsi_xr.tissue.threshold import THRESHOLD_RANGE, auto_threshold
 
-__all__ = ["RunOptions", "process_slide", "process_slides", "to_dataframe", "validate_run_options", "write_parquet"]
+__all__ = [
+    "RunOptions",
+    "check_slide_options",
+    "process_slide", "process_slides", "to_dataframe", "validate_run_options", "write_parquet"]
 
 log = logging.getLogger("wsi_xr")
 
@@ -101,6 +104,15 @@ def validate_run_options(weights: Any = None, **settings: Any) -> RunOptions:
         raise InvalidArgumentError(f"device={options.device!r}: use 'cpu' or 'cuda'.")
     if options.coarse not in ("auto", "none") and not (isinstance(options.coarse, int) and not isinstance(options.coarse, bool)):
         raise InvalidArgumentError(f"coarse={options.coarse!r}: use 'auto', 'none' or a pyramid level number.")
+    sides = options.chunks.values() if isinstance(options.chunks, dict) else (
+        options.chunks if isinstance(options.chunks, (tuple, list)) else [] if options.chunks is None else [options.chunks]
+    )
+    for side in sides:
+        if not isinstance(side, int) or isinstance(side, bool) or (side != -1 and (side <= 0 or side % options.patch)):
+            raise InvalidArgumentError(
+                f"chunks={options.chunks!r}: chunk sides must be positive multiples of patch={options.patch} "
+                f"(e.g. {options.patch * 8}), or -1 for a whole axis."
+            )
     if not isinstance(options.reject_pen, bool):
         raise InvalidArgumentError(f"reject_pen={options.reject_pen!r}: use True or False.")
     check_precision(options.precision, options.device)
@@ -163,7 +175,19 @@ class RunPlan:
         )
 
 
+def check_slide_options(opened: OpenedSlide, options: RunOptions) -> None:
+    """The checks of a run's options that need the slide (cheap: no pixels are read)."""
+    info = opened.info
+    if not isinstance(options.level, int) or isinstance(options.level, bool) or not 0 <= options.level < len(info.levels):
+        raise InvalidArgumentError(
+            f"{info.path}: level={options.level} does not exist; the slide has levels 0..{len(info.levels) - 1}."
+        )
+    if options.device == "cpu" and opened.backend in GPU_BACKENDS:
+        raise InvalidArgumentError(f"{info.path}: backend {opened.backend!r} needs device='cuda'.")
+
+
 def _plan(opened: OpenedSlide, options: RunOptions) -> RunPlan:
+    check_slide_options(opened, options)
     info = opened.info
     tile, patch = options.tile, options.patch
     array = slide_array(opened, options.level, options.chunks, options.device)  # validates level and chunks

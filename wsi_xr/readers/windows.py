@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from wsi_xr._logging import third_party_logs
 from wsi_xr.errors import InvalidArgumentError, SlideReadError, WsiXrError
 from wsi_xr.readers.backends import reader_class
 from wsi_xr.readers.base import HandleCache, Reader, ReaderKey, decoded_pixels, record_read
@@ -82,6 +83,12 @@ def level_damage(info: SlideInfo, level: int) -> SegmentGrid:
       format may leave out (sparse MRXS/DICOM) come back as background, indistinguishable
       from unscanned glass.
     """
+    with third_party_logs():
+        return _level_damage(info, level)
+
+
+def _level_damage(info: SlideInfo, level: int) -> SegmentGrid:
+    """:func:`level_damage` without the log wrapping."""
     lv = info.levels[level]
     if info.problem("tifffile") is None:
         return scan_level(info.path, level)
@@ -225,6 +232,26 @@ def read_window(
         Optional bool grid over the level's TIFF tiles (the shape of ``damage.damaged``):
         only wanted tiles are decoded, the rest of the window stays zero.
     """
+    with third_party_logs():
+        return _read_window(
+            key, level, y, x, height, width, device=device, damaged=damaged, damage=damage, wanted=wanted
+        )
+
+
+def _read_window(
+    key: ReaderKey,
+    level: int,
+    y: int,
+    x: int,
+    height: int,
+    width: int,
+    *,
+    device: str = "cpu",
+    damaged: str = "raise",
+    damage: SegmentGrid | None = None,
+    wanted: np.ndarray | None = None,
+) -> Any:
+    """:func:`read_window` without the log wrapping."""
     if damaged not in DAMAGED_POLICIES:
         raise InvalidArgumentError(f"damaged={damaged!r}: use one of {DAMAGED_POLICIES}.")
     reader = get_reader(key)
