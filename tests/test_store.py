@@ -188,3 +188,45 @@ def test_cohort_parquet_streams_every_slide(small_slide: Path, weights: Path, tm
     np.testing.assert_allclose(
         ds.latent.sel(tile_y=first.y, tile_x=first.x).values, first[[f"latent_{i}" for i in range(32)]].to_numpy(dtype=np.float32)
     )
+
+
+def test_cohort_slides_in_flight_on_a_local_cluster(small_slide: Path, weights: Path, tmp_path: Path) -> None:
+    """Several slides computed at once on a real LocalCluster give the stores of
+    one-at-a-time runs; their chunk tasks overlap in time (not one slide after another);
+    SIGKILL mid-cohort and a rerun finish identically."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    slides = [small_slide]
+    for seed in (41, 42):
+        path = tmp_path / f"cohort-{seed}.tif"
+        write_synthetic_slide(path, 1024, 1024, seed=seed, tissue_fraction=0.5)
+        slides.append(path)
+    options = {"weights": weights, "chunks": 512, "progress": False}
+    alone = {p.stem: process_slide(p, tmp_path / f"alone-{p.stem}.zarr", **options).compute() for p in slides}
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, Client(cluster) as client:
+        with get_task_stream(client) as recorded:
+            tree = process_slides(slides, tmp_path / "together.zarr", client=client, **options)
+        stream = recorded.data
+    for name in alone:
+        _assert_same_store(alone[name], tree[name].to_dataset().compute())
+    spans: dict[str, tuple[float, float]] = {}
+    for task in stream:
+        key = str(task["key"])
+        if "wsi-process-chunk" in key:
+            slide = next(n for n in alone if n in key)
+            start, stop = task["startstops"][0]["start"], task["startstops"][-1]["stop"]
+            lo, hi = spans.get(slide, (start, stop))
+            spans[slide] = (min(lo, start), max(hi, stop))
+    assert len(spans) == 3
+    ordered = sorted(spans.values())
+    assert any(ordered[i + 1][0] < ordered[i][1] for i in range(2)), f"slides ran one after another: {spans}"
+
+    store = tmp_path / "killed-cohort.zarr"
+    args = [*map(str, slides), str(store), "--weights", str(weights), "--chunk", "512", "--quiet"]
+    killed = subprocess.run(CLI + ["run", *args], env={**os.environ, "WSI_XR_KILL_AT": "chunk-done#6"}, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-500:]
+    rerun = subprocess.run(CLI + ["run", *args], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-800:]
+    resumed = xr.open_datatree(store, engine="zarr")
+    for name in alone:
+        _assert_same_store(alone[name], resumed[name].to_dataset().compute())
