@@ -1,14 +1,23 @@
-"""Drawing tissue tiles from slides (for training and figures), through the lazy mask.
+"""Drawing tissue tiles from slides (for training, evaluation and figures), through the lazy mask.
 
 The mask is computed once per slide; the chosen tiles are then read in one pass,
 grouped by chunk (each chunk holding a chosen tile is decoded once), and kept in
 memory, so training epochs never decode the slides again.
+
+A level-0 rectangle (:class:`Region`) can restrict a slide to the tiles wholly
+*inside* it (a held-out block to evaluate on) or to the tiles that stay clear of it by
+a margin (the rest of the slide, to train on), so a held-out block of a slide never
+touches training.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import dask
 import numpy as np
@@ -16,6 +25,94 @@ import numpy as np
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.slide import open_slide
 from wsi_xr.tissue import resolve_threshold, tissue_mask
+
+__all__ = [
+    "Region",
+    "evaluate_slides",
+    "parse_slide_region",
+    "sample_tissue_tiles",
+]
+
+#: Default gap (level-0 pixels) kept between a held-out block and any training tile.
+DEFAULT_MARGIN = 64
+
+
+@dataclass(frozen=True)
+class Region:
+    """A level-0 rectangle: top-left ``(x, y)``, size ``width x height`` pixels."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        for name in ("x", "y", "width", "height"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise InvalidArgumentError(f"region {name}={value!r}: give an integer number of level-0 pixels")
+        if self.x < 0 or self.y < 0 or self.width < 1 or self.height < 1:
+            raise InvalidArgumentError(
+                f"region {self.as_text()}: x and y must be >= 0 and width, height >= 1 (level-0 pixels)"
+            )
+
+    def as_text(self) -> str:
+        """``"X,Y,W,H"``, as :func:`parse_slide_region` reads it."""
+        return f"{self.x},{self.y},{self.width},{self.height}"
+
+    def inside(self, tx: np.ndarray, ty: np.ndarray, tile: int) -> np.ndarray:
+        """Which tiles (level-0 origins ``tx``, ``ty``, side ``tile``) lie wholly inside the rectangle."""
+        tx, ty = np.asarray(tx), np.asarray(ty)
+        return (tx >= self.x) & (ty >= self.y) & (tx + tile <= self.x + self.width) & (ty + tile <= self.y + self.height)
+
+    def clear_of(self, tx: np.ndarray, ty: np.ndarray, tile: int, margin: int) -> np.ndarray:
+        """Which tiles stay at least ``margin`` pixels away from the rectangle (no pixel within it)."""
+        tx, ty = np.asarray(tx), np.asarray(ty)
+        x0, y0 = self.x - margin, self.y - margin
+        x1, y1 = self.x + self.width + margin, self.y + self.height + margin
+        overlaps = (tx < x1) & (tx + tile > x0) & (ty < y1) & (ty + tile > y0)
+        return ~overlaps
+
+
+def parse_slide_region(text: str) -> tuple[str, Region]:
+    """``"SLIDE=X,Y,W,H"`` -> ``(SLIDE, Region)``; SLIDE is a path or a file name.
+
+    Raises
+    ------
+    InvalidArgumentError
+        When the text is not of that form.
+    """
+    match = re.fullmatch(r"\s*(.+?)\s*=\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*", str(text))
+    if not match:
+        raise InvalidArgumentError(
+            f"region {text!r}: write SLIDE=X,Y,W,H (the slide's path or file name, then the level-0 "
+            "top-left corner and size in pixels), e.g. cmu-1-small-region.svs=0,1984,2220,983"
+        )
+    name, *numbers = match.groups()
+    return name, Region(*(int(v) for v in numbers))
+
+
+def _region_for(path: str | os.PathLike[str], regions: Mapping[str, Region] | None) -> Region | None:
+    """The region keyed by ``path`` itself, its resolved path, or its file name."""
+    if not regions:
+        return None
+    p = Path(os.fspath(path))
+    for key, region in regions.items():
+        k = Path(os.fspath(key))
+        if os.fspath(key) == os.fspath(path) or k.name == os.fspath(key) == p.name:
+            return region
+        if k.expanduser().resolve() == p.expanduser().resolve():
+            return region
+    return None
+
+
+def _check_regions_used(slides: Sequence[Any], regions: Mapping[str, Region] | None, what: str) -> None:
+    for key in regions or {}:
+        if not any(_region_for(s, {key: regions[key]}) is not None for s in slides):
+            names = ", ".join(Path(os.fspath(s)).name for s in slides)
+            raise InvalidArgumentError(
+                f"{what} region for {key!r} matches none of the slides ({names}); key it by a slide's path or file name"
+            )
 
 
 def sample_tissue_tiles(
@@ -25,16 +122,50 @@ def sample_tissue_tiles(
     seed: int = 0,
     tile: int = 64,
     threshold: float | str = "auto",
+    inside: Mapping[str, Region] | None = None,
+    outside: Mapping[str, Region] | None = None,
+    margin: int = DEFAULT_MARGIN,
 ) -> tuple[np.ndarray, list[dict[str, object]]]:
     """Tissue tiles ``(N, tile, tile, 3)`` uint8 from ``slides``, and where each came from.
 
-    ``max_tiles`` caps the total (drawn at random with ``seed``, spread over the
-    slides in proportion to their tissue); None takes every tissue tile.
+    Parameters
+    ----------
+    slides
+        Slide paths.
+    max_tiles
+        Caps the total (drawn at random with ``seed``, spread over the slides in
+        proportion to their tissue); None takes every tissue tile.
+    seed
+        Seed of that random draw.
+    tile, threshold
+        Tile side and tissue threshold (see :func:`wsi_xr.tissue_mask`).
+    inside
+        ``{slide path or file name: Region}``: from those slides keep only the tissue
+        tiles wholly inside the region (a held-out block, to evaluate on).
+    outside
+        ``{slide path or file name: Region}``: from those slides keep only the tissue
+        tiles with no pixel within ``margin`` pixels of the region (the rest, to train on).
+    margin
+        Gap in level-0 pixels between an ``outside`` region and the tiles kept.
+
+    Returns
+    -------
+    tiles, origins
+        The tiles, and per tile ``{"slide": path, "x": level-0 x, "y": level-0 y}``.
+
+    Raises
+    ------
+    InvalidArgumentError
+        No slides, a region that matches none of them, or no tissue tile left.
     """
     if not slides:
         raise InvalidArgumentError("no slides given to sample tiles from.")
     if max_tiles is not None and max_tiles < 1:
         raise InvalidArgumentError(f"max_tiles={max_tiles}: must be >= 1.")
+    if isinstance(margin, bool) or int(margin) != margin or margin < 0:
+        raise InvalidArgumentError(f"margin={margin!r}: give a number of level-0 pixels >= 0")
+    _check_regions_used(slides, inside, "inside")
+    _check_regions_used(slides, outside, "outside")
     rng = np.random.default_rng(seed)
     found = []
     for path in slides:
@@ -42,10 +173,20 @@ def sample_tissue_tiles(
         with dask.config.set(scheduler="threads"):
             mask = resolve_threshold(tissue_mask(image, tile=tile, threshold=threshold).compute())
         rows, cols = np.nonzero(mask.tile_mask.values)
-        found.append((path, image, mask, rows, cols))
+        ty, tx = mask.tile_y.values[rows], mask.tile_x.values[cols]
+        keep = np.ones(rows.size, dtype=bool)
+        region_in, region_out = _region_for(path, inside), _region_for(path, outside)
+        if region_in is not None:
+            keep &= region_in.inside(tx, ty, tile)
+        if region_out is not None:
+            keep &= region_out.clear_of(tx, ty, tile, int(margin))
+        found.append((path, image, mask, rows[keep], cols[keep]))
     total = sum(len(rows) for *_, rows, _ in found)
     if total == 0:
-        raise InvalidArgumentError(f"no tissue tiles found in {', '.join(str(s) for s in slides)}.")
+        raise InvalidArgumentError(
+            f"no tissue tiles found in {', '.join(str(s) for s in slides)}"
+            + (" within the given regions; check the region rectangles" if inside or outside else ".")
+        )
     take_all = max_tiles is None or max_tiles >= total
     tiles, origins = [], []
     for path, image, mask, rows, cols in found:
@@ -62,3 +203,122 @@ def sample_tissue_tiles(
             for r, c in zip(rows[pick], cols[pick])
         )
     return np.concatenate(tiles), origins
+
+
+def _unique_names(slides: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """File names, with the parent folder added where two slides share a name."""
+    names = [Path(os.fspath(s)).name for s in slides]
+    return [
+        str(Path(os.fspath(s)).parent.name + "/" + n) if names.count(n) > 1 else n for s, n in zip(slides, names)
+    ]
+
+
+def evaluate_slides(
+    weights: Any,
+    slides: Sequence[str | os.PathLike[str]],
+    *,
+    train_slides: Sequence[str | os.PathLike[str]] = (),
+    regions: Mapping[str, Region] | None = None,
+    margin: int = DEFAULT_MARGIN,
+    max_tiles: int | None = None,
+    max_train_tiles: int | None = None,
+    seed: int = 0,
+    n_components: int = 32,
+    dihedral: bool = True,
+    sides: Sequence[int] = (1, 3, 6),
+    threshold: float | str = "auto",
+    device: str = "cpu",
+) -> Any:
+    """Reconstruction MSE of a VAE, PCA and downsampling on the tissue tiles of ``slides``.
+
+    Parameters
+    ----------
+    weights
+        A weights file for :func:`wsi_xr.models.load_vae` (None: the shipped default),
+        an already loaded :class:`~wsi_xr.models.VAE2`, or ``False`` for no VAE column.
+    slides
+        Evaluation slides; one row of the report each.
+    train_slides
+        Slides whose tissue tiles the PCA is fitted on (nothing else ever is). Empty: no
+        PCA column.
+    regions
+        ``{slide path or file name: Region}``: evaluate that slide on the tissue tiles
+        wholly inside the region only, and (when it is also a training slide) fit the
+        PCA on its tiles clear of the region by ``margin`` pixels only.
+    margin
+        Gap in level-0 pixels between a held-out region and any training tile.
+    max_tiles, max_train_tiles
+        Caps on the evaluation tiles per slide and on the PCA training tiles in all.
+    seed
+        Seed of those random draws.
+    n_components, dihedral
+        PCA size; whether its fit includes the 8 flips / rotations of every tile.
+    sides
+        Downsampling sides ``k``.
+    threshold
+        Tissue threshold for both tile sets.
+    device
+        Torch device for the VAE.
+
+    Returns
+    -------
+    wsi_xr.models.evaluate.EvalReport
+        Rows named by the slides' file names (with ``[X,Y,W,H]`` for a region).
+
+    Raises
+    ------
+    InvalidArgumentError
+        A slide that is both evaluated and trained on without a region (the PCA would
+        see evaluation tiles), a region matching no slide, or no tissue.
+    """
+    from wsi_xr.models import load_vae
+    from wsi_xr.models.evaluate import evaluate_tiles
+    from wsi_xr.models.vae import VAE2
+
+    if not slides:
+        raise InvalidArgumentError("no evaluation slides given; pass at least one SLIDE")
+    _check_regions_used(slides, regions, "evaluation")
+    train_resolved = {Path(os.fspath(s)).expanduser().resolve() for s in train_slides}
+    for s in slides:
+        if Path(os.fspath(s)).expanduser().resolve() in train_resolved and _region_for(s, regions) is None:
+            raise InvalidArgumentError(
+                f"{s} is both an evaluation and a training slide with no region: the PCA would be fitted on "
+                "the tiles it is judged on; hold out a block with a region (SLIDE=X,Y,W,H) or drop it from "
+                "the training slides"
+            )
+    eval_sets: dict[str, np.ndarray] = {}
+    for s, name in zip(slides, _unique_names(slides)):
+        region = _region_for(s, regions)
+        tiles, _ = sample_tissue_tiles(
+            [s], max_tiles=max_tiles, seed=seed, threshold=threshold,
+            inside={os.fspath(s): region} if region is not None else None,
+        )
+        eval_sets[name + (f" [{region.as_text()}]" if region is not None else "")] = tiles
+    train_tiles = None
+    if train_slides:
+        outside = {os.fspath(s): r for s in train_slides if (r := _region_for(s, regions)) is not None}
+        train_tiles, _ = sample_tissue_tiles(
+            list(train_slides), max_tiles=max_train_tiles, seed=seed, threshold=threshold,
+            outside=outside or None, margin=margin,
+        )
+    if weights is False:
+        model = None
+    elif isinstance(weights, VAE2):
+        model = weights
+    else:
+        model = load_vae(weights, device=device)
+    report = evaluate_tiles(
+        model, eval_sets, train_tiles=train_tiles, n_components=n_components, dihedral=dihedral, sides=sides
+    )
+    report.settings.update(
+        {
+            "eval_slides": [os.fspath(s) for s in slides],
+            "train_slides": [os.fspath(s) for s in train_slides],
+            "regions": {str(k): v.as_text() for k, v in (regions or {}).items()},
+            "margin": int(margin),
+            "threshold": threshold,
+            "train_tiles": 0 if train_tiles is None else int(train_tiles.shape[0]),
+            "seed": int(seed),
+        }
+    )
+    return report

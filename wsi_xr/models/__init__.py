@@ -9,7 +9,16 @@ Depends on torch, NumPy and tqdm only (and :mod:`wsi_xr.errors`).
 
 from __future__ import annotations
 
-from wsi_xr.models.train import TrainResult, reconstruction_errors, train_vae
+from wsi_xr.models.evaluate import (
+    EvalReport,
+    PCAModel,
+    evaluate_tiles,
+    fit_pca,
+    mse_downsample,
+    mse_pca,
+    mse_vae,
+)
+from wsi_xr.models.train import LOSSES, SCHEDULES, TrainResult, reconstruction_errors, train_vae
 from wsi_xr.models.vae import (
     CHANNELS,
     KLD_SCALE,
@@ -32,6 +41,15 @@ from wsi_xr.models.weights import (
 
 __all__ = [
     "CHANNELS",
+    "LOSSES",
+    "SCHEDULES",
+    "EvalReport",
+    "PCAModel",
+    "evaluate_tiles",
+    "fit_pca",
+    "mse_downsample",
+    "mse_pca",
+    "mse_vae",
     "KLD_SCALE",
     "LATENT_SIZE",
     "PRECISIONS",
