@@ -33,6 +33,7 @@ import xarray as xr
 import zarr
 
 from wsi_xr._failpoints import failpoint
+from wsi_xr._timing import stage
 from wsi_xr.encode import PRECISIONS, ModelRef, check_precision, encode_block, model_ref
 from wsi_xr.errors import InvalidArgumentError, SlideReadError, StoreError
 from wsi_xr.readers import GPU_BACKENDS, OpenedSlide, open_file
@@ -263,17 +264,21 @@ def _chunk_task(
     read_patches = np.asarray(read_patches)[..., 0]
     if read_patches.any() and nty and ntx:
         excluded = np.asarray(excluded)[..., 0]
-        tile_var, patch_tile = masked_statistics(pixels, excluded, read_patches, tile=tile, patch=job.patch)
-        candidates = two_stage_rule(tile_var, patch_tile, excluded, job.candidate_floor)
-        if job.reject_pen:
-            pen = pen_flags(pixels, tile, tile_var) & ~excluded
-            g["pen_mask"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = pen
+        with stage("statistics"):
+            tile_var, patch_tile = masked_statistics(pixels, excluded, read_patches, tile=tile, patch=job.patch)
+            candidates = two_stage_rule(tile_var, patch_tile, excluded, job.candidate_floor)
+            pen = pen_flags(pixels, tile, tile_var) & ~excluded if job.reject_pen else None
+        if pen is not None:
             candidates &= ~pen
-        latents = encode_block(pixels, candidates, job.ref, tile=tile, batch_size=job.batch_size)
-        patch_var = patch_tile[::k, ::k].astype(np.float32)
-        g["tile_variance"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = tile_var.astype(np.float32)
-        g["patch_variance"][ty0 // k : ty0 // k + patch_var.shape[0], tx0 // k : tx0 // k + patch_var.shape[1]] = patch_var
-        g["latent"][ty0 : ty0 + nty, tx0 : tx0 + ntx, :] = latents
+        with stage("encode"):
+            latents = encode_block(pixels, candidates, job.ref, tile=tile, batch_size=job.batch_size)
+        with stage("write"):
+            if pen is not None:
+                g["pen_mask"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = pen
+            patch_var = patch_tile[::k, ::k].astype(np.float32)
+            g["tile_variance"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = tile_var.astype(np.float32)
+            g["patch_variance"][ty0 // k : ty0 // k + patch_var.shape[0], tx0 // k : tx0 // k + patch_var.shape[1]] = patch_var
+            g["latent"][ty0 : ty0 + nty, tx0 : tx0 + ntx, :] = latents
         count = int(candidates.sum())
     g["chunk_done"][i, j] = True  # only after the data: a kill before this redoes the chunk
     failpoint("chunk-done")

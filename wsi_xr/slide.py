@@ -18,6 +18,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
+from wsi_xr._timing import stage
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.readers import DAMAGED_POLICIES, GPU_BACKENDS, LevelInfo, OpenedSlide, SlideInfo, decide_backend, open_file, read_window
 
@@ -71,10 +72,11 @@ class _LevelWindowReader:
         if self.wanted is not None and not damage.window_any(self.wanted, y0, x0, y1 - y0, x1 - x0):
             # nothing to decode in this block: a zero-cost read-only view of zeros
             return _zeros(self.device, (y1 - y0, x1 - x0, self.shape[2]))[:, :, cs]
-        pixels = read_window(
-            self.opened.key, self.level, y0, x0, y1 - y0, x1 - x0,
-            device=self.device, damaged=self.damaged, damage=damage, wanted=self.wanted,
-        )
+        with stage("decode"):
+            pixels = read_window(
+                self.opened.key, self.level, y0, x0, y1 - y0, x1 - x0,
+                device=self.device, damaged=self.damaged, damage=damage, wanted=self.wanted,
+            )
         return pixels[:, :, cs]
 
 

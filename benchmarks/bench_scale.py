@@ -1,0 +1,334 @@
+"""Throughput at real-slide scale on the CPU, against each stage's own limit and against
+the previous release, all in one run.
+
+    python -m benchmarks.bench_scale [--sizes 16384,49152] [--previous 0a09678]
+                                     [--fractions 0.05,0.1,0.3,0.6] [--cohort 8]
+
+Every case runs in a fresh process (its own peak RSS, nothing cached), on the threaded
+scheduler with one thread per core, on the same synthetic slides (30% tissue):
+
+- ``decode``: every level-0 pixel decoded once (cuCIM, default chunks): the decode limit;
+- ``encoder``: the encoder alone on preloaded tiles, as the pipeline runs it (one torch
+  thread per worker thread, every core busy), fp32 and bf16: the encoder limit;
+- ``pipeline``: ``wsi_xr.process_slide`` with its defaults (coarse skip, auto threshold),
+  fp32 and bf16, with the thread-seconds of each stage (decode, statistics, encode,
+  write) from the pipeline's own counters;
+- ``previous``: the same call to the previous release, imported from a ``git worktree``
+  of its commit (same venv, same slide), and the max difference of its latents;
+- ``mask``: the tissue mask with and without the coarse skip on 16384² slides of several
+  tissue fractions, with the TIFF tiles decoded;
+- ``parquet``: peak traced memory (tracemalloc) of ``write_parquet`` on a cohort store of
+  1 and of N slides (copies of one slide's group).
+
+Writes benchmarks/results/scale.json and scale.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import CACHE, HERE, isolated, markdown_table, save, self_peak_mb, synthetic_slide
+
+WORKERS = os.cpu_count() or 1
+MODULE = "benchmarks.bench_scale"
+
+
+# ------------------------------------------------------------------ cases (one process each)
+
+
+def _import_wsi_xr(tree: str | None) -> Any:
+    if tree:
+        sys.path.insert(0, tree)  # the previous release, from its own worktree
+    import wsi_xr
+
+    if tree:
+        assert wsi_xr.__file__.startswith(tree), f"imported {wsi_xr.__file__}, not the release in {tree}"
+    return wsi_xr
+
+
+def case_decode(slide: str) -> dict[str, Any]:
+    import dask
+
+    wsi_xr = _import_wsi_xr(None)
+    image = wsi_xr.open_slide(slide)
+    start = time.perf_counter()
+    with dask.config.set(scheduler="threads", num_workers=WORKERS):
+        image.data.map_blocks(lambda b: b[:1, :1, :1].copy(), chunks=(1, 1, 1), dtype=np.uint8).compute()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "megapixels": image.sizes["y"] * image.sizes["x"] / 1e6}
+
+
+def case_encoder(n_tiles: int, precision: str, batch_size: int) -> dict[str, Any]:
+    """The encoder alone, as the pipeline runs it: WORKERS threads, each encoding its share
+    with one torch thread (the pipeline's torch threads = cores / Dask threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from wsi_xr.encode import model_ref, worker_model
+    from wsi_xr.models import encode_tiles
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
+    model = worker_model(model_ref(None))
+    tiles = np.random.default_rng(0).integers(0, 256, (n_tiles, 64, 64, 3), dtype=np.uint8)
+    parts = np.array_split(tiles, WORKERS)
+    encode_tiles(model, tiles[:batch_size], batch_size=batch_size, precision=precision)  # warm-up
+    start = time.perf_counter()
+    with ThreadPoolExecutor(WORKERS) as pool:
+        list(pool.map(lambda part: encode_tiles(model, part, batch_size=batch_size, precision=precision), parts))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tiles_per_s": n_tiles / seconds}
+
+
+def case_pipeline(slide: str, precision: str, tree: str | None, out: str) -> dict[str, Any]:
+    import dask
+
+    wsi_xr = _import_wsi_xr(tree)
+    extra = {} if tree else {"precision": precision}
+    if not tree:
+        from wsi_xr._timing import reset_stage_seconds
+
+        reset_stage_seconds()
+    start = time.perf_counter()
+    with dask.config.set(scheduler="threads", num_workers=WORKERS):
+        ds = wsi_xr.process_slide(slide, out, overwrite=True, progress=False, **extra)
+    seconds = time.perf_counter() - start
+    result: dict[str, Any] = {"seconds": seconds, "tissue_tiles": int(ds.attrs["tissue_tiles"]), "version": wsi_xr.__version__}
+    if not tree:
+        from wsi_xr._timing import stage_seconds
+
+        result["stage_seconds"] = stage_seconds()
+        result["file_tiles_decoded"] = ds.attrs["file_tiles_decoded"]
+        result["file_tiles_total"] = ds.attrs["file_tiles_total"]
+    return result
+
+
+def case_compare(current: str, previous: str) -> dict[str, Any]:
+    import xarray as xr
+    import zarr
+
+    a = xr.open_zarr(current)
+    group = zarr.open_group(previous, mode="r")  # 0.1.0's layout: read its arrays directly
+    mask_a = a.tile_mask.values
+    mask_b = np.asarray(group["tile_mask"][...])
+    both = mask_a & mask_b
+    la = a.latent.values[both]
+    lb = np.asarray(group["latent"][...])[both]
+    return {
+        "same_mask": bool((mask_a == mask_b).all()),
+        "tiles_compared": int(both.sum()),
+        "max_abs_latent_difference": float(np.abs(la - lb).max()) if both.any() else 0.0,
+    }
+
+
+def case_mask(slide: str, coarse: str) -> dict[str, Any]:
+    import dask
+
+    wsi_xr = _import_wsi_xr(None)
+    start = time.perf_counter()
+    with dask.config.set(scheduler="threads", num_workers=WORKERS):
+        mask = wsi_xr.tissue_mask(wsi_xr.open_slide(slide), coarse=coarse, threshold=100.0).compute()
+    return {
+        "seconds": time.perf_counter() - start,
+        "tiles_decoded": mask.attrs["file_tiles_decoded"],
+        "tiles_total": mask.attrs["file_tiles_total"],
+        "tissue_tiles": int(mask.tile_mask.sum()),
+    }
+
+
+def case_parquet(store: str) -> dict[str, Any]:
+    import tracemalloc
+
+    from wsi_xr.pipeline import write_parquet
+
+    out = Path(tempfile.mkdtemp()) / "rows.parquet"
+    tracemalloc.start()
+    start = time.perf_counter()
+    rows = write_parquet(store, out)
+    seconds = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    return {"rows": rows, "seconds": seconds, "traced_peak_mb": peak / 1e6}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def previous_tree(commit: str) -> Path:
+    """A git worktree of the previous release (made once, in benchmarks/.cache)."""
+    tree = CACHE / f"release-{commit}"
+    if not (tree / "wsi_xr").is_dir():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=HERE.parent, check=True, capture_output=True)
+    return tree
+
+
+def _cohort_store(single: Path, copies: int, folder: Path) -> Path:
+    """A cohort store of ``copies`` groups, each a copy of one slide's results."""
+    import zarr
+
+    store = folder / f"cohort-{copies}.zarr"
+    if store.exists():
+        shutil.rmtree(store)
+    root = zarr.open_group(store, mode="w", zarr_format=3)
+    root.attrs["wsi_xr_cohort"] = {"layout": 2}
+    for i in range(copies):
+        shutil.copytree(single, store / f"slide-{i}")
+    zarr.consolidate_metadata(store)
+    return store
+
+
+def run(sizes: list[int], fractions: list[float], previous: str | None, cohort: int, encoder_tiles: int) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    rows: list[dict[str, Any]] = []
+    payload: dict[str, Any] = {"workers": WORKERS, "sizes": sizes, "previous": previous, "rows": rows}
+    tree = str(previous_tree(previous)) if previous else None
+    for precision in ("fp32", "bf16"):
+        enc = isolated(MODULE, "encoder", "--tiles", str(encoder_tiles), "--precision", precision)
+        payload[f"encoder_{precision}_tiles_per_s"] = enc["tiles_per_s"]
+        print(f"encoder alone {precision}: {enc['tiles_per_s']:.0f} tiles/s", flush=True)
+    for size in sizes:
+        slide = str(synthetic_slide(size, 0.3))
+        decode = isolated(MODULE, "decode", "--slide", slide)
+        row: dict[str, Any] = {"size": size, "decode_mp_s": decode["megapixels"] / decode["seconds"]}
+        megapixels = decode["megapixels"]
+        for precision in ("fp32", "bf16"):
+            out = str(work / f"{size}-{precision}.zarr")
+            p = isolated(MODULE, "pipeline", "--slide", slide, "--precision", precision, "--out", out)
+            stages = p["stage_seconds"]
+            busy = sum(stages.values())
+            row.update({
+                f"{precision}_s": p["seconds"],
+                f"{precision}_tiles_per_s": p["tissue_tiles"] / p["seconds"],
+                f"{precision}_mp_s": megapixels / p["seconds"],
+                f"{precision}_peak_rss_mb": p["peak_rss_mb"],
+                f"{precision}_overlap": busy / (WORKERS * p["seconds"]),
+                **{f"{precision}_share_{k}": v / busy for k, v in stages.items()},
+            })
+            row["tissue_tiles"] = p["tissue_tiles"]
+            row["file_tiles_decoded_fraction"] = p["file_tiles_decoded"] / p["file_tiles_total"]
+            print(f"{size}² {precision}: {p['seconds']:.1f} s, {p['tissue_tiles'] / p['seconds']:.0f} tiles/s, stages {stages}", flush=True)
+        # the stages' own limits on this slide: decode the pixels the pipeline decodes,
+        # encode its tissue-and-candidate tiles
+        row["decode_limit_s"] = megapixels * row["file_tiles_decoded_fraction"] / row["decode_mp_s"]
+        row["encode_limit_fp32_s"] = row["tissue_tiles"] / payload["encoder_fp32_tiles_per_s"]
+        row["fp32_vs_decode_plus_encode_limits"] = (row["decode_limit_s"] + row["encode_limit_fp32_s"]) / row["fp32_s"]
+        if tree:
+            out = str(work / f"{size}-previous.zarr")
+            old = isolated(MODULE, "pipeline", "--slide", slide, "--precision", "fp32", "--tree", tree, "--out", out)
+            same = isolated(MODULE, "compare", "--current", str(work / f"{size}-fp32.zarr"), "--previous", out)
+            row.update({
+                "previous_s": old["seconds"],
+                "previous_peak_rss_mb": old["peak_rss_mb"],
+                "speedup_fp32": old["seconds"] / row["fp32_s"],
+                "speedup_bf16": old["seconds"] / row["bf16_s"],
+                **same,
+            })
+            print(f"{size}² previous ({old['version']}): {old['seconds']:.1f} s; {same}", flush=True)
+        rows.append(row)
+    if len(rows) > 1:
+        payload["rss_ratio_largest_vs_smallest"] = rows[-1]["fp32_peak_rss_mb"] / rows[0]["fp32_peak_rss_mb"]
+    coarse_rows = []
+    for fraction in fractions:
+        slide = str(synthetic_slide(16384, fraction))
+        full = isolated(MODULE, "mask", "--slide", slide, "--coarse", "none")
+        skip = isolated(MODULE, "mask", "--slide", slide, "--coarse", "auto")
+        coarse_rows.append({
+            "tissue_fraction": fraction,
+            "full_s": full["seconds"],
+            "coarse_s": skip["seconds"],
+            "ratio": skip["seconds"] / full["seconds"],
+            "tiff_tiles_decoded": skip["tiles_decoded"] / skip["tiles_total"],
+            "tissue_tiles_full": full["tissue_tiles"],
+            "tissue_tiles_coarse": skip["tissue_tiles"],
+        })
+        print(f"mask at {fraction:.0%} tissue: coarse/full = {skip['seconds'] / full['seconds']:.2f}", flush=True)
+    payload["coarse"] = coarse_rows
+    if cohort:
+        single = work / f"{sizes[0]}-fp32.zarr"
+        one = isolated(MODULE, "parquet", "--store", str(_cohort_store(single, 1, work)))
+        many = isolated(MODULE, "parquet", "--store", str(_cohort_store(single, cohort, work)))
+        payload["parquet"] = {"slides_1": one, f"slides_{cohort}": many, "traced_peak_ratio": many["traced_peak_mb"] / one["traced_peak_mb"]}
+        print(f"parquet: 1 slide {one['traced_peak_mb']:.1f} MB, {cohort} slides {many['traced_peak_mb']:.1f} MB traced peak", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return payload
+
+
+def tables(payload: dict[str, Any]) -> str:
+    columns = ["size", "tissue_tiles", "decode_mp_s", "fp32_s", "fp32_tiles_per_s", "fp32_mp_s", "bf16_s", "bf16_tiles_per_s",
+               "previous_s", "speedup_fp32", "speedup_bf16", "max_abs_latent_difference", "same_mask",
+               "fp32_peak_rss_mb", "previous_peak_rss_mb", "fp32_overlap", "fp32_vs_decode_plus_encode_limits"]
+    shares = ["size"] + sorted({k for r in payload["rows"] for k in r if "_share_" in k})
+    text = [
+        f"Encoder alone ({payload['workers']} threads): fp32 {payload['encoder_fp32_tiles_per_s']:.0f} tiles/s, "
+        f"bf16 {payload['encoder_bf16_tiles_per_s']:.0f} tiles/s",
+        "",
+        markdown_table(payload["rows"], columns),
+        "",
+        "Stage shares of the pipeline's thread-seconds:",
+        "",
+        markdown_table(payload["rows"], shares),
+        "",
+        "Coarse skip vs tissue fraction (16384², mask only, threshold 100):",
+        "",
+        markdown_table(payload["coarse"], ["tissue_fraction", "full_s", "coarse_s", "ratio", "tiff_tiles_decoded", "tissue_tiles_full", "tissue_tiles_coarse"]),
+    ]
+    if "rss_ratio_largest_vs_smallest" in payload:
+        text += ["", f"Peak RSS, largest / smallest slide (fp32): {payload['rss_ratio_largest_vs_smallest']:.2f}"]
+    if "parquet" in payload:
+        p = payload["parquet"]
+        text += ["", "Parquet of a cohort (traced peak memory of write_parquet): " + ", ".join(
+            f"{k.replace('slides_', '')} slide(s) {v['traced_peak_mb']:.1f} MB ({v['rows']} rows)" for k, v in p.items() if k.startswith("slides_")
+        ) + f"; ratio {p['traced_peak_ratio']:.2f}"]
+    return "\n".join(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default=None)
+    parser.add_argument("--slide")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--tree", default=None)
+    parser.add_argument("--out")
+    parser.add_argument("--coarse", default="auto")
+    parser.add_argument("--store")
+    parser.add_argument("--current")
+    parser.add_argument("--previous", default="0a09678", help="commit of the previous release ('' to skip)")
+    parser.add_argument("--tiles", type=int, default=20000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--sizes", default="16384,49152")
+    parser.add_argument("--fractions", default="0.05,0.1,0.3,0.6")
+    parser.add_argument("--cohort", type=int, default=8)
+    parser.add_argument("--name", default="scale")
+    args = parser.parse_args()
+    if args.case:
+        cases = {
+            "decode": lambda: case_decode(args.slide),
+            "encoder": lambda: case_encoder(args.tiles, args.precision, args.batch_size),
+            "pipeline": lambda: case_pipeline(args.slide, args.precision, args.tree, args.out),
+            "compare": lambda: case_compare(args.current, args.previous),
+            "mask": lambda: case_mask(args.slide, args.coarse),
+            "parquet": lambda: case_parquet(args.store),
+        }
+        result = cases[args.case]()
+        result["peak_rss_mb"] = self_peak_mb()
+        print(json.dumps(result))
+        return
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    fractions = [float(f) for f in args.fractions.split(",") if f]
+    payload = run(sizes, fractions, args.previous or None, args.cohort, args.tiles)
+    save(args.name, payload, tables(payload))
+
+
+if __name__ == "__main__":
+    main()
