@@ -204,19 +204,56 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the VAE on tissue tiles of the given slides; write the weights file."""
-    from wsi_xr.sampling import sample_tissue_tiles
+    from wsi_xr.sampling import parse_slide_region, sample_tissue_tiles
     from wsi_xr.store import check_output
 
     check_output(args.out, overwrite=True)
-    tiles, origins = sample_tissue_tiles(args.slides, max_tiles=args.max_tiles, seed=args.seed)
+    holdout = dict(parse_slide_region(text) for text in args.holdout)
+    tiles, origins = sample_tissue_tiles(
+        args.slides, max_tiles=args.max_tiles, seed=args.seed, outside=holdout or None, margin=args.margin
+    )
+    import numpy as np
+    import torch
+
     from wsi_xr.models import save_vae, train_vae  # torch: only once the inputs are known good
 
-    print(f"{len(tiles)} tissue tiles from {len(args.slides)} slide(s)")
-    result = train_vae(tiles, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device, progress=not args.quiet)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    index = {str(s): i for i, s in enumerate(args.slides)}
+    groups = np.array([index[str(o["slide"])] for o in origins], dtype=np.int64)
+    per_slide = {Path(s).name: int(np.sum(groups == i)) for i, s in enumerate(args.slides)}
+    print(f"{len(tiles)} tissue tiles from {len(args.slides)} slide(s): " + ", ".join(f"{k} {v}" for k, v in per_slide.items()))
+    start = time.perf_counter()
+    result = train_vae(
+        tiles,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        kl_weight=args.kl_weight,
+        loss=args.loss,
+        schedule=args.schedule,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        stain_jitter=args.stain_jitter,
+        zoom=args.zoom,
+        groups=groups,
+        balance=args.balance,
+        init_logvar=args.init_logvar,
+        val_fraction=args.val_fraction,
+        progress=not args.quiet,
+    )
     metadata = {
         **result.metadata(),
         "slides": [Path(s).name for s in args.slides],
         "tiles": len(tiles),
+        "tiles_per_slide": per_slide,
+        "holdout": {Path(k).name: r.as_text() for k, r in holdout.items()},
+        "holdout_rule": f"tiles of a hold-out slide region are never trained on; training tiles keep {args.margin} px clear of it",
+        "margin": args.margin,
+        "torch_threads": torch.get_num_threads(),
+        "train_seconds": round(time.perf_counter() - start, 1),
         "command": "wsi-xr train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else "train_vae",
     }
     save_vae(result.model, args.out, metadata=metadata)
@@ -421,6 +458,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--lr", type=float, default=1e-3, help="(peak) Adam learning rate (default 1e-3)")
+    p.add_argument("--loss", choices=["bce", "mse"], default="bce", help="bce: the reference summed BCE (default); mse: summed squared error")
+    p.add_argument("--kl-weight", type=float, default=1.0, help="weight of the KL term, on top of the reference 1/(1600*32*32) (default 1)")
+    p.add_argument("--schedule", choices=["constant", "cosine", "onecycle"], default="constant", help="learning-rate schedule (default constant)")
+    p.add_argument("--warmup", type=float, default=0.0, help="share of the steps spent warming the learning rate up (cosine, onecycle)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0: Adam)")
+    p.add_argument("--stain-jitter", type=float, default=0.0, help="H/E/DAB stain-amount jitter, e.g. 0.1 (default 0: off)")
+    p.add_argument("--zoom", type=float, default=0.0, help="zoom half the tiles by up to 1+Z, e.g. 0.25 (default 0: off)")
+    p.add_argument("--balance", type=float, default=0.0, help="sample a slide's tiles with weight n_tiles**-B: 1 = slides equally, 0 = by tiles (default)")
+    p.add_argument("--init-logvar", type=float, default=None, help="start the logvar head at this constant, e.g. -8 (default: random, as the reference)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the tiles held out for the validation loss (default 0.1)")
+    p.add_argument("--holdout", action="append", default=[], metavar="SLIDE=X,Y,W,H", help="never train on this level-0 block of SLIDE (nor within --margin px of it); repeatable")
+    p.add_argument("--margin", type=int, default=64, help="gap in level-0 px between a --holdout block and training tiles (default 64)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (results are reproducible for a fixed number)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
