@@ -69,7 +69,7 @@ def case_decode(slide: str) -> dict[str, Any]:
     return {"seconds": seconds, "megapixels": image.sizes["y"] * image.sizes["x"] / 1e6}
 
 
-def case_encoder(n_tiles: int, precision: str, batch_size: int) -> dict[str, Any]:
+def case_encoder(n_tiles: int, precision: str, batch_size: int | None) -> dict[str, Any]:
     """The encoder alone, as the pipeline runs it: WORKERS threads, each encoding its share
     with one torch thread (the pipeline's torch threads = cores / Dask threads)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -83,7 +83,7 @@ def case_encoder(n_tiles: int, precision: str, batch_size: int) -> dict[str, Any
     model = worker_model(model_ref(None))
     tiles = np.random.default_rng(0).integers(0, 256, (n_tiles, 64, 64, 3), dtype=np.uint8)
     parts = np.array_split(tiles, WORKERS)
-    encode_tiles(model, tiles[:batch_size], batch_size=batch_size, precision=precision)  # warm-up
+    encode_tiles(model, tiles[:512], batch_size=batch_size, precision=precision)  # warm-up
     start = time.perf_counter()
     with ThreadPoolExecutor(WORKERS) as pool:
         list(pool.map(lambda part: encode_tiles(model, part, batch_size=batch_size, precision=precision), parts))
@@ -305,7 +305,7 @@ def main() -> None:
     parser.add_argument("--current")
     parser.add_argument("--previous", default="0a09678", help="commit of the previous release ('' to skip)")
     parser.add_argument("--tiles", type=int, default=20000)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=None, help="encoder batch (default: the pipeline's)")
     parser.add_argument("--sizes", default="16384,49152")
     parser.add_argument("--fractions", default="0.05,0.1,0.3,0.6")
     parser.add_argument("--cohort", type=int, default=8)

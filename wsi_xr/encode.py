@@ -127,8 +127,9 @@ def _set_torch_threads() -> None:
     _threads_set = True
 
 
-#: Keep the model's weights in channels-last memory for inference (see benchmarks/bench_encoder.py).
-INFERENCE_CHANNELS_LAST = False
+#: Keep the model's weights in channels-last memory for inference, like its input: as fast
+#: as NCHW weights in fp32 and 10-15% faster in bf16 (benchmarks/RESULTS.md, "Encoder").
+INFERENCE_CHANNELS_LAST = True
 
 
 def torch_channels_last() -> Any:
@@ -152,7 +153,7 @@ def worker_model(ref: ModelRef) -> Any:
         return model
 
 
-def encode_block(pixels: Any, tissue: np.ndarray, ref: ModelRef, *, tile: int = 64, batch_size: int = 256) -> np.ndarray:
+def encode_block(pixels: Any, tissue: np.ndarray, ref: ModelRef, *, tile: int = 64, batch_size: int | None = None) -> np.ndarray:
     """Latents ``(tiles_y, tiles_x, feature)`` float32 of one block; NaN where ``tissue`` is False.
 
     Only the tissue tiles go through the encoder (``mu``, eval mode), in batches.
@@ -180,12 +181,18 @@ def encode_block(pixels: Any, tissue: np.ndarray, ref: ModelRef, *, tile: int = 
     return out
 
 
-def _encode_task(pixels: Any, tissue: np.ndarray, *, ref: ModelRef, tile: int, batch_size: int) -> np.ndarray:
+def _encode_task(pixels: Any, tissue: np.ndarray, *, ref: ModelRef, tile: int, batch_size: int | None) -> np.ndarray:
     return encode_block(pixels, np.asarray(tissue)[..., 0], ref, tile=tile, batch_size=batch_size)
 
 
 def encode(
-    image: xr.DataArray, mask: xr.Dataset, model: Any = None, *, batch_size: int = 256, device: str = "cpu", precision: str = "fp32"
+    image: xr.DataArray,
+    mask: xr.Dataset,
+    model: Any = None,
+    *,
+    batch_size: int | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> xr.DataArray:
     """The latent cube of the tissue tiles of ``image``, lazily, with ``map_blocks``.
 
@@ -211,8 +218,8 @@ def encode(
     from wsi_xr.models import LATENT_SIZE
 
     tile = int(mask.attrs.get("tile", 64))
-    if batch_size < 1:
-        raise InvalidArgumentError(f"batch_size={batch_size}: must be >= 1.")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise InvalidArgumentError(f"batch_size={batch_size}: must be an integer >= 1 (or None: the measured default).")
     data = image.data if isinstance(image.data, da.Array) else da.from_array(image.data, chunks=(2048, 2048, -1))
     tile_chunks = (tuple(c // tile for c in data.chunks[0]), tuple(c // tile for c in data.chunks[1]))
     tissue = mask["tile_mask"].data

@@ -83,7 +83,7 @@ class RunOptions:
     coarse: str | int = "auto"
     chunks: ChunkSpec = None
     level: int = 0
-    batch_size: int = 256
+    batch_size: int | None = None
     device: str = "cpu"
     precision: str = "fp32"
     reject_pen: bool = False
@@ -99,8 +99,8 @@ def validate_run_options(weights: Any = None, **settings: Any) -> RunOptions:
     validate_mask_arguments(options.tile, options.patch, options.threshold)
     if options.tile != 64:
         raise InvalidArgumentError(f"tile={options.tile}: the VAE encodes 64x64 tiles; use tile=64 for the pipeline.")
-    if not isinstance(options.batch_size, int) or options.batch_size < 1:
-        raise InvalidArgumentError(f"batch_size={options.batch_size}: must be an integer >= 1.")
+    if options.batch_size is not None and (not isinstance(options.batch_size, int) or options.batch_size < 1):
+        raise InvalidArgumentError(f"batch_size={options.batch_size}: must be an integer >= 1 (or None: the measured default).")
     if options.device not in ("cpu", "cuda"):
         raise InvalidArgumentError(f"device={options.device!r}: use 'cpu' or 'cuda'.")
     if options.coarse not in ("auto", "none") and not (isinstance(options.coarse, int) and not isinstance(options.coarse, bool)):
@@ -236,7 +236,7 @@ class ChunkJob:
     patch: int
     candidate_floor: float
     ref: ModelRef
-    batch_size: int
+    batch_size: int | None
     reject_pen: bool
 
 
@@ -499,7 +499,7 @@ def process_slide(
     chunks: ChunkSpec = None,
     level: int = 0,
     backend: str = "auto",
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: str = "cpu",
     precision: str = "fp32",
     reject_pen: bool = False,
@@ -513,6 +513,8 @@ def process_slide(
     ----------
     path
         The slide file, or an :class:`~wsi_xr.readers.OpenedSlide` (opened once, reused).
+    batch_size
+        Encoder batch; None: the measured best for the precision (128 fp32, 256 bf16).
     precision
         ``"fp32"`` (exact, default) or ``"bf16"`` (autocast: faster where the CPU/GPU
         supports bfloat16; recorded in attrs; error documented in the README).

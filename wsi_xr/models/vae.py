@@ -38,6 +38,7 @@ __all__ = [
     "CHANNELS",
     "KLD_SCALE",
     "LATENT_SIZE",
+    "DEFAULT_BATCH_SIZE",
     "PRECISIONS",
     "TILE_SIZE",
     "VAE2",
@@ -247,22 +248,29 @@ def tiles_to_tensor(tiles: Any) -> torch.Tensor:
 
 #: Accepted ``precision=`` values of inference: exact float32, or bfloat16 autocast.
 PRECISIONS = ("fp32", "bf16")
+#: Default encoder batch per precision, measured on the project's 2-core CPU with one torch
+#: thread per worker thread (benchmarks/RESULTS.md, "Encoder"): fp32 5.7k tiles/s at 64-128
+#: against 4.5k at 256; bf16 11.0k at 256 against 10.4k at 128. Small batches stay in cache.
+DEFAULT_BATCH_SIZE = {"fp32": 128, "bf16": 256}
 
 
-def encode_tiles(model: VAE2, tiles: Any, *, batch_size: int = 512, precision: str = "fp32") -> Any:
+def encode_tiles(model: VAE2, tiles: Any, *, batch_size: int | None = None, precision: str = "fp32") -> Any:
     """Features (``mu``) of ``(N, 64, 64, 3)`` uint8 tiles, in batches, without gradients.
 
     Runs the model as it is (call ``model.eval()`` first for deterministic BatchNorm;
     :func:`~wsi_xr.models.weights.load_vae` returns it in eval mode) on the model's
-    device, in :func:`torch.inference_mode`. ``precision="bf16"`` runs the convolutions
+    device, in :func:`torch.inference_mode`, ``batch_size`` tiles at a time (None: the
+    measured best for the precision, :data:`DEFAULT_BATCH_SIZE`). ``precision="bf16"`` runs the convolutions
     under bfloat16 autocast (faster on CPUs with AVX512-BF16/AMX and on recent GPUs; see
     the README for its measured error); ``"fp32"`` is exact. Returns ``(N, z_dim)``
     float32: a NumPy array for NumPy input, a tensor on the model's device for tensor input.
     """
-    if batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)}")
+    if batch_size is None:
+        batch_size = DEFAULT_BATCH_SIZE[precision]
+    if batch_size < 1:
+        raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
     as_numpy = not isinstance(tiles, torch.Tensor)
     if as_numpy:
         tiles = np.asarray(tiles)
