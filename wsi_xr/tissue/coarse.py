@@ -41,8 +41,8 @@ TEXTURE_MARGIN = 2.5
 ONE_CALL_PIXELS = 32 * 1024 * 1024
 #: Side of the blocks a large coarse level is read in (coarse pixels).
 BLOCK_SIDE = 4096
-#: Samples (coarse pixels) used to estimate the background colour of a large coarse level.
-BACKGROUND_SAMPLES = 4_000_000
+#: Samples (coarse pixels) used to estimate the glass colour.
+BACKGROUND_SAMPLES = 262_144
 #: Pixels around a block that its flags depend on (3x3 texture, then a 3x3 dilation).
 _HALO = 2
 
@@ -100,29 +100,50 @@ def _box3(values: np.ndarray) -> np.ndarray:
     return rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]
 
 
-def background_colour(pixels: np.ndarray) -> np.ndarray:
-    """The glass colour: the median RGB of the brightest quarter of ``pixels`` (``(..., 3)``)."""
-    flat = pixels.reshape(-1, 3).astype(np.float32)
+def _sample_step(height: int, width: int) -> int:
+    """Take every n-th pixel along each axis so that about :data:`BACKGROUND_SAMPLES` remain."""
+    return max(1, int(np.ceil(np.sqrt(height * width / BACKGROUND_SAMPLES))))
+
+
+def _glass_colour(samples: np.ndarray) -> np.ndarray:
+    flat = samples.reshape(-1, 3).astype(np.float32)
     brightness = flat.mean(axis=1)
     bright = brightness >= np.quantile(brightness, 0.75)
     return np.median(flat[bright], axis=0)
 
 
+def background_colour(pixels: np.ndarray) -> np.ndarray:
+    """The glass colour: the median RGB of the brightest quarter of ``pixels`` (``(h, w, 3)``).
+
+    Estimated from every n-th pixel along each axis (about :data:`BACKGROUND_SAMPLES`).
+    """
+    step = _sample_step(pixels.shape[0], pixels.shape[1])
+    return _glass_colour(pixels[::step, ::step])
+
+
 def possible_tissue(thumbnail: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
     """Bool ``(h, w)``: coarse pixels that may hold tissue (generous), dilated by one pixel.
 
-    ``background`` is the glass colour (default: estimated from ``thumbnail`` itself).
+    A pixel is flagged when any channel is more than :data:`COLOUR_MARGIN` from the glass
+    colour ``background`` (default: estimated from ``thumbnail``), or when the standard
+    deviation of the brightness (channel mean) over its 3x3 neighbourhood exceeds
+    :data:`TEXTURE_MARGIN`. Integer arithmetic on the uint8 pixels.
     """
-    pixels = thumbnail.astype(np.float32)
     if background is None:
         background = background_colour(thumbnail)
-    brightness = pixels.mean(axis=2)
-    colour = np.abs(pixels - background).max(axis=2) > COLOUR_MARGIN
-    mean = _box3(brightness) / 9.0
-    variance = np.maximum(_box3(brightness * brightness) / 9.0 - mean * mean, 0.0)
+    pixels = thumbnail.astype(np.int16)
+    colour = np.zeros(thumbnail.shape[:2], dtype=bool)
+    for c in range(3):  # |v - bg| > margin  <=>  v outside [bg - margin, bg + margin]
+        low, high = background[c] - COLOUR_MARGIN, background[c] + COLOUR_MARGIN
+        channel = pixels[..., c]
+        colour |= (channel < low) | (channel > high)
+    brightness = pixels.sum(axis=2, dtype=np.int32)  # 3 x the channel mean
+    total = _box3(brightness).astype(np.float32)
+    total_sq = _box3(brightness * brightness).astype(np.float32)
+    # variance of the mean over 9 pixels: (sum(b^2)/9 - (sum(b)/9)^2) / 9, with b = 3 x mean
+    variance = (total_sq / 9.0 - (total / 9.0) ** 2) / 9.0
     texture = variance > TEXTURE_MARGIN**2
-    flagged = (colour | texture).astype(np.float32)
-    return _box3(flagged) > 0
+    return _box3((colour | texture).astype(np.int8)) > 0
 
 
 def _patch_ranges(n_patches: int, patch: int, scale: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,12 +189,12 @@ def _wanted_patches(opened: OpenedSlide, level: int, coarse_level: int, patch_sh
         _mark_patches(possible_tissue(read(0, 0, clv.height, clv.width)), 0, 0, rows, cols, wanted)
         return wanted
     blocks = [(y, x) for y in range(0, clv.height, BLOCK_SIDE) for x in range(0, clv.width, BLOCK_SIDE)]
-    step = max(1, int(np.sqrt(clv.height * clv.width / BACKGROUND_SAMPLES)))
+    step = _sample_step(clv.height, clv.width)
     samples = []
-    for y, x in blocks:  # pass 1: a subsample for the background colour
+    for y, x in blocks:  # pass 1: the same subsample as one read would take, for the glass colour
         h, w = min(BLOCK_SIDE, clv.height - y), min(BLOCK_SIDE, clv.width - x)
-        samples.append(read(y, x, h, w)[::step, ::step].reshape(-1, 3))
-    background = background_colour(np.concatenate(samples))
+        samples.append(read(y, x, h, w)[(-y) % step :: step, (-x) % step :: step].reshape(-1, 3))
+    background = _glass_colour(np.concatenate(samples))
     for y, x in blocks:  # pass 2: flags per block, with a halo so they equal the whole-level ones
         top, left = max(0, y - _HALO), max(0, x - _HALO)
         bottom, right = min(clv.height, y + BLOCK_SIDE + _HALO), min(clv.width, x + BLOCK_SIDE + _HALO)

@@ -20,6 +20,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from wsi_xr._timing import stage
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.readers import SegmentGrid
 from wsi_xr.slide import opened_slide_of, slide_array
@@ -83,13 +84,15 @@ def masked_statistics(
         return tile_var, patch_var
     xp = array_namespace(pixels)
     k = patch // tile
-    if read_patches is None:
+    if read_patches is None or read_patches.all():
         bands = [(0, nty, 0, ntx)]
-    else:
+    else:  # one call per run of read patches along each patch row
         bands = []
         for r in np.flatnonzero(read_patches.any(axis=1)):
-            cols = np.flatnonzero(read_patches[r])
-            bands.append((r * k, min(nty, (r + 1) * k), cols[0] * k, min(ntx, (cols[-1] + 1) * k)))
+            line = np.concatenate(([False], read_patches[r], [False]))
+            edges = np.flatnonzero(line[1:] != line[:-1])
+            for first, stop in zip(edges[::2], edges[1::2]):
+                bands.append((r * k, min(nty, (r + 1) * k), first * k, min(ntx, stop * k)))
     for t0, t1, c0, c1 in bands:
         band_excluded = excluded[t0:t1, c0:c1]
         tv, pv = block_statistics(
@@ -119,8 +122,9 @@ def _block_statistics_task(
     pixels: Any, excluded: np.ndarray, read_patches: np.ndarray, *, tile: int, patch: int, reject_pen: bool
 ) -> np.ndarray:
     """One block -> float64 ``(tiles_y, tiles_x, 3)``: tile variance, its patch's variance, pen (0/1)."""
-    tile_var, patch_var = masked_statistics(pixels, np.asarray(excluded)[..., 0], np.asarray(read_patches)[..., 0], tile=tile, patch=patch)
-    pen = pen_flags(pixels, tile, tile_var) if reject_pen and tile_var.size else np.zeros(tile_var.shape, dtype=bool)
+    with stage("statistics"):
+        tile_var, patch_var = masked_statistics(pixels, np.asarray(excluded)[..., 0], np.asarray(read_patches)[..., 0], tile=tile, patch=patch)
+        pen = pen_flags(pixels, tile, tile_var) if reject_pen and tile_var.size else np.zeros(tile_var.shape, dtype=bool)
     return np.stack([tile_var, patch_var, pen.astype(np.float64)], axis=-1)
 
 
