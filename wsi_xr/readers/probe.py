@@ -164,8 +164,26 @@ def check_path(path: str | os.PathLike[str]) -> Path:
     return p.resolve()
 
 
-def _probe(path: str | os.PathLike[str]) -> SlideInfo:
-    """:func:`probe` without the log wrapping."""
+@third_party_logs()  # tifffile's warnings about odd tags become wsi_xr INFO records
+def probe(path: str | os.PathLike[str]) -> SlideInfo:
+    """Inspect a slide file and describe it; decodes no pixels.
+
+    TIFF-based files are described with tifffile, vendor formats with OpenSlide (see
+    the module docstring); :attr:`SlideInfo.format` says which kind the file is and
+    :attr:`SlideInfo.backend_problems` which backends must not read it, and why.
+
+    Parameters
+    ----------
+    path
+        A slide file, or a folder holding the files of one DICOM WSI series.
+
+    Raises
+    ------
+    SlideOpenError
+        The file is missing, empty, damaged, or in no format wsi_xr reads.
+    UnsupportedFormatError
+        A TIFF whose pixel layout or compression no backend can decode.
+    """
     p = check_path(path)
     stat = p.stat()
     try:
@@ -369,29 +387,6 @@ def _openslide_problem(p: Path, levels: tuple[LevelInfo, ...]) -> str | None:
     if dims != ours:
         return f"OpenSlide sees {len(dims)} level(s) {dims[:3]}, not the file's {len(ours)} {ours[:3]}"
     return None
-
-
-def probe(path: str | os.PathLike[str]) -> SlideInfo:
-    """Inspect a slide file and describe it; decodes no pixels.
-
-    TIFF-based files are described with tifffile, vendor formats with OpenSlide (see
-    the module docstring); :attr:`SlideInfo.format` says which kind the file is and
-    :attr:`SlideInfo.backend_problems` which backends must not read it, and why.
-
-    Parameters
-    ----------
-    path
-        A slide file, or a folder holding the files of one DICOM WSI series.
-
-    Raises
-    ------
-    SlideOpenError
-        The file is missing, empty, damaged, or in no format wsi_xr reads.
-    UnsupportedFormatError
-        A TIFF whose pixel layout or compression no backend can decode.
-    """
-    with third_party_logs():  # tifffile's warnings about odd tags become wsi_xr INFO records
-        return _probe(path)
 
 
 def _describe(tf: tifffile.TiffFile, p: Path, size: int, mtime_ns: int, kind: str = "generic-tiff") -> SlideInfo:

@@ -69,6 +69,7 @@ def get_reader(key: ReaderKey) -> Reader:
 DEFAULT_SEGMENT = 256
 
 
+@third_party_logs()
 def level_damage(info: SlideInfo, level: int) -> SegmentGrid:
     """The damage grid of one level: which of its file tiles must not be decoded.
 
@@ -83,12 +84,6 @@ def level_damage(info: SlideInfo, level: int) -> SegmentGrid:
       format may leave out (sparse MRXS/DICOM) come back as background, indistinguishable
       from unscanned glass.
     """
-    with third_party_logs():
-        return _level_damage(info, level)
-
-
-def _level_damage(info: SlideInfo, level: int) -> SegmentGrid:
-    """:func:`level_damage` without the log wrapping."""
     lv = info.levels[level]
     if info.problem("tifffile") is None:
         return scan_level(info.path, level)
@@ -200,6 +195,7 @@ def _read_batched(reader: Any, key: ReaderKey, lv: LevelInfo, y: int, x: int, he
     return pixels
 
 
+@third_party_logs()  # tifffile's warnings inside become wsi_xr INFO records
 def read_window(
     key: ReaderKey,
     level: int,
@@ -232,26 +228,6 @@ def read_window(
         Optional bool grid over the level's TIFF tiles (the shape of ``damage.damaged``):
         only wanted tiles are decoded, the rest of the window stays zero.
     """
-    with third_party_logs():
-        return _read_window(
-            key, level, y, x, height, width, device=device, damaged=damaged, damage=damage, wanted=wanted
-        )
-
-
-def _read_window(
-    key: ReaderKey,
-    level: int,
-    y: int,
-    x: int,
-    height: int,
-    width: int,
-    *,
-    device: str = "cpu",
-    damaged: str = "raise",
-    damage: SegmentGrid | None = None,
-    wanted: np.ndarray | None = None,
-) -> Any:
-    """:func:`read_window` without the log wrapping."""
     if damaged not in DAMAGED_POLICIES:
         raise InvalidArgumentError(f"damaged={damaged!r}: use one of {DAMAGED_POLICIES}.")
     reader = get_reader(key)
