@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -403,8 +404,12 @@ def _store_path(store: str | os.PathLike[str]) -> Path:
     parent = store_path.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):  # os.access says yes to root everywhere: really try
+            pass
     except OSError as err:
-        raise StoreError(f"{store_path}: cannot create the folder {parent} ({err}); choose a writable path.") from err
+        raise StoreError(
+            f"{store_path}: cannot write in the folder {parent} ({err.strerror or err}); choose a writable path."
+        ) from err
     return store_path
 
 

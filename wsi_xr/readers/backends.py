@@ -47,6 +47,10 @@ _WHY_CHOSEN = {
 }
 
 
+#: How messages name each backend.
+_DISPLAY_NAMES = {"cucim": "cuCIM", "tifffile": "tifffile", "openslide": "OpenSlide", "nvimgcodec": "nvImageCodec"}
+
+
 @dataclass(frozen=True)
 class BackendChoice:
     """The backend that reads a file, and a sentence saying why."""
@@ -70,8 +74,8 @@ def decide_backend(info: SlideInfo, backend: str = "auto") -> BackendChoice:
             problem = _nvimgcodec_problem(info)
         if problem is not None:
             raise InvalidArgumentError(
-                f"{info.path}: the {backend} backend cannot read this file safely ({problem}); "
-                "use backend='auto' or another backend."
+                f"{info.path}: {_DISPLAY_NAMES.get(backend, backend)} cannot read this file safely ({problem}); "
+                f"use backend='auto' or another backend (not {backend!r})."
             )
         return BackendChoice(backend, "asked for")
     skipped = []
