@@ -426,7 +426,7 @@ def test_unreadable_inputs_give_clear_errors(tmp_path: Path, ndpi: Path) -> None
         probe(broken)
     stripped = tmp_path / "stripped.tif"  # OpenSlide reads tiled TIFFs only
     tifffile.imwrite(stripped, np.zeros((64, 64, 3), np.uint8), photometric="rgb")
-    with pytest.raises(wsi_xr.InvalidArgumentError, match="stripped.tif.*openslide backend cannot read.*tiled"):
+    with pytest.raises(wsi_xr.InvalidArgumentError, match="stripped.tif.*OpenSlide cannot read.*tiled"):
         decide_backend(probe(stripped), "openslide")
 
 
