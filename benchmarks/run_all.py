@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     size, large = ("4096", "8192") if args.quick else ("16384", "32768")
+    scale = ["--sizes", "2048,4096", "--fractions", "0.1,0.3", "--cohort", "2", "--tiles", "2000"] if args.quick else []
     steps = [
         ("read", [sys.executable, "-m", "benchmarks.bench_read", "--size", size]),
         ("mask", [sys.executable, "-m", "benchmarks.bench_mask", "--size", size]),
@@ -29,6 +30,8 @@ def main() -> None:
         ("chunking", [sys.executable, "-m", "wsi_xr.cli", "bench", "--size", size, "--chunks", "512,1000,1024,2048,4096",
                       "--stage", "read,mask", "--backend", "cucim,tifffile", "--scheduler", "threads,processes",
                       "--out", str(RESULTS / "chunking.json"), "--plot", str(RESULTS / "chunking.png")]),
+        ("scale", [sys.executable, "-m", "benchmarks.bench_scale", *scale]),
+        ("precision", [sys.executable, "-m", "benchmarks.bench_precision"]),
     ]
     summary = [f"# Benchmark summary ({time.strftime('%Y-%m-%d %H:%M')}, {'quick' if args.quick else 'full'})\n"]
     for name, command in steps:
