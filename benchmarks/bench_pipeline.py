@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path

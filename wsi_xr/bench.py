@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import dask
-import dask.array as da
 import numpy as np
 
 from wsi_xr.errors import InvalidArgumentError

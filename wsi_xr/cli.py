@@ -121,7 +121,6 @@ def cmd_mask(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Draw the slide thumbnail with the stored tile mask overlaid."""
-    import xarray as xr
 
     from wsi_xr.store import check_output, open_store
 

@@ -35,11 +35,10 @@ import zarr
 
 from wsi_xr._failpoints import failpoint
 from wsi_xr._timing import stage
-from wsi_xr.encode import PRECISIONS, ModelRef, check_precision, encode_block, model_ref
+from wsi_xr.encode import ModelRef, check_precision, encode_block, model_ref
 from wsi_xr.errors import InvalidArgumentError, SlideReadError, StoreError
 from wsi_xr.readers import GPU_BACKENDS, OpenedSlide, open_file
-from wsi_xr.slide import SlideSource, level_coords, slide_array
-from wsi_xr.slide import ChunkSpec
+from wsi_xr.slide import ChunkSpec, SlideSource, level_coords, slide_array
 from wsi_xr.store import (
     SlideLayout,
     StoreLock,
@@ -66,7 +65,12 @@ from wsi_xr.tissue.threshold import THRESHOLD_RANGE, auto_threshold
 __all__ = [
     "RunOptions",
     "check_slide_options",
-    "process_slide", "process_slides", "to_dataframe", "validate_run_options", "write_parquet"]
+    "process_slide",
+    "process_slides",
+    "to_dataframe",
+    "validate_run_options",
+    "write_parquet",
+]
 
 log = logging.getLogger("wsi_xr")
 
