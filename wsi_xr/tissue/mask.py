@@ -288,10 +288,11 @@ def tissue_mask(
         value = float(threshold)
         method = "given"
     read_error = xr.DataArray(excluded, dims=("tile_y", "tile_x"))
-    tile_mask = two_stage_rule(tile_var, patch_var_per_tile, excluded, value)
+    excluded_blocks = da.from_array(excluded, chunks=tile_chunks)  # chunked like the statistics: no rechunk
+    tile_mask = two_stage_rule(tile_var, patch_var_per_tile, excluded_blocks, value)
     variables: dict[str, Any] = {}
     if reject_pen:
-        pen_mask = (stats[..., 2] > 0) & ~excluded
+        pen_mask = (stats[..., 2] > 0) & ~excluded_blocks
         tile_mask = tile_mask & ~pen_mask
         variables["pen_mask"] = (("tile_y", "tile_x"), pen_mask)
     y, x = image["y"].values, image["x"].values
