@@ -184,3 +184,33 @@ def test_distributed_cluster_by_address(synth_slide: Path, weights: Path, tmp_pa
             proc.terminate()
         for proc in workers + [scheduler]:
             proc.wait(timeout=30)
+
+
+def test_one_run_probes_and_scans_each_file_once(synth_slide: Path, weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe, the backend decision and each level's damage scan happen once per run
+    (in the client) and travel down with the opened slide: counted with spies that
+    delegate to the real functions."""
+    from wsi_xr import readers
+    from wsi_xr.readers import opened as opened_module
+    from wsi_xr.readers import windows
+
+    calls = {"probe": 0, "scan": []}
+    real_probe, real_scan = opened_module.probe, windows.level_damage
+
+    def counting_probe(path):  # type: ignore[no-untyped-def]
+        calls["probe"] += 1
+        return real_probe(path)
+
+    def counting_scan(info, level):  # type: ignore[no-untyped-def]
+        calls["scan"].append(level)
+        return real_scan(info, level)
+
+    readers.clear_caches()
+    for module in (opened_module, windows):
+        monkeypatch.setattr(module, "probe", counting_probe)
+    monkeypatch.setattr(opened_module, "level_damage", counting_scan)
+    with dask.config.set(scheduler="threads"):
+        ds = process_slide(synth_slide, tmp_path / "once.zarr", weights=weights, chunks=512, progress=False)
+    assert ds.attrs["complete"] and ds.attrs["coarse_level"] > 0
+    assert calls["probe"] == 1, f"probed {calls['probe']} times"
+    assert sorted(calls["scan"]) == sorted({0, ds.attrs["coarse_level"]}), f"damage scans: {calls['scan']}"

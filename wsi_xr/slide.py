@@ -75,7 +75,7 @@ class _LevelWindowReader:
         with stage("decode"):
             pixels = read_window(
                 self.opened.key, self.level, y0, x0, y1 - y0, x1 - x0,
-                device=self.device, damaged=self.damaged, damage=damage, wanted=self.wanted,
+                device=self.device, damaged=self.damaged, damage=damage, wanted=self.wanted, info=self.opened.info,
             )
         return pixels[:, :, cs]
 

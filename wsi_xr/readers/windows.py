@@ -41,9 +41,18 @@ DAMAGED_POLICIES = ("raise", "fill")
 handle_cache = HandleCache()
 
 
-def open_reader(key: ReaderKey) -> Reader:
-    """Open a reader for ``key`` (probing the file again in this process)."""
-    info = probe(key.path)
+def open_reader(key: ReaderKey, info: SlideInfo | None = None) -> Reader:
+    """Open a reader for ``key``, from the caller's probe ``info`` when given (else probe here).
+
+    Either way the file on disk must still be the one the key names (size and mtime).
+    """
+    if info is None or info.path != key.path:
+        info = probe(key.path)
+    else:
+        import os
+
+        stat = os.stat(key.path)
+        info = info if (stat.st_size, stat.st_mtime_ns) == (info.file_size, info.mtime_ns) else probe(key.path)
     if (info.file_size, info.mtime_ns) != (key.file_size, key.mtime_ns):
         raise SlideReadError(
             f"{key.path}: the file changed on disk after it was opened (size or modification "
@@ -52,10 +61,10 @@ def open_reader(key: ReaderKey) -> Reader:
     return reader_class(key.backend)(info)  # type: ignore[call-arg]
 
 
-def get_reader(key: ReaderKey) -> Reader:
-    """The cached reader for ``key`` in this process."""
+def get_reader(key: ReaderKey, info: SlideInfo | None = None) -> Reader:
+    """The cached reader for ``key`` in this process (opened from ``info`` when given: no new probe)."""
     try:
-        return handle_cache.get(key, open_reader)
+        return handle_cache.get(key, lambda k: open_reader(k, info))
     except WsiXrError:
         raise
     except Exception as err:  # e.g. cuCIM's ValueError "Cannot load ..." on a damaged IFD
@@ -208,6 +217,7 @@ def read_window(
     damaged: str = "raise",
     damage: SegmentGrid | None = None,
     wanted: np.ndarray | None = None,
+    info: SlideInfo | None = None,
 ) -> Any:
     """Decode ``[y:y+height, x:x+width]`` of ``level`` as uint8 RGB; counts the reads.
 
@@ -227,10 +237,13 @@ def read_window(
     wanted
         Optional bool grid over the level's TIFF tiles (the shape of ``damage.damaged``):
         only wanted tiles are decoded, the rest of the window stays zero.
+    info
+        The file's probe, when the caller has it (an :class:`OpenedSlide` does): the
+        reader is opened from it, without probing the file again.
     """
     if damaged not in DAMAGED_POLICIES:
         raise InvalidArgumentError(f"damaged={damaged!r}: use one of {DAMAGED_POLICIES}.")
-    reader = get_reader(key)
+    reader = get_reader(key, info)
     lv: LevelInfo = reader.info.levels[level]  # type: ignore[attr-defined]
     if y < 0 or x < 0 or height <= 0 or width <= 0 or y + height > lv.height or x + width > lv.width:
         raise InvalidArgumentError(

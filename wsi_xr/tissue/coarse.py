@@ -183,7 +183,7 @@ def _wanted_patches(opened: OpenedSlide, level: int, coarse_level: int, patch_sh
     damage = opened.damage(coarse_level)  # damaged coarse tiles read as zeros: far from glass, so "tissue"
 
     def read(y: int, x: int, h: int, w: int) -> np.ndarray:
-        return read_window(opened.key, coarse_level, y, x, h, w, damaged="fill", damage=damage)
+        return read_window(opened.key, coarse_level, y, x, h, w, damaged="fill", damage=damage, info=opened.info)
 
     if clv.height * clv.width <= ONE_CALL_PIXELS:
         _mark_patches(possible_tissue(read(0, 0, clv.height, clv.width)), 0, 0, rows, cols, wanted)
