@@ -15,6 +15,8 @@ from wsi_xr.slide import slide_dataarray
 THUMBNAIL_SIDE = 1024
 #: Overlay colours of :func:`plot_mask_overlay`: tissue, read error, pen mark.
 TISSUE_COLOUR, READ_ERROR_COLOUR, PEN_COLOUR = "#1b9e77", "#d7191c", "#7570b3"
+#: Tiles the coarse pass ruled out (never decoded).
+SKIPPED_COLOUR = "#bdbdbd"
 
 
 def thumbnail(slide: str | os.PathLike[str], max_side: int = THUMBNAIL_SIDE) -> xr.DataArray:
@@ -37,10 +39,13 @@ def overlay_classes(mask: xr.Dataset) -> np.ndarray:
     """Tile classes drawn by :func:`plot_mask_overlay`, float ``(tile_y, tile_x)``.
 
     1 = tissue (``tile_mask``), 2 = read error, 3 = pen mark (``pen_mask``, when the
-    Dataset has one), NaN = nothing drawn. Read errors win over pen marks, pen marks
-    over tissue (a pen tile is not tissue once pen rejection is on).
+    Dataset has one), 4 = not decoded (skipped by the coarse pass: NaN variance), NaN =
+    nothing drawn. Read errors win over pen marks, pen marks over tissue (a pen tile is
+    not tissue once pen rejection is on).
     """
     classes = np.where(np.asarray(mask.tile_mask.values, dtype=bool), 1.0, np.nan)
+    if "tile_variance" in mask:
+        classes[np.isnan(np.asarray(mask.tile_variance.values, dtype=np.float32))] = 4.0
     if "pen_mask" in mask:
         classes[np.asarray(mask.pen_mask.values, dtype=bool)] = 3.0
     classes[np.asarray(mask.read_error.values, dtype=bool)] = 2.0
@@ -74,12 +79,15 @@ def plot_mask_overlay(mask: xr.Dataset, slide: str | os.PathLike[str], out: str 
     axes[0].set_title("slide")
     layer = overlay_classes(mask)
     if layer.size:
-        colours = ListedColormap([TISSUE_COLOUR, READ_ERROR_COLOUR, PEN_COLOUR])
-        axes[1].pcolormesh(x_edges, y_edges, layer, cmap=colours, vmin=0.5, vmax=3.5, alpha=0.45, shading="flat")
+        colours = ListedColormap([TISSUE_COLOUR, READ_ERROR_COLOUR, PEN_COLOUR, SKIPPED_COLOUR])
+        axes[1].pcolormesh(x_edges, y_edges, layer, cmap=colours, vmin=0.5, vmax=4.5, alpha=0.45, shading="flat")
     kept = int(mask.tile_mask.sum())
     threshold = mask.attrs.get("threshold")
     title = f"tissue tiles: {kept} of {mask.tile_mask.size}  (threshold {threshold if isinstance(threshold, str) else f'{threshold:.1f}'})"
     handles = [Patch(color=TISSUE_COLOUR, alpha=0.6, label="tissue tile"), Patch(color=READ_ERROR_COLOUR, alpha=0.6, label="read error")]
+    skipped = int((layer == 4.0).sum())
+    if skipped:
+        handles.append(Patch(color=SKIPPED_COLOUR, alpha=0.6, label=f"not decoded: coarse skip ({skipped} tiles)"))
     if "pen_mask" in mask:
         pen = int(mask.pen_mask.sum())
         title += f", pen: {pen}"
