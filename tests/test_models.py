@@ -641,3 +641,84 @@ def test_shipped_default_weights_encode_real_tiles() -> None:
     mu = encode_tiles(load_vae(), tiles)
     assert mu.shape == (64, 32) and np.isfinite(mu).all()
     assert mu.std(axis=0).mean() > 1e-3  # not a constant map
+
+
+# --------------------------------------------------------------------------------------
+# Training levers (loss, schedule, augmentation, balanced sampling, logvar start)
+
+
+def test_training_levers_run_and_are_recorded(tiles: np.ndarray) -> None:
+    groups = np.repeat([0, 1], [80, 16])
+    result = train_vae(
+        tiles[:96], epochs=2, batch_size=32, seed=0, progress=False, loss="mse", schedule="cosine", warmup=0.1,
+        weight_decay=1e-4, stain_jitter=0.1, zoom=0.25, groups=groups, balance=1.0, init_logvar=-8.0,
+        eval_tiles=tiles[200:216],
+    )
+    meta = result.metadata()
+    assert meta["loss"].startswith("mse") and meta["schedule"] == "cosine(warmup=0.1)"
+    assert "hed_stain_jitter" in meta["augmentation"] and "zoom" in meta["augmentation"]
+    assert meta["balance"] == 1.0 and meta["init_logvar"] == -8.0 and meta["optimizer"].startswith("AdamW")
+    assert all(0 < h["eval_mse"] < 1 for h in result.history)
+    # Summed squared error per tile: at most 12288 (every pixel off by 1).
+    assert 0 < result.val_loss < 64 * 64 * 3
+    # The logvar head started constant at -8 and moved only a little in two epochs.
+    assert abs(float(result.model.fc2.bias.detach().mean()) + 8.0) < 0.5
+    reference = train_vae(tiles[:96], epochs=1, batch_size=32, seed=0, progress=False).metadata()
+    assert reference["loss"].startswith("bce") and reference["schedule"] == "constant"
+    assert reference["augmentation"] == "dihedral8" and reference["init_logvar"] is None
+
+
+def test_learning_rate_schedules() -> None:
+    from wsi_xr.models.train import _lr_factor
+
+    assert [_lr_factor("constant", s, 100, 0.0) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    cosine = [_lr_factor("cosine", s, 100, 0.1) for s in range(100)]
+    assert cosine[0] == pytest.approx(0.1) and cosine[9] == pytest.approx(1.0) and cosine[10] == pytest.approx(1.0)
+    assert cosine[-1] < 0.001 and all(a >= b for a, b in zip(cosine[10:], cosine[11:]))
+    onecycle = [_lr_factor("onecycle", s, 100, 0.2) for s in range(100)]
+    assert onecycle[0] == pytest.approx(0.04) and max(onecycle) == pytest.approx(1.0) and onecycle[-1] < 0.001
+
+
+def test_stain_jitter_and_zoom_keep_tiles_valid() -> None:
+    from wsi_xr.models.train import _stain_jitter, _zoom
+
+    x = tiles_to_tensor(structured_tiles(8, seed=4)).contiguous()
+    same = _stain_jitter(x, np.random.default_rng(0), 0.0, 0.0)
+    np.testing.assert_allclose(same.numpy(), x.clamp_min(1 / 255).numpy(), atol=1e-5)  # no jitter: identity
+    jittered = _stain_jitter(x, np.random.default_rng(0), 0.3, 0.05)
+    assert jittered.shape == x.shape and float(jittered.min()) >= 0 and float(jittered.max()) <= 1
+    assert float((jittered - x).abs().mean()) > 0.01
+    zoomed = _zoom(x, np.random.default_rng(0), 0.5)
+    assert zoomed.shape == x.shape and float(zoomed.min()) >= 0 and float(zoomed.max()) <= 1
+    np.testing.assert_allclose(_zoom(x, np.random.default_rng(0), 1e-9).numpy(), x.numpy(), atol=1e-4)
+
+
+def test_balanced_sampling_draws_groups_equally() -> None:
+    from wsi_xr.models.train import _epoch_order
+
+    groups = np.repeat([0, 1, 2], [900, 90, 10])
+    idx = np.arange(1000)
+    drawn = _epoch_order(np.random.default_rng(0), idx, groups, 1.0)
+    counts = np.bincount(groups[drawn], minlength=3)
+    assert drawn.size == 1000 and np.all(np.abs(counts - 333) < 60)
+    assert sorted(_epoch_order(np.random.default_rng(0), idx, groups, 0.0).tolist()) == idx.tolist()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss": "l1"}, "loss"),
+        ({"schedule": "step"}, "schedule"),
+        ({"warmup": 1.0}, "warmup"),
+        ({"stain_jitter": -0.1}, "stain_jitter"),
+        ({"zoom": 1.5}, "zoom"),
+        ({"balance": 0.5}, "needs groups"),
+        ({"balance": 2.0, "groups": np.zeros(4, np.int64)}, "balance"),
+        ({"groups": np.zeros(3, np.int64)}, "groups"),
+        ({"init_logvar": 100.0}, "init_logvar"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+    ],
+)
+def test_training_lever_argument_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=match):
+        train_vae(np.zeros((4, 64, 64, 3), np.uint8), progress=False, **kwargs)

@@ -253,7 +253,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "margin": args.margin,
         "torch_threads": torch.get_num_threads(),
         "train_seconds": round(time.perf_counter() - start, 1),
-        "command": "wsi-xr train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else "train_vae",
+        "command": "wsi-xr " + " ".join(sys.argv[1:]) if "train" in sys.argv[1:] else "train_vae",
     }
     save_vae(result.model, args.out, metadata=metadata)
     print(f"validation loss per tile {result.val_loss:.2f} after {args.epochs} epochs -> {args.out}")
