@@ -14,7 +14,8 @@ scheduler with one thread per core, on the same synthetic slides (30% tissue):
   fp32 and bf16, with the thread-seconds of each stage (decode, statistics, encode,
   write) from the pipeline's own counters;
 - ``previous``: the same call to the previous release, imported from a ``git worktree``
-  of its commit (same venv, same slide), and the max difference of its latents;
+  of its commit (same venv, same slide, the same weights file), and the max difference
+  of its latents;
 - ``mask``: the tissue mask with and without the coarse skip on 16384² slides of several
   tissue fractions, with the TIFF tiles decoded;
 - ``parquet``: peak traced memory (tracemalloc) of ``write_parquet`` on a cohort store of
@@ -91,7 +92,7 @@ def case_encoder(n_tiles: int, precision: str, batch_size: int | None) -> dict[s
     return {"seconds": seconds, "tiles_per_s": n_tiles / seconds}
 
 
-def case_pipeline(slide: str, precision: str, tree: str | None, out: str) -> dict[str, Any]:
+def case_pipeline(slide: str, precision: str, tree: str | None, out: str, weights: str) -> dict[str, Any]:
     import dask
 
     wsi_xr = _import_wsi_xr(tree)
@@ -102,9 +103,9 @@ def case_pipeline(slide: str, precision: str, tree: str | None, out: str) -> dic
         reset_stage_seconds()
     start = time.perf_counter()
     with dask.config.set(scheduler="threads", num_workers=WORKERS):
-        ds = wsi_xr.process_slide(slide, out, overwrite=True, progress=False, **extra)
+        ds = wsi_xr.process_slide(slide, out, weights=weights, overwrite=True, progress=False, **extra)
     seconds = time.perf_counter() - start
-    result: dict[str, Any] = {"seconds": seconds, "tissue_tiles": int(ds.attrs["tissue_tiles"]), "version": wsi_xr.__version__}
+    result: dict[str, Any] = {"seconds": seconds, "tissue_tiles": int(ds.attrs["tissue_tiles"]), "code": wsi_xr.__file__}
     if not tree:
         from wsi_xr._timing import stage_seconds
 
@@ -190,6 +191,9 @@ def _cohort_store(single: Path, copies: int, folder: Path) -> Path:
 
 def run(sizes: list[int], fractions: list[float], previous: str | None, cohort: int, encoder_tiles: int) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    from wsi_xr.models import default_weights_path
+
+    weights = str(default_weights_path())  # the same weights for both releases: latents comparable
     rows: list[dict[str, Any]] = []
     payload: dict[str, Any] = {"workers": WORKERS, "sizes": sizes, "previous": previous, "rows": rows}
     tree = str(previous_tree(previous)) if previous else None
@@ -204,7 +208,7 @@ def run(sizes: list[int], fractions: list[float], previous: str | None, cohort: 
         megapixels = decode["megapixels"]
         for precision in ("fp32", "bf16"):
             out = str(work / f"{size}-{precision}.zarr")
-            p = isolated(MODULE, "pipeline", "--slide", slide, "--precision", precision, "--out", out)
+            p = isolated(MODULE, "pipeline", "--slide", slide, "--precision", precision, "--out", out, "--weights", weights)
             stages = p["stage_seconds"]
             busy = sum(stages.values())
             row.update({
@@ -225,7 +229,7 @@ def run(sizes: list[int], fractions: list[float], previous: str | None, cohort: 
         row["fp32_vs_decode_plus_encode_limits"] = (row["decode_limit_s"] + row["encode_limit_fp32_s"]) / row["fp32_s"]
         if tree:
             out = str(work / f"{size}-previous.zarr")
-            old = isolated(MODULE, "pipeline", "--slide", slide, "--precision", "fp32", "--tree", tree, "--out", out)
+            old = isolated(MODULE, "pipeline", "--slide", slide, "--precision", "fp32", "--tree", tree, "--out", out, "--weights", weights)
             same = isolated(MODULE, "compare", "--current", str(work / f"{size}-fp32.zarr"), "--previous", out)
             row.update({
                 "previous_s": old["seconds"],
@@ -234,7 +238,7 @@ def run(sizes: list[int], fractions: list[float], previous: str | None, cohort: 
                 "speedup_bf16": old["seconds"] / row["bf16_s"],
                 **same,
             })
-            print(f"{size}² previous ({old['version']}): {old['seconds']:.1f} s; {same}", flush=True)
+            print(f"{size}² previous ({old['code']}): {old['seconds']:.1f} s; {same}", flush=True)
         rows.append(row)
     if len(rows) > 1:
         payload["rss_ratio_largest_vs_smallest"] = rows[-1]["fp32_peak_rss_mb"] / rows[0]["fp32_peak_rss_mb"]
@@ -301,6 +305,7 @@ def main() -> None:
     parser.add_argument("--tree", default=None)
     parser.add_argument("--out")
     parser.add_argument("--coarse", default="auto")
+    parser.add_argument("--weights", default=None)
     parser.add_argument("--store")
     parser.add_argument("--current")
     parser.add_argument("--previous", default="0a09678", help="commit of the previous release ('' to skip)")
@@ -315,7 +320,7 @@ def main() -> None:
         cases = {
             "decode": lambda: case_decode(args.slide),
             "encoder": lambda: case_encoder(args.tiles, args.precision, args.batch_size),
-            "pipeline": lambda: case_pipeline(args.slide, args.precision, args.tree, args.out),
+            "pipeline": lambda: case_pipeline(args.slide, args.precision, args.tree, args.out, args.weights),
             "compare": lambda: case_compare(args.current, args.previous),
             "mask": lambda: case_mask(args.slide, args.coarse),
             "parquet": lambda: case_parquet(args.store),
