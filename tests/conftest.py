@@ -43,3 +43,16 @@ def large_synth_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("synth") / "synth-16k.tif"
     write_synthetic_slide(path, 16384, 16384, seed=3, jpeg_quality=60)
     return path
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fixed, randomly initialised VAE (exactness of the plumbing does not need training)."""
+    import torch
+
+    from wsi_xr.models import VAE2, save_vae
+
+    torch.manual_seed(1234)
+    path = tmp_path_factory.mktemp("weights") / "vae.pt"
+    save_vae(VAE2().eval(), path)
+    return path

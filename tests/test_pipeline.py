@@ -17,25 +17,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-import torch
 import xarray as xr
 
 import wsi_xr
-from wsi_xr.models import VAE2, encode_tiles, load_vae, save_vae
+from wsi_xr.models import encode_tiles, load_vae
 from wsi_xr.pipeline import process_slide, process_slides, to_dataframe, write_parquet
 from wsi_xr.readers import read_stats, reset_read_stats
 from wsi_xr.synth import write_synthetic_slide
 
 CLI = [sys.executable, "-m", "wsi_xr.cli"]
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fixed, randomly initialised VAE (exactness of the plumbing does not need training)."""
-    torch.manual_seed(1234)
-    path = tmp_path_factory.mktemp("weights") / "vae.pt"
-    save_vae(VAE2().eval(), path)
-    return path
 
 
 def _check_latents_against_direct_encoder(ds: xr.Dataset, slide: Path, weights: Path) -> None:

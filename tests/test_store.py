@@ -14,26 +14,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import xarray as xr
 import zarr
 
 import wsi_xr
-from wsi_xr.models import VAE2, save_vae
 from wsi_xr.pipeline import process_slide, process_slides, write_parquet
 from wsi_xr.store import LAYOUT_VERSION, migrate_store
 from wsi_xr.synth import write_synthetic_slide
 
 CLI = [sys.executable, "-m", "wsi_xr.cli"]
 VARIABLES = ("tile_mask", "patch_mask", "read_error", "tile_variance", "patch_variance", "latent", "chunk_done")
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(7)
-    path = tmp_path_factory.mktemp("weights") / "vae.pt"
-    save_vae(VAE2().eval(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
