@@ -410,16 +410,9 @@ KINDS = ("scan_flip", "header_flip", "marker_flip", "marker_overwrite", "zero_ti
 
 
 @pytest.fixture(scope="module")
-def vae_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small randomly initialised VAE2 (the fuzz and fault tests need a model, not a trained one)."""
-    import torch
-
-    from wsi_xr.models import VAE2, save_vae
-
-    torch.manual_seed(2024)
-    path = tmp_path_factory.mktemp("weights") / "vae.pt"
-    save_vae(VAE2().eval(), path)
-    return path
+def vae_weights(weights: Path) -> Path:
+    """A randomly initialised VAE2 (the fuzz and fault tests need a model, not a trained one)."""
+    return weights
 
 
 def test_fuzzed_slides_never_crash_and_never_lie(tmp_path: Path, vae_weights: Path) -> None:

@@ -488,7 +488,9 @@ def tile_rows(ds: xr.Dataset, slide: str | None = None) -> "Any":
     mask = np.asarray(ds["tile_mask"].values, dtype=bool)
     rows, cols = np.nonzero(mask)
     frame = pd.DataFrame({"x": ds["tile_x"].values[cols].astype(np.int64), "y": ds["tile_y"].values[rows].astype(np.int64)})
-    latents = np.asarray(ds["latent"].values)[rows, cols, :] if rows.size else np.zeros((0, ds.sizes["feature"]), np.float32)
+    # pointwise selection: a lazy (Zarr-backed) cube is read chunk by chunk, never whole
+    picked = ds["latent"].isel(tile_y=xr.DataArray(rows, dims="row"), tile_x=xr.DataArray(cols, dims="row"))
+    latents = np.asarray(picked.transpose("row", "feature").values)
     for i in range(latents.shape[1]):
         frame[f"latent_{i}"] = latents[:, i].astype(np.float32)
     if slide is not None:

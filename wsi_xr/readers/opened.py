@@ -63,10 +63,6 @@ class OpenedSlide:
                 self._damage.setdefault(level, grid)
         return grid
 
-    def damaged_tile_count(self, level: int) -> int:
-        """How many TIFF tiles (or strips) of ``level`` are damaged."""
-        return int(self.damage(level).damaged.sum())
-
     def __getstate__(self) -> dict[str, object]:
         with self._lock:
             return {"info": self.info, "choice": self.choice, "_damage": dict(self._damage)}
