@@ -48,6 +48,38 @@ def test_synth_then_train_then_plot_recon(tmp_path: Path) -> None:
     assert figure.read_bytes()[:8] == PNG
 
 
+def test_train_fine_tunes_from_weights_on_shifted_windows(tmp_path: Path, synth_slide: Path) -> None:
+    """`train --init W --stride S`: starts from W (its first validation loss is W's, far
+    below a fresh model's), trains on the grid tiles and their shifted windows, records both."""
+    import torch
+
+    from wsi_xr.models import VAE2, weights
+    from wsi_xr.models.train import _evaluate
+    from wsi_xr.sampling import sample_tissue_tiles
+
+    start = Path(weights.__file__).parent / weights.DEFAULT_WEIGHTS_NAME
+    tuned = tmp_path / "tuned.pt"
+    done = run(
+        "train", str(synth_slide), "--out", str(tuned), "--epochs", "1", "--max-tiles", "256", "--batch-size", "64",
+        "--stride", "16", "--init", str(start), "--lr", "1e-5", "--loss", "mse", "--quiet",
+    )
+    assert done.returncode == 0, done.stderr
+    meta = read_metadata(tuned)["training"]
+    assert meta["stride"] == 16 and meta["init"] == weights.DEFAULT_WEIGHTS_NAME and meta["tiles"] == 256
+    tiles, origins = sample_tissue_tiles([synth_slide], max_tiles=256, seed=0, stride=16)
+    assert sum(o["x"] % 64 or o["y"] % 64 for o in origins) > 128  # mostly shifted windows
+    val_idx = np.sort(np.random.default_rng(0).permutation(len(tiles))[: meta["n_val"]])  # train_vae's split
+    evaluate = dict(batch_size=64, device=torch.device("cpu"), kl_weight=1.0, loss="mse")
+    torch.manual_seed(0)
+    from_start = _evaluate(load_vae(start), tiles, val_idx, **evaluate)
+    torch.manual_seed(0)
+    fresh = _evaluate(VAE2(), tiles, val_idx, **evaluate)
+    assert from_start < fresh / 5
+    assert abs(meta["initial_val_loss"] - from_start) < 0.02 * from_start  # z is sampled: not bit-equal
+    bad = run("train", str(synth_slide), "--out", str(tmp_path / "x.pt"), "--stride", "48", "--quiet")
+    assert bad.returncode == 2 and "stride=48" in bad.stderr
+
+
 def test_demo_writes_everything(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     done = run("demo", "--out", str(out), "--size", "2048")

@@ -221,6 +221,39 @@ def test_held_out_block_never_reaches_training(synth_slide: Path) -> None:
         sample_tissue_tiles([synth_slide], inside={"other.svs": block})
 
 
+def test_shifted_windows_are_the_slide_pixels_and_respect_the_hold_out(synth_slide: Path) -> None:
+    import dask
+
+    from wsi_xr.slide import open_slide
+
+    name = synth_slide.name
+    grid, grid_at = sample_tissue_tiles([synth_slide])
+    same, same_at = sample_tissue_tiles([synth_slide], stride=64)
+    assert same_at == grid_at and np.array_equal(same, grid)  # stride = tile: the grid itself
+
+    shifted, shifted_at = sample_tissue_tiles([synth_slide], stride=32)
+    positions = {(o["x"], o["y"]) for o in shifted_at}
+    assert len(positions) == len(shifted_at)  # every window once
+    grid_positions = {(o["x"], o["y"]) for o in grid_at}
+    assert grid_positions <= positions  # the grid tiles are among them, with 3 shifted copies each
+    assert len(positions - grid_positions) > 2.5 * len(grid_positions)
+    assert all(o["x"] % 32 == 0 and o["y"] % 32 == 0 for o in shifted_at)
+    with dask.config.set(scheduler="threads"):
+        image = open_slide(synth_slide).values  # an independent read of the whole slide
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(shifted_at), size=60, replace=False):
+        x, y = shifted_at[i]["x"], shifted_at[i]["y"]
+        assert np.array_equal(shifted[i], image[y : y + 64, x : x + 64])
+
+    block = Region(0, 1536, 3000, 1064)
+    train, train_at = sample_tissue_tiles([synth_slide], outside={name: block}, margin=64, stride=16)
+    assert len(train_at) > 16 * 20
+    assert all(o["y"] + 64 <= 1536 - 64 for o in train_at)  # shifted windows keep clear of the block too
+    for bad in (0, 48, 65, True):
+        with pytest.raises(InvalidArgumentError, match="stride"):
+            sample_tissue_tiles([synth_slide], stride=bad)
+
+
 def test_evaluate_slides_refuses_to_fit_pca_on_evaluation_tiles(synth_slide: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="both an evaluation and a training slide"):
         evaluate_slides(False, [synth_slide], train_slides=[synth_slide])

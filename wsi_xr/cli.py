@@ -208,8 +208,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     check_output(args.out, overwrite=True)
     holdout = dict(parse_slide_region(text) for text in args.holdout)
+    init_model = None
+    if args.init is not None:
+        from wsi_xr.models import load_vae
+
+        init_model = load_vae(args.init)  # checked before the slides are read
     tiles, origins = sample_tissue_tiles(
-        args.slides, max_tiles=args.max_tiles, seed=args.seed, outside=holdout or None, margin=args.margin
+        args.slides, max_tiles=args.max_tiles, seed=args.seed, outside=holdout or None, margin=args.margin,
+        stride=args.stride,
     )
     import numpy as np
     import torch
@@ -242,6 +248,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         init_logvar=args.init_logvar,
         val_fraction=args.val_fraction,
         progress=not args.quiet,
+        model=init_model,
     )
     metadata = {
         **result.metadata(),
@@ -251,6 +258,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "holdout": {Path(k).name: r.as_text() for k, r in holdout.items()},
         "holdout_rule": f"tiles of a hold-out slide region are never trained on; training tiles keep {args.margin} px clear of it",
         "margin": args.margin,
+        "stride": args.stride or 64,
+        "init": None if args.init is None else Path(args.init).name,
         "torch_threads": torch.get_num_threads(),
         "train_seconds": round(time.perf_counter() - start, 1),
         "command": "wsi-xr " + " ".join(sys.argv[1:]) if "train" in sys.argv[1:] else "train_vae",
@@ -281,6 +290,7 @@ def cmd_eval_vae(args: argparse.Namespace) -> int:
         n_components=args.pca_components,
         dihedral=not args.no_dihedral,
         device=args.device,
+        train_stride=args.train_stride,
     )
     print(report.table())
     print("MSE of pixels in [0, 1]; (n) = numbers kept per tile; * = lowest in the row")
@@ -471,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", action="append", default=[], metavar="SLIDE=X,Y,W,H", help="never train on this level-0 block of SLIDE (nor within --margin px of it); repeatable")
     p.add_argument("--margin", type=int, default=64, help="gap in level-0 px between a --holdout block and training tiles (default 64)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (results are reproducible for a fixed number)")
+    p.add_argument("--stride", type=_positive_int, default=None, help="also train on every tissue tile shifted by multiples of S px (a divisor of 64, e.g. 16: 16 windows per tile); default: the 64-px grid only")
+    p.add_argument("--init", default=None, metavar="WEIGHTS", help="start from these weights (fine-tune) instead of a fresh model")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -483,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tiles", type=_positive_int, default=None, help="at most N evaluation tiles per slide (random, --seed)")
     p.add_argument("--max-train-tiles", type=_positive_int, default=None, help="at most N PCA training tiles")
     p.add_argument("--pca-components", type=_positive_int, default=32)
+    p.add_argument("--train-stride", type=_positive_int, default=None, help="fit the PCA also on the training tiles shifted by multiples of S px, as `train --stride S` trains on")
     p.add_argument("--no-dihedral", action="store_true", help="fit the PCA without the 8 flips/rotations of each training tile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -125,6 +125,7 @@ def sample_tissue_tiles(
     inside: Mapping[str, Region] | None = None,
     outside: Mapping[str, Region] | None = None,
     margin: int = DEFAULT_MARGIN,
+    stride: int | None = None,
 ) -> tuple[np.ndarray, list[dict[str, object]]]:
     """Tissue tiles ``(N, tile, tile, 3)`` uint8 from ``slides``, and where each came from.
 
@@ -147,6 +148,15 @@ def sample_tissue_tiles(
         tiles with no pixel within ``margin`` pixels of the region (the rest, to train on).
     margin
         Gap in level-0 pixels between an ``outside`` region and the tiles kept.
+    stride
+        ``None`` (or ``tile``): the tissue tiles of the ``tile`` grid. A divisor of
+        ``tile`` below it: also the shifted copies of every tissue tile, its window moved
+        right and down by every multiple of ``stride`` below ``tile`` (``(tile / stride)**2``
+        windows per tissue tile, e.g. 16 for ``stride=16``; windows that would leave the
+        slide are dropped). Shifted windows overlap the next grid tiles, so they show
+        tissue at positions the grid never does (translation augmentation for training,
+        cut from the decoded pixels of the grid tiles, no extra reads). Regions apply to
+        each window's own position.
 
     Returns
     -------
@@ -164,6 +174,9 @@ def sample_tissue_tiles(
         raise InvalidArgumentError(f"max_tiles={max_tiles}: must be >= 1.")
     if isinstance(margin, bool) or int(margin) != margin or margin < 0:
         raise InvalidArgumentError(f"margin={margin!r}: give a number of level-0 pixels >= 0")
+    stride = tile if stride is None else stride
+    if isinstance(stride, bool) or int(stride) != stride or not 1 <= stride <= tile or tile % stride:
+        raise InvalidArgumentError(f"stride={stride!r}: give a divisor of the tile side {tile} (e.g. {tile // 4}), or None")
     _check_regions_used(slides, inside, "inside")
     _check_regions_used(slides, outside, "outside")
     rng = np.random.default_rng(seed)
@@ -173,15 +186,17 @@ def sample_tissue_tiles(
         with dask.config.set(scheduler="threads"):
             mask = resolve_threshold(tissue_mask(image, tile=tile, threshold=threshold).compute())
         rows, cols = np.nonzero(mask.tile_mask.values)
-        ty, tx = mask.tile_y.values[rows], mask.tile_x.values[cols]
-        keep = np.ones(rows.size, dtype=bool)
+        windows = _shifted_windows(rows, cols, mask.tile_mask.shape, int(stride), tile)
+        ty = mask.tile_y.values[windows.row] + windows.dy
+        tx = mask.tile_x.values[windows.col] + windows.dx
+        keep = np.ones(ty.size, dtype=bool)
         region_in, region_out = _region_for(path, inside), _region_for(path, outside)
         if region_in is not None:
             keep &= region_in.inside(tx, ty, tile)
         if region_out is not None:
             keep &= region_out.clear_of(tx, ty, tile, int(margin))
-        found.append((path, image, mask, rows[keep], cols[keep]))
-    total = sum(len(rows) for *_, rows, _ in found)
+        found.append((path, image, windows[keep], tx[keep], ty[keep]))
+    total = sum(len(w) for _, _, w, _, _ in found)
     if total == 0:
         raise InvalidArgumentError(
             f"no tissue tiles found in {', '.join(str(s) for s in slides)}"
@@ -189,20 +204,55 @@ def sample_tissue_tiles(
         )
     take_all = max_tiles is None or max_tiles >= total
     tiles, origins = [], []
-    for path, image, mask, rows, cols in found:
-        n = len(rows) if take_all else int(round(max_tiles * len(rows) / total))
+    for path, image, windows, tx, ty in found:
+        n = len(windows) if take_all else int(round(max_tiles * len(windows) / total))
         if n == 0:
             continue
-        pick = np.sort(rng.choice(len(rows), size=n, replace=False)) if n < len(rows) else np.arange(len(rows))
-        grid = image.wsi.tiles(tile)
-        chosen = grid.isel(tile_y=("t", rows[pick]), tile_x=("t", cols[pick]))  # vectorised: one read per chunk
-        with dask.config.set(scheduler="threads"):
-            tiles.append(chosen.transpose("t", "y_in_tile", "x_in_tile", "c").values)
-        origins.extend(
-            {"slide": str(path), "x": int(mask.tile_x.values[c]), "y": int(mask.tile_y.values[r])}
-            for r, c in zip(rows[pick], cols[pick])
-        )
+        pick = np.sort(rng.choice(len(windows), size=n, replace=False)) if n < len(windows) else np.arange(len(windows))
+        tiles.append(_read_windows(image, windows[pick], tile))
+        origins.extend({"slide": str(path), "x": int(x), "y": int(y)} for x, y in zip(tx[pick], ty[pick]))
     return np.concatenate(tiles), origins
+
+
+def _shifted_windows(rows: np.ndarray, cols: np.ndarray, grid_shape: tuple[int, int], stride: int, tile: int) -> np.recarray:
+    """Every ``(row, col, dy, dx)``: grid tile ``(row, col)`` moved by ``dy, dx`` multiples of ``stride`` below ``tile``.
+
+    Windows reaching past the last whole grid tile (no tile below / right to cut from) are
+    dropped; ``stride == tile`` gives the grid tiles themselves.
+    """
+    shifts = np.arange(0, tile, stride)
+    dy, dx = (a.ravel() for a in np.meshgrid(shifts, shifts, indexing="ij"))
+    r, d = np.repeat(rows, dy.size), np.tile(np.arange(dy.size), rows.size)
+    c = np.repeat(cols, dy.size)
+    out = np.rec.fromarrays([r, c, dy[d], dx[d]], names="row,col,dy,dx")
+    inside = ((out.dy == 0) | (out.row + 1 < grid_shape[0])) & ((out.dx == 0) | (out.col + 1 < grid_shape[1]))
+    return out[inside]
+
+
+def _read_windows(image: Any, windows: np.recarray, tile: int) -> np.ndarray:
+    """uint8 ``(n, tile, tile, 3)`` pixels of the (shifted) windows, cut from their grid tiles read once each."""
+    below, right = windows.dy > 0, windows.dx > 0
+    need_r = np.concatenate([windows.row, windows.row[below] + 1, windows.row[right], windows.row[below & right] + 1])
+    need_c = np.concatenate([windows.col, windows.col[below], windows.col[right] + 1, windows.col[below & right] + 1])
+    need = np.unique(np.stack([need_r, need_c], axis=1), axis=0)
+    grid = image.wsi.tiles(tile)
+    chosen = grid.isel(tile_y=("t", need[:, 0]), tile_x=("t", need[:, 1]))  # vectorised: one read per chunk
+    with dask.config.set(scheduler="threads"):
+        pixels = chosen.transpose("t", "y_in_tile", "x_in_tile", "c").values
+    where = {(int(r), int(c)): i for i, (r, c) in enumerate(need)}
+    out = np.empty((len(windows), tile, tile, pixels.shape[-1]), dtype=pixels.dtype)
+    for i, (r, c, dy, dx) in enumerate(zip(windows.row, windows.col, windows.dy, windows.dx)):
+        if dy == 0 and dx == 0:
+            out[i] = pixels[where[(int(r), int(c))]]
+            continue
+        block = np.zeros((2 * tile, 2 * tile, pixels.shape[-1]), dtype=pixels.dtype)
+        for a in (0, 1):
+            for b in (0, 1):
+                key = (int(r) + a, int(c) + b)
+                if key in where:
+                    block[a * tile : (a + 1) * tile, b * tile : (b + 1) * tile] = pixels[where[key]]
+        out[i] = block[dy : dy + tile, dx : dx + tile]
+    return out
 
 
 def _unique_names(slides: Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -228,6 +278,7 @@ def evaluate_slides(
     sides: Sequence[int] = (1, 3, 6),
     threshold: float | str = "auto",
     device: str = "cpu",
+    train_stride: int | None = None,
 ) -> Any:
     """Reconstruction MSE of a VAE, PCA and downsampling on the tissue tiles of ``slides``.
 
@@ -259,6 +310,9 @@ def evaluate_slides(
         Tissue threshold for both tile sets.
     device
         Torch device for the VAE.
+    train_stride
+        Fit the PCA also on the shifted copies of the training tiles (``stride`` of
+        :func:`sample_tissue_tiles`), the tile set ``wsi-xr train --stride`` trains on.
 
     Returns
     -------
@@ -299,7 +353,7 @@ def evaluate_slides(
         outside = {os.fspath(s): r for s in train_slides if (r := _region_for(s, regions)) is not None}
         train_tiles, _ = sample_tissue_tiles(
             list(train_slides), max_tiles=max_train_tiles, seed=seed, threshold=threshold,
-            outside=outside or None, margin=margin,
+            outside=outside or None, margin=margin, stride=train_stride,
         )
     if weights is False:
         model = None
@@ -318,6 +372,7 @@ def evaluate_slides(
             "margin": int(margin),
             "threshold": threshold,
             "train_tiles": 0 if train_tiles is None else int(train_tiles.shape[0]),
+            "train_stride": int(train_stride or 64),
             "seed": int(seed),
         }
     )
