@@ -10,6 +10,10 @@ scheduler with one thread per core, on the same synthetic slides (30% tissue):
 - ``decode``: every level-0 pixel decoded once (cuCIM, default chunks): the decode limit;
 - ``encoder``: the encoder alone on preloaded tiles, as the pipeline runs it (one torch
   thread per worker thread, every core busy), fp32 and bf16: the encoder limit;
+- ``peak``: the machine's own arithmetic limit: a 4096² matrix product with every core
+  (fp32 and bf16 GFLOP/s), and the encoder's FLOPs per tile (torch's ``FlopCounterMode``).
+  ``tissue tiles x FLOPs / peak`` is the least time any pipeline can take on this CPU,
+  so ``previous / that`` bounds the speed-up any change can reach;
 - ``pipeline``: ``wsi_xr.process_slide`` with its defaults (coarse skip, auto threshold),
   fp32 and bf16, with the thread-seconds of each stage (decode, statistics, encode,
   write) from the pipeline's own counters;
@@ -17,7 +21,10 @@ scheduler with one thread per core, on the same synthetic slides (30% tissue):
   of its commit (same venv, same slide, the same weights file), and the max difference
   of its latents;
 - ``mask``: the tissue mask with and without the coarse skip on 16384² slides of several
-  tissue fractions, with the TIFF tiles decoded;
+  tissue fractions, with the TIFF tiles decoded; timed in a fresh process ("cold": the
+  first mask of a session, imports included) and after a mask of another slide in the same
+  process, caches cleared ("warm": what every further slide costs), plus the thread-seconds
+  of the warm run's Dask tasks (the decode and statistics work, without the serial parts);
 - ``parquet``: peak traced memory (tracemalloc) of ``write_parquet`` on a cohort store of
   1 and of N slides (copies of one slide's group).
 
@@ -92,6 +99,30 @@ def case_encoder(n_tiles: int, precision: str, batch_size: int | None) -> dict[s
     return {"seconds": seconds, "tiles_per_s": n_tiles / seconds}
 
 
+def case_peak() -> dict[str, Any]:
+    """Matrix-product GFLOP/s with every core (fp32, bf16) and the encoder's FLOPs per tile."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from wsi_xr.models import VAE2
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    result: dict[str, Any] = {}
+    side, repeats = 4096, 5
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.rand(side, side, dtype=dtype), torch.rand(side, side, dtype=dtype)
+        torch.mm(a, b)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        result[f"matmul_{name}_gflops"] = 2 * side**3 * repeats / (time.perf_counter() - start) / 1e9
+    model, x = VAE2().eval(), torch.rand(64, 3, 64, 64)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.fc1(model.encoder(x))  # what the pipeline runs: the encoder and the mu head
+    result["encoder_mflop_per_tile"] = counter.get_total_flops() / x.shape[0] / 1e6
+    return result
+
+
 def case_pipeline(slide: str, precision: str, tree: str | None, out: str, weights: str) -> dict[str, Any]:
     import dask
 
@@ -135,13 +166,28 @@ def case_compare(current: str, previous: str) -> dict[str, Any]:
 
 def case_mask(slide: str, coarse: str) -> dict[str, Any]:
     import dask
+    from dask.diagnostics import Profiler
 
     wsi_xr = _import_wsi_xr(None)
-    start = time.perf_counter()
-    with dask.config.set(scheduler="threads", num_workers=WORKERS):
-        mask = wsi_xr.tissue_mask(wsi_xr.open_slide(slide), coarse=coarse, threshold=100.0).compute()
+    from wsi_xr.readers import clear_caches
+
+    def once(path: str) -> tuple[float, Any]:
+        clear_caches()
+        start = time.perf_counter()
+        with dask.config.set(scheduler="threads", num_workers=WORKERS):
+            mask = wsi_xr.tissue_mask(wsi_xr.open_slide(path), coarse=coarse, threshold=100.0).compute()
+        return time.perf_counter() - start, mask
+
+    cold, mask = once(slide)
+    once(str(synthetic_slide(2048, 0.3)))  # another slide: the process is warm, the caches are cleared next
+    warm = min(once(slide)[0] for _ in range(3))
+    clear_caches()
+    with dask.config.set(scheduler="threads", num_workers=WORKERS), Profiler() as profiler:
+        wsi_xr.tissue_mask(wsi_xr.open_slide(slide), coarse=coarse, threshold=100.0).compute()
     return {
-        "seconds": time.perf_counter() - start,
+        "seconds": cold,
+        "warm_seconds": warm,
+        "task_seconds": sum(r.end_time - r.start_time for r in profiler.results),
         "tiles_decoded": mask.attrs["file_tiles_decoded"],
         "tiles_total": mask.attrs["file_tiles_total"],
         "tissue_tiles": int(mask.tile_mask.sum()),
@@ -197,9 +243,16 @@ def run(sizes: list[int], fractions: list[float], previous: str | None, cohort: 
     rows: list[dict[str, Any]] = []
     payload: dict[str, Any] = {"workers": WORKERS, "sizes": sizes, "previous": previous, "rows": rows}
     tree = str(previous_tree(previous)) if previous else None
+    peak = isolated(MODULE, "peak")
+    payload.update({k: v for k, v in peak.items() if k != "peak_rss_mb"})
+    for precision in ("fp32", "bf16"):
+        ceiling = peak[f"matmul_{precision}_gflops"] * 1e3 / peak["encoder_mflop_per_tile"]
+        payload[f"encoder_ceiling_{precision}_tiles_per_s"] = ceiling
+    print(f"peak: {peak}", flush=True)
     for precision in ("fp32", "bf16"):
         enc = isolated(MODULE, "encoder", "--tiles", str(encoder_tiles), "--precision", precision)
         payload[f"encoder_{precision}_tiles_per_s"] = enc["tiles_per_s"]
+        payload[f"encoder_{precision}_of_ceiling"] = enc["tiles_per_s"] / payload[f"encoder_ceiling_{precision}_tiles_per_s"]
         print(f"encoder alone {precision}: {enc['tiles_per_s']:.0f} tiles/s", flush=True)
     for size in sizes:
         slide = str(synthetic_slide(size, 0.3))
@@ -236,6 +289,9 @@ def run(sizes: list[int], fractions: list[float], previous: str | None, cohort: 
                 "previous_peak_rss_mb": old["peak_rss_mb"],
                 "speedup_fp32": old["seconds"] / row["fp32_s"],
                 "speedup_bf16": old["seconds"] / row["bf16_s"],
+                # no pipeline can beat encoding its tissue tiles at the matrix-product peak
+                "max_speedup_fp32": old["seconds"] * payload["encoder_ceiling_fp32_tiles_per_s"] / row["tissue_tiles"],
+                "max_speedup_bf16": old["seconds"] * payload["encoder_ceiling_bf16_tiles_per_s"] / row["tissue_tiles"],
                 **same,
             })
             print(f"{size}² previous ({old['code']}): {old['seconds']:.1f} s; {same}", flush=True)
@@ -252,11 +308,16 @@ def run(sizes: list[int], fractions: list[float], previous: str | None, cohort: 
             "full_s": full["seconds"],
             "coarse_s": skip["seconds"],
             "ratio": skip["seconds"] / full["seconds"],
+            "full_warm_s": full["warm_seconds"],
+            "coarse_warm_s": skip["warm_seconds"],
+            "ratio_warm": skip["warm_seconds"] / full["warm_seconds"],
+            "ratio_task_seconds": skip["task_seconds"] / full["task_seconds"],
             "tiff_tiles_decoded": skip["tiles_decoded"] / skip["tiles_total"],
             "tissue_tiles_full": full["tissue_tiles"],
             "tissue_tiles_coarse": skip["tissue_tiles"],
         })
-        print(f"mask at {fraction:.0%} tissue: coarse/full = {skip['seconds'] / full['seconds']:.2f}", flush=True)
+        print(f"mask at {fraction:.0%} tissue: coarse/full = {skip['seconds'] / full['seconds']:.2f} cold, "
+              f"{skip['warm_seconds'] / full['warm_seconds']:.2f} warm", flush=True)
     payload["coarse"] = coarse_rows
     if cohort:
         single = work / f"{sizes[0]}-fp32.zarr"
@@ -270,12 +331,19 @@ def run(sizes: list[int], fractions: list[float], previous: str | None, cohort: 
 
 def tables(payload: dict[str, Any]) -> str:
     columns = ["size", "tissue_tiles", "decode_mp_s", "fp32_s", "fp32_tiles_per_s", "fp32_mp_s", "bf16_s", "bf16_tiles_per_s",
-               "previous_s", "speedup_fp32", "speedup_bf16", "max_abs_latent_difference", "same_mask",
+               "previous_s", "speedup_fp32", "speedup_bf16", "max_speedup_fp32", "max_speedup_bf16",
+               "max_abs_latent_difference", "same_mask",
                "fp32_peak_rss_mb", "previous_peak_rss_mb", "fp32_overlap", "fp32_vs_decode_plus_encode_limits"]
     shares = ["size"] + sorted({k for r in payload["rows"] for k in r if "_share_" in k})
     text = [
         f"Encoder alone ({payload['workers']} threads): fp32 {payload['encoder_fp32_tiles_per_s']:.0f} tiles/s, "
         f"bf16 {payload['encoder_bf16_tiles_per_s']:.0f} tiles/s",
+        "",
+        f"Machine peak (4096² matrix product, {payload['workers']} threads): fp32 {payload['matmul_fp32_gflops']:.0f} GFLOP/s, "
+        f"bf16 {payload['matmul_bf16_gflops']:.0f} GFLOP/s; encoder + mu head {payload['encoder_mflop_per_tile']:.2f} MFLOP per tile, "
+        f"so at most {payload['encoder_ceiling_fp32_tiles_per_s']:.0f} (fp32) / {payload['encoder_ceiling_bf16_tiles_per_s']:.0f} (bf16) "
+        f"tiles/s; the encoder alone reaches {payload['encoder_fp32_of_ceiling']:.0%} / {payload['encoder_bf16_of_ceiling']:.0%} of that. "
+        "max_speedup_*: the previous release's time over the time to encode the tissue tiles at that peak, decode free.",
         "",
         markdown_table(payload["rows"], columns),
         "",
@@ -285,7 +353,8 @@ def tables(payload: dict[str, Any]) -> str:
         "",
         "Coarse skip vs tissue fraction (16384², mask only, threshold 100):",
         "",
-        markdown_table(payload["coarse"], ["tissue_fraction", "full_s", "coarse_s", "ratio", "tiff_tiles_decoded", "tissue_tiles_full", "tissue_tiles_coarse"]),
+        markdown_table(payload["coarse"], ["tissue_fraction", "full_s", "coarse_s", "ratio", "full_warm_s", "coarse_warm_s", "ratio_warm",
+                                           "ratio_task_seconds", "tiff_tiles_decoded", "tissue_tiles_full", "tissue_tiles_coarse"]),
     ]
     if "rss_ratio_largest_vs_smallest" in payload:
         text += ["", f"Peak RSS, largest / smallest slide (fp32): {payload['rss_ratio_largest_vs_smallest']:.2f}"]
@@ -319,6 +388,7 @@ def main() -> None:
     if args.case:
         cases = {
             "decode": lambda: case_decode(args.slide),
+            "peak": case_peak,
             "encoder": lambda: case_encoder(args.tiles, args.precision, args.batch_size),
             "pipeline": lambda: case_pipeline(args.slide, args.precision, args.tree, args.out, args.weights),
             "compare": lambda: case_compare(args.current, args.previous),
