@@ -46,6 +46,10 @@ def test_synth_then_train_then_plot_recon(tmp_path: Path) -> None:
     drawn = run("plot-recon", str(weights), str(slide), "--out", str(figure), "--n", "6")
     assert drawn.returncode == 0, drawn.stderr
     assert figure.read_bytes()[:8] == PNG
+    glass = run("plot-recon", str(weights), str(slide), "--out", str(tmp_path / "none.png"), "--region", "0,0,64,64")
+    assert glass.returncode == 2 and "within the given regions" in glass.stderr  # the region is what is sampled
+    held = run("plot-recon", str(weights), str(slide), "--out", str(figure), "--n", "4", "--region", "0,768,1536,768")
+    assert held.returncode == 0, held.stderr
 
 
 def test_train_fine_tunes_from_weights_on_shifted_windows(tmp_path: Path, synth_slide: Path) -> None:

@@ -325,7 +325,7 @@ def cmu_split() -> tuple[np.ndarray, np.ndarray]:
     return tiles[CMU_HOLDOUT.inside(x, y, 64)], tiles[CMU_HOLDOUT.clear_of(x, y, 64, 64)]
 
 
-def test_default_weights_beat_downsampling_on_the_held_out_real_block(
+def test_default_weights_beat_downsampling_and_pca_on_the_held_out_real_block(
     default_model: VAE2, cmu_split: tuple[np.ndarray, np.ndarray]
 ) -> None:
     held, rest = cmu_split
@@ -334,7 +334,6 @@ def test_default_weights_beat_downsampling_on_the_held_out_real_block(
     assert mu.shape == (len(held), 32) and np.isfinite(mu).all()
     vae = mse_vae(default_model, held)
     assert vae < mse_downsample(held, 3)
-    # Not asserted, because it does not hold (README, "The VAE"): PCA-32 fitted on the rest of
-    # the slide keeps the held-out block slightly better (0.0235 here, 0.0229 with the dihedral
-    # copies and all training slides, against 0.0238 for the VAE). Checked: it stays within 10%.
-    assert vae < 1.1 * mse_pca(fit_pca(rest, 32), held)
+    # and PCA-32 fitted on the rest of the slide with the 8 flips/rotations of each tile
+    # (README, "The VAE": 0.0219 vs 0.0229 here)
+    assert vae < mse_pca(fit_pca(dihedral_copies(rest), 32), held)

@@ -308,7 +308,12 @@ def cmd_plot_recon(args: argparse.Namespace) -> int:
     check_output(args.out, overwrite=True)  # before any work: fail fast on an unwritable path
     from wsi_xr.plot import plot_reconstructions
 
-    out = plot_reconstructions(args.weights, args.slide, args.out, n=args.n, seed=args.seed)
+    region = None
+    if args.region is not None:
+        from wsi_xr.sampling import parse_slide_region
+
+        region = parse_slide_region(f"{args.slide}={args.region}")[1]
+    out = plot_reconstructions(args.weights, args.slide, args.out, n=args.n, seed=args.seed, region=region)
     print(f"wrote {out}")
     return 0
 
@@ -508,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=_positive_int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--region", default=None, metavar="X,Y,W,H", help="draw the tiles from inside this level-0 block only (e.g. a held-out block)")
     p.set_defaults(func=cmd_plot_recon)
 
     p = sub.add_parser("bench", help="benchmark chunkings / backends / schedulers")

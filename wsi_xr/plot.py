@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xarray as xr
 
 from wsi_xr.readers import probe
 from wsi_xr.slide import slide_dataarray
+
+if TYPE_CHECKING:
+    from wsi_xr.sampling import Region
 
 #: Longest side of thumbnails, in pixels.
 THUMBNAIL_SIDE = 1024
@@ -154,9 +158,20 @@ def plot_latent_map(ds: xr.Dataset, out: str | os.PathLike[str], slide: str | os
 
 
 def plot_reconstructions(
-    weights: str | os.PathLike[str] | None, slide: str | os.PathLike[str], out: str | os.PathLike[str], *, n: int = 10, seed: int = 0
+    weights: str | os.PathLike[str] | None,
+    slide: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    n: int = 10,
+    seed: int = 0,
+    region: Region | None = None,
 ) -> Path:
-    """Write a PNG: ``n`` real tissue tiles (top row) above their VAE reconstructions."""
+    """Write a PNG: ``n`` real tissue tiles (top row), their VAE reconstructions from ``mu``,
+    and, for comparison, their 3x3x3 downsampling (27 numbers per tile, as the VAE's 32).
+
+    ``region`` (a :class:`wsi_xr.sampling.Region`) draws the tiles from inside that level-0
+    block only (e.g. a block the weights were never trained on).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,22 +179,25 @@ def plot_reconstructions(
     import torch
 
     from wsi_xr.models import load_vae, tiles_to_tensor
+    from wsi_xr.models.evaluate import downsample_reconstruct
     from wsi_xr.sampling import sample_tissue_tiles
 
     model = load_vae(weights)
-    tiles, origins = sample_tissue_tiles([slide], max_tiles=n, seed=seed)
+    inside = None if region is None else {os.fspath(slide): region}
+    tiles, origins = sample_tissue_tiles([slide], max_tiles=n, seed=seed, inside=inside)
     with torch.inference_mode():
         _, mu, _ = model.encode(tiles_to_tensor(tiles))
         recon = model.decode(mu).permute(0, 2, 3, 1).numpy()
-    fig, axes = plt.subplots(2, len(tiles), figsize=(1.3 * len(tiles), 3.0), dpi=110, squeeze=False)
+    down = downsample_reconstruct(tiles, 3)
+    rows = [("tile", tiles), ("VAE (32)", np.clip(recon, 0, 1)), ("down 3x3x3 (27)", down)]
+    fig, axes = plt.subplots(len(rows), len(tiles), figsize=(1.3 * len(tiles), 1.45 * len(rows) + 0.3), dpi=110, squeeze=False)
     for i in range(len(tiles)):
-        axes[0, i].imshow(tiles[i])
-        axes[1, i].imshow(np.clip(recon[i], 0, 1))
+        for r, (_, images) in enumerate(rows):
+            axes[r, i].imshow(images[i])
+            axes[r, i].axis("off")
         axes[0, i].set_title(f"{origins[i]['x']},{origins[i]['y']}", fontsize=6)
-        for ax in axes[:, i]:
-            ax.axis("off")
-    axes[0, 0].text(-8, 32, "tile", rotation=90, va="center", ha="right", fontsize=8)
-    axes[1, 0].text(-8, 32, "VAE", rotation=90, va="center", ha="right", fontsize=8)
+    for r, (label, _) in enumerate(rows):
+        axes[r, 0].text(-8, 32, label, rotation=90, va="center", ha="right", fontsize=7)
     fig.suptitle(f"{Path(str(slide)).name}: tissue tiles and reconstructions from the 32 latents ({Path(str(weights)).name if weights else 'default weights'})", fontsize=8)
     fig.tight_layout()
     out = Path(out)
