@@ -249,9 +249,26 @@ def test_shifted_windows_are_the_slide_pixels_and_respect_the_hold_out(synth_sli
     train, train_at = sample_tissue_tiles([synth_slide], outside={name: block}, margin=64, stride=16)
     assert len(train_at) > 16 * 20
     assert all(o["y"] + 64 <= 1536 - 64 for o in train_at)  # shifted windows keep clear of the block too
-    for bad in (0, 48, 65, True):
+    for bad in (0, 4, 48, 65, True):  # not a divisor, or more than 64 windows a tile
         with pytest.raises(InvalidArgumentError, match="stride"):
             sample_tissue_tiles([synth_slide], stride=bad)
+
+
+def test_shifted_windows_stay_on_whole_sound_tiles() -> None:
+    """By hand, on a 3x3 tile grid whose centre-right tile has a read error: tile (0, 0)
+    keeps all 4 windows of stride 32; (1, 1) loses those reaching into (1, 2) and (2, 2)
+    is at the grid's last row and column, so only its unshifted window stays."""
+    from wsi_xr.sampling import _shifted_windows
+
+    read_error = np.zeros((3, 3), bool)
+    read_error[1, 2] = True
+    w = _shifted_windows(np.array([0, 1, 2]), np.array([0, 1, 2]), read_error, 32, 64)
+    got = sorted(zip(w.row.tolist(), w.col.tolist(), w.dy.tolist(), w.dx.tolist()))
+    assert got == [
+        (0, 0, 0, 0), (0, 0, 0, 32), (0, 0, 32, 0), (0, 0, 32, 32),
+        (1, 1, 0, 0), (1, 1, 32, 0),
+        (2, 2, 0, 0),
+    ]
 
 
 def test_evaluate_slides_refuses_to_fit_pca_on_evaluation_tiles(synth_slide: Path) -> None:

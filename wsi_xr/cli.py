@@ -209,6 +209,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_output(args.out, overwrite=True)
     holdout = dict(parse_slide_region(text) for text in args.holdout)
     init_model = None
+    if args.init is not None and args.init_logvar is not None:
+        raise InvalidArgumentError("--init-logvar sets up a fresh model; it cannot be combined with --init WEIGHTS")
     if args.init is not None:
         from wsi_xr.models import load_vae
 
@@ -310,9 +312,14 @@ def cmd_plot_recon(args: argparse.Namespace) -> int:
 
     region = None
     if args.region is not None:
-        from wsi_xr.sampling import parse_slide_region
+        from wsi_xr.sampling import Region
 
-        region = parse_slide_region(f"{args.slide}={args.region}")[1]
+        try:
+            region = Region(*(int(v) for v in args.region.split(",")))
+        except (TypeError, ValueError) as err:
+            raise InvalidArgumentError(
+                f"--region {args.region!r}: write X,Y,W,H (level-0 top-left corner and size in pixels), e.g. 0,2048,2220,919"
+            ) from err
     out = plot_reconstructions(args.weights, args.slide, args.out, n=args.n, seed=args.seed, region=region)
     print(f"wrote {out}")
     return 0

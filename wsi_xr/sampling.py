@@ -152,8 +152,9 @@ def sample_tissue_tiles(
         ``None`` (or ``tile``): the tissue tiles of the ``tile`` grid. A divisor of
         ``tile`` below it: also the shifted copies of every tissue tile, its window moved
         right and down by every multiple of ``stride`` below ``tile`` (``(tile / stride)**2``
-        windows per tissue tile, e.g. 16 for ``stride=16``; windows that would leave the
-        slide are dropped). Shifted windows overlap the next grid tiles, so they show
+        windows per tissue tile, e.g. 16 for ``stride=16``; at least ``tile / 8``, i.e. at
+        most 64 windows a tile). Windows reaching past the last whole grid tile, or into a
+        tile with a read error, are dropped. Shifted windows overlap the next grid tiles, so they show
         tissue at positions the grid never does (translation augmentation for training,
         cut from the decoded pixels of the grid tiles, no extra reads). Regions apply to
         each window's own position.
@@ -175,8 +176,11 @@ def sample_tissue_tiles(
     if isinstance(margin, bool) or int(margin) != margin or margin < 0:
         raise InvalidArgumentError(f"margin={margin!r}: give a number of level-0 pixels >= 0")
     stride = tile if stride is None else stride
-    if isinstance(stride, bool) or int(stride) != stride or not 1 <= stride <= tile or tile % stride:
-        raise InvalidArgumentError(f"stride={stride!r}: give a divisor of the tile side {tile} (e.g. {tile // 4}), or None")
+    if isinstance(stride, bool) or int(stride) != stride or not tile // 8 <= stride <= tile or tile % stride:
+        raise InvalidArgumentError(
+            f"stride={stride!r}: give a divisor of the tile side {tile} of at least {max(1, tile // 8)} "
+            f"(e.g. {tile // 4}: {16} windows a tile), or None"
+        )
     _check_regions_used(slides, inside, "inside")
     _check_regions_used(slides, outside, "outside")
     rng = np.random.default_rng(seed)
@@ -186,7 +190,7 @@ def sample_tissue_tiles(
         with dask.config.set(scheduler="threads"):
             mask = resolve_threshold(tissue_mask(image, tile=tile, threshold=threshold).compute())
         rows, cols = np.nonzero(mask.tile_mask.values)
-        windows = _shifted_windows(rows, cols, mask.tile_mask.shape, int(stride), tile)
+        windows = _shifted_windows(rows, cols, mask.read_error.values, int(stride), tile)
         ty = mask.tile_y.values[windows.row] + windows.dy
         tx = mask.tile_x.values[windows.col] + windows.dx
         keep = np.ones(ty.size, dtype=bool)
@@ -214,19 +218,25 @@ def sample_tissue_tiles(
     return np.concatenate(tiles), origins
 
 
-def _shifted_windows(rows: np.ndarray, cols: np.ndarray, grid_shape: tuple[int, int], stride: int, tile: int) -> np.recarray:
+def _shifted_windows(rows: np.ndarray, cols: np.ndarray, read_error: np.ndarray, stride: int, tile: int) -> np.recarray:
     """Every ``(row, col, dy, dx)``: grid tile ``(row, col)`` moved by ``dy, dx`` multiples of ``stride`` below ``tile``.
 
-    Windows reaching past the last whole grid tile (no tile below / right to cut from) are
-    dropped; ``stride == tile`` gives the grid tiles themselves.
+    Windows reaching past the last whole grid tile (no tile below / right to cut from) or
+    into a tile flagged in ``read_error`` (the tile grid's read errors) are dropped;
+    ``stride == tile`` gives the grid tiles themselves.
     """
     shifts = np.arange(0, tile, stride)
     dy, dx = (a.ravel() for a in np.meshgrid(shifts, shifts, indexing="ij"))
     r, d = np.repeat(rows, dy.size), np.tile(np.arange(dy.size), rows.size)
     c = np.repeat(cols, dy.size)
     out = np.rec.fromarrays([r, c, dy[d], dx[d]], names="row,col,dy,dx")
-    inside = ((out.dy == 0) | (out.row + 1 < grid_shape[0])) & ((out.dx == 0) | (out.col + 1 < grid_shape[1]))
-    return out[inside]
+    below, right = out.dy > 0, out.dx > 0
+    n_rows, n_cols = read_error.shape
+    keep = (~below | (out.row + 1 < n_rows)) & (~right | (out.col + 1 < n_cols))
+    for need, down, across in ((below, 1, 0), (right, 0, 1), (below & right, 1, 1)):
+        check = keep & need
+        keep[check] &= ~read_error[out.row[check] + down, out.col[check] + across]
+    return out[keep]
 
 
 def _read_windows(image: Any, windows: np.recarray, tile: int) -> np.ndarray:
@@ -241,17 +251,19 @@ def _read_windows(image: Any, windows: np.recarray, tile: int) -> np.ndarray:
         pixels = chosen.transpose("t", "y_in_tile", "x_in_tile", "c").values
     where = {(int(r), int(c)): i for i, (r, c) in enumerate(need)}
     out = np.empty((len(windows), tile, tile, pixels.shape[-1]), dtype=pixels.dtype)
-    for i, (r, c, dy, dx) in enumerate(zip(windows.row, windows.col, windows.dy, windows.dx)):
-        if dy == 0 and dx == 0:
-            out[i] = pixels[where[(int(r), int(c))]]
-            continue
-        block = np.zeros((2 * tile, 2 * tile, pixels.shape[-1]), dtype=pixels.dtype)
+    block = np.zeros((2 * tile, 2 * tile, pixels.shape[-1]), dtype=pixels.dtype)
+    sources, owner = np.unique(np.stack([windows.row, windows.col], axis=1), axis=0, return_inverse=True)
+    order = np.argsort(owner.ravel(), kind="stable")
+    bounds = np.searchsorted(owner.ravel()[order], np.arange(len(sources) + 1))
+    for s, (r, c) in enumerate(sources):  # one 2x2-tile block per source tile, all its windows cut from it
         for a in (0, 1):
             for b in (0, 1):
-                key = (int(r) + a, int(c) + b)
-                if key in where:
-                    block[a * tile : (a + 1) * tile, b * tile : (b + 1) * tile] = pixels[where[key]]
-        out[i] = block[dy : dy + tile, dx : dx + tile]
+                index = where.get((int(r) + a, int(c) + b))
+                if index is not None:  # a missing neighbour is never inside one of this source's windows
+                    block[a * tile : (a + 1) * tile, b * tile : (b + 1) * tile] = pixels[index]
+        for i in order[bounds[s] : bounds[s + 1]]:
+            dy, dx = int(windows.dy[i]), int(windows.dx[i])
+            out[i] = block[dy : dy + tile, dx : dx + tile]
     return out
 
 
