@@ -21,7 +21,7 @@ from wsi_xr.models.evaluate import (
     mse_pca,
     mse_vae,
 )
-from wsi_xr.sampling import Region, evaluate_slides, parse_slide_region, sample_tissue_tiles
+from wsi_xr.sampling import Region, evaluate_slides, parse_region, parse_slide_region, sample_tissue_tiles
 
 from .conftest import data_file
 
@@ -207,6 +207,10 @@ def test_region_selection_and_parsing() -> None:
     for bad in ("b.svs", "b.svs=1,2,3", "b.svs=0,0,0,5", "b.svs=-1,0,5,5"):
         with pytest.raises(InvalidArgumentError, match="region"):
             parse_slide_region(bad)
+    assert parse_region(" 0, 2048,2220 ,919") == Region(0, 2048, 2220, 919)
+    for bad in ("1,2,3", "a=1,2,3,4", "0,0,0,5", ""):
+        with pytest.raises(InvalidArgumentError, match="region"):
+            parse_region(bad)
 
 
 def test_held_out_block_never_reaches_training(synth_slide: Path) -> None:

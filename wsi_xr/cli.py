@@ -223,6 +223,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from wsi_xr.models import save_vae, train_vae  # torch: only once the inputs are known good
+    from wsi_xr.models.vae import TILE_SIZE
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -260,7 +261,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "holdout": {Path(k).name: r.as_text() for k, r in holdout.items()},
         "holdout_rule": f"tiles of a hold-out slide region are never trained on; training tiles keep {args.margin} px clear of it",
         "margin": args.margin,
-        "stride": args.stride or 64,
+        "stride": args.stride or TILE_SIZE,
         "init": None if args.init is None else Path(args.init).name,
         "torch_threads": torch.get_num_threads(),
         "train_seconds": round(time.perf_counter() - start, 1),
@@ -312,14 +313,9 @@ def cmd_plot_recon(args: argparse.Namespace) -> int:
 
     region = None
     if args.region is not None:
-        from wsi_xr.sampling import Region
+        from wsi_xr.sampling import parse_region
 
-        try:
-            region = Region(*(int(v) for v in args.region.split(",")))
-        except (TypeError, ValueError) as err:
-            raise InvalidArgumentError(
-                f"--region {args.region!r}: write X,Y,W,H (level-0 top-left corner and size in pixels), e.g. 0,2048,2220,919"
-            ) from err
+        region = parse_region(args.region)
     out = plot_reconstructions(args.weights, args.slide, args.out, n=args.n, seed=args.seed, region=region)
     print(f"wrote {out}")
     return 0

@@ -29,10 +29,13 @@ from wsi_xr.tissue import resolve_threshold, tissue_mask
 __all__ = [
     "Region",
     "evaluate_slides",
+    "parse_region",
     "parse_slide_region",
     "sample_tissue_tiles",
 ]
 
+#: Tile side (pixels) sampled by default: the model's input.
+TILE = 64
 #: Default gap (level-0 pixels) kept between a held-out block and any training tile.
 DEFAULT_MARGIN = 64
 
@@ -74,6 +77,10 @@ class Region:
         return ~overlaps
 
 
+#: ``X,Y,W,H``: four integers, spaces allowed around them.
+_RECTANGLE = re.compile(r"\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*")
+
+
 def parse_slide_region(text: str) -> tuple[str, Region]:
     """``"SLIDE=X,Y,W,H"`` -> ``(SLIDE, Region)``; SLIDE is a path or a file name.
 
@@ -82,14 +89,30 @@ def parse_slide_region(text: str) -> tuple[str, Region]:
     InvalidArgumentError
         When the text is not of that form.
     """
-    match = re.fullmatch(r"\s*(.+?)\s*=\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*", str(text))
-    if not match:
+    match = re.fullmatch(r"\s*(.+?)\s*=(.*)", str(text))
+    numbers = _RECTANGLE.fullmatch(match.group(2)) if match else None
+    if not numbers:
         raise InvalidArgumentError(
             f"region {text!r}: write SLIDE=X,Y,W,H (the slide's path or file name, then the level-0 "
             "top-left corner and size in pixels), e.g. cmu-1-small-region.svs=0,1984,2220,983"
         )
-    name, *numbers = match.groups()
-    return name, Region(*(int(v) for v in numbers))
+    return match.group(1), Region(*(int(v) for v in numbers.groups()))
+
+
+def parse_region(text: str) -> Region:
+    """``"X,Y,W,H"`` (level-0 pixels) -> :class:`Region`.
+
+    Raises
+    ------
+    InvalidArgumentError
+        When the text is not of that form.
+    """
+    numbers = _RECTANGLE.fullmatch(str(text))
+    if not numbers:
+        raise InvalidArgumentError(
+            f"region {text!r}: write X,Y,W,H (the level-0 top-left corner and size in pixels), e.g. 0,2048,2220,919"
+        )
+    return Region(*(int(v) for v in numbers.groups()))
 
 
 def _region_for(path: str | os.PathLike[str], regions: Mapping[str, Region] | None) -> Region | None:
@@ -120,7 +143,7 @@ def sample_tissue_tiles(
     *,
     max_tiles: int | None = None,
     seed: int = 0,
-    tile: int = 64,
+    tile: int = TILE,
     threshold: float | str = "auto",
     inside: Mapping[str, Region] | None = None,
     outside: Mapping[str, Region] | None = None,
@@ -179,7 +202,7 @@ def sample_tissue_tiles(
     if isinstance(stride, bool) or int(stride) != stride or not tile // 8 <= stride <= tile or tile % stride:
         raise InvalidArgumentError(
             f"stride={stride!r}: give a divisor of the tile side {tile} of at least {max(1, tile // 8)} "
-            f"(e.g. {tile // 4}: {16} windows a tile), or None"
+            f"(e.g. {tile // 4}: 16 windows a tile), or None"
         )
     _check_regions_used(slides, inside, "inside")
     _check_regions_used(slides, outside, "outside")
@@ -384,7 +407,7 @@ def evaluate_slides(
             "margin": int(margin),
             "threshold": threshold,
             "train_tiles": 0 if train_tiles is None else int(train_tiles.shape[0]),
-            "train_stride": int(train_stride or 64),
+            "train_stride": int(train_stride or TILE),
             "seed": int(seed),
         }
     )
