@@ -9,8 +9,12 @@ header, EOI at the end). This reads a few hundred bytes per tile.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
+import mmap
 import os
+from typing import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,35 +74,75 @@ def scan_level(path: str, page_index_in_series: int) -> SegmentGrid:
         tables = page.jpegtables or b""
         tables_problem = jpeg_tables_problem(tables) if tables and int(page.compression) == _JPEG else None
         size = (seg_h, seg_w) if page.is_tiled else None
-        fh = tf.filehandle
-        for index in range(grid_h * grid_w):
-            cell = divmod(index, grid_w)
-            if index >= len(offsets):
-                reason: str | None = "no entry in the tile offset table"
-            elif tables_problem is not None:
-                reason = f"{tables_problem} (the JPEG tables every tile of this level needs)"
-            else:
-                reason = _segment_problem(fh, int(offsets[index]), int(counts[index]), file_size, int(page.compression), tables, size)
-            if reason is not None:
-                damaged[cell] = True
-                reasons[cell] = reason
+        with _byte_source(tf.filehandle, file_size) as read:
+            known = _KnownHeader(tables, size)
+            for index in range(grid_h * grid_w):
+                cell = divmod(index, grid_w)
+                if index >= len(offsets):
+                    reason: str | None = "no entry in the tile offset table"
+                elif tables_problem is not None:
+                    reason = f"{tables_problem} (the JPEG tables every tile of this level needs)"
+                else:
+                    reason = _segment_problem(read, int(offsets[index]), int(counts[index]), file_size, int(page.compression), known)
+                if reason is not None:
+                    damaged[cell] = True
+                    reasons[cell] = reason
     return SegmentGrid(seg_h, seg_w, damaged, reasons)
 
 
-def _segment_problem(
-    fh: tifffile.FileHandle, offset: int, count: int, file_size: int, compression: int, tables: bytes, size: tuple[int, int] | None
-) -> str | None:
+@contextlib.contextmanager
+def _byte_source(fh: tifffile.FileHandle, file_size: int) -> Iterator[Callable[[int, int], bytes]]:
+    """``read(offset, count)`` on the open file: through a read-only memory map when the
+    file has one (no system call per read), else by seek and read."""
+    try:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if file_size > 0 else None
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        mapped = None
+    if mapped is None:
+
+        def read(offset: int, count: int) -> bytes:
+            fh.seek(offset)
+            return fh.read(count)
+
+        yield read
+        return
+    with mapped:
+        yield lambda offset, count: mapped[offset : offset + count]
+
+
+class _KnownHeader:
+    """The last JPEG header (SOI up to the end of SOS) checked in a level, and its verdict.
+
+    The tiles of a level nearly always share one header byte for byte; a tile whose first
+    bytes equal it has the same header (the marker walk reads only those bytes) and so the
+    same verdict, found with one comparison instead of a parse.
+    """
+
+    def __init__(self, tables: bytes, size: tuple[int, int] | None) -> None:
+        self.tables, self.size = tables, size
+        self.header = b""
+        self.problem: str | None = None
+
+    def problem_of(self, head: bytes, tail: bytes) -> str | None:
+        if self.header and head.startswith(self.header) and head[:2] == b"\xff\xd8" and tail == b"\xff\xd9":
+            return self.problem
+        problem = jpeg_structure_problem(head, tail, self.tables, self.size)
+        end = _header_end(head) if head[:2] == b"\xff\xd8" and tail == b"\xff\xd9" else None
+        if end is not None:
+            self.header, self.problem = head[:end], problem
+        return problem
+
+
+def _segment_problem(read: Callable[[int, int], bytes], offset: int, count: int, file_size: int, compression: int, known: _KnownHeader) -> str | None:
     if count <= 0 or offset <= 0:
         return "tile data missing (offset or byte count is 0)"
     if offset + count > file_size:
         return f"tile data runs past the end of the file ({offset}+{count} > {file_size} bytes)"
     if compression != _JPEG:
         return None
-    fh.seek(offset)
-    head = fh.read(min(count, _HEAD_BYTES))
-    fh.seek(offset + count - 2)
-    tail = fh.read(2)
-    return jpeg_structure_problem(head, tail, tables, size)
+    head = read(offset, min(count, _HEAD_BYTES))
+    tail = head[count - 2 : count] if count <= _HEAD_BYTES else read(offset + count - 2, 2)
+    return known.problem_of(head, tail)
 
 
 #: Markers a TIFF JPEG tile may hold before its scan: SOF0-2, DHT, DQT, DRI, APPn, COM.

@@ -37,6 +37,7 @@ class OpenedSlide:
     choice: BackendChoice
     _damage: dict[int, SegmentGrid] = field(default_factory=dict, compare=False, repr=False, hash=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False, hash=False)
+    _scanning: dict[int, threading.Lock] = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     @property
     def path(self) -> str:
@@ -54,13 +55,23 @@ class OpenedSlide:
         return reader_key(self.info, self.choice.name)
 
     def damage(self, level: int) -> SegmentGrid:
-        """The damage grid of ``level``'s TIFF tiles, scanned on first use, then kept."""
+        """The damage grid of ``level``'s TIFF tiles, scanned on first use, then kept.
+
+        Thread-safe: a level is scanned once even when several threads ask at once (the
+        later ones wait for the first one's scan).
+        """
         with self._lock:
             grid = self._damage.get(level)
-        if grid is None:
-            grid = level_damage(self.info, level)
+            if grid is not None:
+                return grid
+            scanning = self._scanning.setdefault(level, threading.Lock())
+        with scanning:
             with self._lock:
-                self._damage.setdefault(level, grid)
+                grid = self._damage.get(level)
+            if grid is None:
+                grid = level_damage(self.info, level)
+                with self._lock:
+                    self._damage[level] = grid
         return grid
 
     def __getstate__(self) -> dict[str, object]:
@@ -72,6 +83,7 @@ class OpenedSlide:
         object.__setattr__(self, "choice", state["choice"])
         object.__setattr__(self, "_damage", state["_damage"])
         object.__setattr__(self, "_lock", threading.Lock())
+        object.__setattr__(self, "_scanning", {})
 
 
 def open_file(source: str | os.PathLike[str] | OpenedSlide, backend: str = "auto") -> OpenedSlide:

@@ -14,6 +14,7 @@ memory when it is large.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,10 +95,32 @@ def choose_coarse_level(info: SlideInfo, level: int, coarse: str | int) -> int |
 
 
 def _box3(values: np.ndarray) -> np.ndarray:
-    """Sum over each pixel's 3x3 neighbourhood (edges repeated), in O(pixels)."""
-    padded = np.pad(values, 1, mode="edge")
-    rows = padded[:-2] + padded[1:-1] + padded[2:]
-    return rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]
+    """Sum over each pixel's 3x3 neighbourhood (edges repeated), in O(pixels).
+
+    Exact for float32 values that are integers whose sums stay below 2**24.
+    """
+    rows = values.copy()
+    rows[1:] += values[:-1]
+    rows[:-1] += values[1:]
+    rows[0] += values[0]  # the edge row counts again in place of the missing neighbour
+    rows[-1] += values[-1]
+    out = rows.copy()
+    out[:, 1:] += rows[:, :-1]
+    out[:, :-1] += rows[:, 1:]
+    out[:, 0] += rows[:, 0]
+    out[:, -1] += rows[:, -1]
+    return out
+
+
+def _dilate3(flags: np.ndarray) -> np.ndarray:
+    """Bool: set where any pixel of the 3x3 neighbourhood is set."""
+    rows = flags.copy()
+    rows[1:] |= flags[:-1]
+    rows[:-1] |= flags[1:]
+    out = rows.copy()
+    out[:, 1:] |= rows[:, :-1]
+    out[:, :-1] |= rows[:, 1:]
+    return out
 
 
 def _sample_step(height: int, width: int) -> int:
@@ -105,11 +128,20 @@ def _sample_step(height: int, width: int) -> int:
     return max(1, int(np.ceil(np.sqrt(height * width / BACKGROUND_SAMPLES))))
 
 
+def _median_uint8(values: np.ndarray) -> float:
+    """``np.median`` of uint8 values, from their histogram (exact, no sort)."""
+    ends = np.cumsum(np.bincount(values, minlength=256))
+    n = values.size
+    lower, upper = np.searchsorted(ends, [(n - 1) // 2, n // 2], side="right")
+    return (float(lower) + float(upper)) / 2
+
+
 def _glass_colour(samples: np.ndarray) -> np.ndarray:
-    flat = samples.reshape(-1, 3).astype(np.float32)
-    brightness = flat.mean(axis=1)
-    bright = brightness >= np.quantile(brightness, 0.75)
-    return np.median(flat[bright], axis=0)
+    flat = samples.reshape(-1, 3)
+    # 3 x the channel mean, exact in integers (the same pixels pass as with the mean)
+    brightness = flat[:, 0].astype(np.int32) + flat[:, 1] + flat[:, 2]
+    bright = flat[brightness >= np.quantile(brightness, 0.75)]
+    return np.array([_median_uint8(bright[:, c]) for c in range(3)], dtype=np.float32)
 
 
 def background_colour(pixels: np.ndarray) -> np.ndarray:
@@ -127,23 +159,26 @@ def possible_tissue(thumbnail: np.ndarray, background: np.ndarray | None = None)
     A pixel is flagged when any channel is more than :data:`COLOUR_MARGIN` from the glass
     colour ``background`` (default: estimated from ``thumbnail``), or when the standard
     deviation of the brightness (channel mean) over its 3x3 neighbourhood exceeds
-    :data:`TEXTURE_MARGIN`. Integer arithmetic on the uint8 pixels.
+    :data:`TEXTURE_MARGIN`. Exact arithmetic: integer comparisons, and sums of integers in float32 (below 2**24).
     """
     if background is None:
         background = background_colour(thumbnail)
-    pixels = thumbnail.astype(np.int16)
+    # |v - bg| > margin  <=>  v < ceil(bg - margin) or v > floor(bg + margin), for integer v;
+    # clipped to 0..255 (where nothing can pass that side) so the comparisons stay uint8
+    low = np.clip(np.ceil(np.asarray(background, dtype=np.float64) - COLOUR_MARGIN), 0, 255).astype(np.uint8)
+    high = np.clip(np.floor(np.asarray(background, dtype=np.float64) + COLOUR_MARGIN), 0, 255).astype(np.uint8)
     colour = np.zeros(thumbnail.shape[:2], dtype=bool)
-    for c in range(3):  # |v - bg| > margin  <=>  v outside [bg - margin, bg + margin]
-        low, high = background[c] - COLOUR_MARGIN, background[c] + COLOUR_MARGIN
-        channel = pixels[..., c]
-        colour |= (channel < low) | (channel > high)
-    brightness = pixels.sum(axis=2, dtype=np.int32)  # 3 x the channel mean
-    total = _box3(brightness).astype(np.float32)
-    total_sq = _box3(brightness * brightness).astype(np.float32)
+    for c in range(3):
+        channel = thumbnail[..., c]
+        colour |= (channel < low[c]) | (channel > high[c])
+    # 3 x the channel mean: integers, so every sum below is exact in float32 (< 2**24)
+    brightness = thumbnail[..., 0].astype(np.float32) + thumbnail[..., 1] + thumbnail[..., 2]
+    total = _box3(brightness)
+    total_sq = _box3(brightness * brightness)
     # variance of the mean over 9 pixels: (sum(b^2)/9 - (sum(b)/9)^2) / 9, with b = 3 x mean
     variance = (total_sq / 9.0 - (total / 9.0) ** 2) / 9.0
     texture = variance > TEXTURE_MARGIN**2
-    return _box3((colour | texture).astype(np.int8)) > 0
+    return _dilate3(colour | texture)
 
 
 def _patch_ranges(n_patches: int, patch: int, scale: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,6 +189,16 @@ def _patch_ranges(n_patches: int, patch: int, scale: float, limit: int) -> tuple
     return lo, hi
 
 
+def _integral_image(flags: np.ndarray) -> np.ndarray:
+    """Padded prefix sums of a 2-D bool array: ``out[y, x] == flags[:y, :x].sum()`` (int64)."""
+    height, width = flags.shape
+    out = np.zeros((height + 1, width + 1), dtype=np.int64)
+    np.cumsum(flags, axis=1, dtype=np.int64, out=out[1:, 1:])
+    for y in range(1, height + 1):  # one vector add per row: numpy's cumsum down axis 0 is ~10x slower
+        np.add(out[y], out[y - 1], out=out[y])
+    return out
+
+
 def _mark_patches(
     flagged: np.ndarray, top: int, left: int, rows: tuple[np.ndarray, np.ndarray], cols: tuple[np.ndarray, np.ndarray], out: np.ndarray
 ) -> None:
@@ -162,7 +207,7 @@ def _mark_patches(
     ``flagged`` covers coarse pixels ``[top:top+h, left:left+w]``.
     """
     h, w = flagged.shape
-    integral = np.pad(flagged.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    integral = _integral_image(flagged)
     (r0, r1), (c0, c1) = rows, cols
     pr = np.flatnonzero((r1 > top) & (r0 < top + h))
     pc = np.flatnonzero((c1 > left) & (c0 < left + w))
@@ -207,7 +252,7 @@ def _wanted_patches(opened: OpenedSlide, level: int, coarse_level: int, patch_sh
 def segments_for_patches(grid: SegmentGrid, patches: np.ndarray, patch: int) -> np.ndarray:
     """Bool over ``grid``'s segments: those that a set patch of ``patches`` touches."""
     n_seg_y, n_seg_x = grid.damaged.shape
-    integral = np.pad(patches.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    integral = _integral_image(patches)
 
     def ranges(n_seg: int, seg: int, n_patches: int) -> tuple[np.ndarray, np.ndarray]:
         starts = np.arange(n_seg) * seg
@@ -240,6 +285,10 @@ def coarse_decision(
     coarse_level = choose_coarse_level(opened.info, level, coarse)
     if coarse_level is None:
         return None
-    patches = _wanted_patches(opened, level, coarse_level, patch_shape, patch)
-    segments = segments_for_patches(opened.damage(level), patches, patch)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-xr-scan") as pool:
+        # the level's integrity scan (Python, file structure) runs beside the coarse pass
+        # (decode and NumPy, which release the GIL); both are needed before any task runs
+        level_damage = pool.submit(opened.damage, level)
+        patches = _wanted_patches(opened, level, coarse_level, patch_shape, patch)
+        segments = segments_for_patches(level_damage.result(), patches, patch)
     return CoarseDecision(coarse_level, patches, segments)

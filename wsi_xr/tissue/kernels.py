@@ -119,16 +119,27 @@ def block_statistics(block: Any, tile: int, patch: int, excluded: Any = None) ->
     """
     xp = array_namespace(block)
     s1, s2 = tile_moments(block, tile)
-    n_tile = tile * tile * block.shape[2]
+    usable = xp.ones(s1.shape, dtype=xp.bool) if excluded is None else ~xp.asarray(excluded, dtype=xp.bool)
+    return statistics_from_moments(s1, s2, usable, tile * tile * block.shape[2], patch // tile)
+
+
+def statistics_from_moments(s1: Any, s2: Any, usable: Any, values_per_tile: int, k: int) -> tuple[Any, Any]:
+    """Tile variances and each tile's patch variance from per-tile moments.
+
+    ``s1``, ``s2``: int64 ``(tiles_y, tiles_x)`` sums of values and squared values (as
+    :func:`tile_moments` gives); ``usable``: bool, the tiles that enter the statistics
+    (the others count for nothing: their moments are ignored); ``values_per_tile``:
+    values in a tile; ``k``: tiles per patch side. Returns ``(tile_variance,
+    patch_variance)`` as :func:`block_statistics` does (NaN where nothing is usable).
+    """
+    xp = array_namespace(s1)
     nty, ntx = s1.shape
-    usable = xp.ones((nty, ntx), dtype=xp.bool) if excluded is None else ~xp.asarray(excluded, dtype=xp.bool)
     zero = xp.zeros((), dtype=xp.int64)
     s1 = xp.where(usable, s1, zero)
     s2 = xp.where(usable, s2, zero)
-    counts = xp.astype(usable, xp.int64) * n_tile
+    counts = xp.astype(usable, xp.int64) * values_per_tile
     tile_var = variance_from_moments(s1, s2, counts)
 
-    k = patch // tile
     npy, npx = -(-nty // k), -(-ntx // k)
     pad_y, pad_x = npy * k - nty, npx * k - ntx
 

@@ -25,7 +25,7 @@ from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.readers import SegmentGrid
 from wsi_xr.slide import opened_slide_of, slide_array
 from wsi_xr.tissue.coarse import coarse_decision
-from wsi_xr.tissue.kernels import array_namespace, block_statistics, to_numpy
+from wsi_xr.tissue.kernels import array_namespace, block_statistics, statistics_from_moments, tile_moments, to_numpy
 from wsi_xr.tissue.threshold import auto_threshold
 
 __all__ = [
@@ -78,34 +78,27 @@ def masked_statistics(
         float64 NumPy arrays ``(h // tile, w // tile)``.
     """
     nty, ntx = pixels.shape[0] // tile, pixels.shape[1] // tile
-    tile_var = np.full((nty, ntx), np.nan)
-    patch_var = np.full((nty, ntx), np.nan)
     if nty == 0 or ntx == 0 or (read_patches is not None and not read_patches.any()):
-        return tile_var, patch_var
+        return np.full((nty, ntx), np.nan), np.full((nty, ntx), np.nan)
     xp = array_namespace(pixels)
     k = patch // tile
     if read_patches is None or read_patches.all():
-        bands = [(0, nty, 0, ntx)]
-    else:  # one call per run of read patches along each patch row
-        bands = []
-        for r in np.flatnonzero(read_patches.any(axis=1)):
-            line = np.concatenate(([False], read_patches[r], [False]))
-            edges = np.flatnonzero(line[1:] != line[:-1])
-            for first, stop in zip(edges[::2], edges[1::2]):
-                bands.append((r * k, min(nty, (r + 1) * k), first * k, min(ntx, stop * k)))
-    for t0, t1, c0, c1 in bands:
-        band_excluded = excluded[t0:t1, c0:c1]
-        tv, pv = block_statistics(
-            pixels[t0 * tile : t1 * tile, c0 * tile : c1 * tile], tile, patch,
-            xp.asarray(band_excluded) if band_excluded.any() else None,
-        )
-        tile_var[t0:t1, c0:c1] = to_numpy(tv)
-        patch_var[t0:t1, c0:c1] = to_numpy(pv)
-    if read_patches is not None:
-        unread = ~np.repeat(np.repeat(read_patches, k, axis=0), k, axis=1)[:nty, :ntx]
-        tile_var[unread] = np.nan
-        patch_var[unread] = np.nan
-    return tile_var, patch_var
+        tv, pv = block_statistics(pixels, tile, patch, xp.asarray(excluded) if excluded.any() else None)
+        return to_numpy(tv), to_numpy(pv)
+    # Moments of the read patches only, one call per run of read patches along each patch
+    # row; then the variances of the whole block at once (unread tiles count for nothing).
+    s1 = xp.zeros((nty, ntx), dtype=xp.int64)
+    s2 = xp.zeros((nty, ntx), dtype=xp.int64)
+    for r in np.flatnonzero(read_patches.any(axis=1)):
+        line = np.concatenate(([False], read_patches[r], [False]))
+        edges = np.flatnonzero(line[1:] != line[:-1])
+        t0, t1 = r * k, min(nty, (r + 1) * k)
+        for first, stop in zip(edges[::2], edges[1::2]):
+            c0, c1 = first * k, min(ntx, stop * k)
+            s1[t0:t1, c0:c1], s2[t0:t1, c0:c1] = tile_moments(pixels[t0 * tile : t1 * tile, c0 * tile : c1 * tile], tile)
+    read_tiles = np.repeat(np.repeat(read_patches, k, axis=0), k, axis=1)[:nty, :ntx]
+    tv, pv = statistics_from_moments(s1, s2, xp.asarray(read_tiles & ~excluded), tile * tile * pixels.shape[2], k)
+    return to_numpy(tv), to_numpy(pv)
 
 
 def pen_flags(pixels: Any, tile: int, tile_variance: np.ndarray) -> np.ndarray:
@@ -143,6 +136,27 @@ def two_stage_rule(tile_variance: Any, patch_variance_of_tile: Any, excluded: An
     """
     with np.errstate(invalid="ignore"):
         return (tile_variance > threshold) & (patch_variance_of_tile > threshold) & ~excluded
+
+
+def _statistic_block(stats: np.ndarray, column: int, dtype: Any) -> np.ndarray:
+    """One column of a statistics block (0: tile variance, 1: its patch's, 2: pen) as ``dtype``."""
+    return stats[..., column].astype(dtype)
+
+
+def _tile_mask_block(stats: np.ndarray, excluded: np.ndarray, threshold: Any, *, reject_pen: bool) -> np.ndarray:
+    """The two-stage rule on one statistics block (and pen removal when asked)."""
+    keep = two_stage_rule(stats[..., 0], stats[..., 1], excluded, float(threshold))
+    return keep & ~(stats[..., 2] > 0) if reject_pen else keep
+
+
+def _pen_mask_block(stats: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+    return (stats[..., 2] > 0) & ~excluded
+
+
+def _patch_mask_block(stats: np.ndarray, threshold: Any, *, k: int) -> np.ndarray:
+    """Patches whose variance exceeds the threshold (each patch's first tile holds it)."""
+    with np.errstate(invalid="ignore"):
+        return stats[::k, ::k, 1] > float(threshold)
 
 
 def _auto_threshold_block(variances: np.ndarray) -> np.ndarray:
@@ -244,10 +258,10 @@ def tissue_mask(
     if opened is not None:
         level = int(image.attrs["level"])
         device = "cuda" if type(data._meta).__module__.startswith("cupy") else "cpu"
-        grid = opened.damage(level)
+        decision = coarse_decision(opened, level, coarse, patch_shape=(npy, npx), patch=patch)
+        grid = opened.damage(level)  # scanned during the coarse decision, if there was one
         excluded = damaged_tile_grid(grid, tile, (nty, ntx))
         damaged_count = int(grid.damaged.sum())
-        decision = coarse_decision(opened, level, coarse, patch_shape=(npy, npx), patch=patch)
         wanted = None
         if decision is not None:
             coarse_level, read_patches, wanted = decision.coarse_level, decision.patches, decision.segments
@@ -274,27 +288,33 @@ def tissue_mask(
         reject_pen=bool(reject_pen),
         name="wsi-tile-stats",
     )
-    tile_var = stats[..., 0]
-    patch_var_per_tile = stats[..., 1]
-    patch_var = stats[::k, ::k, 1]
-
     if threshold == "auto":
         # A dask-array reduction (not dask.delayed) so that computing it together with
         # the mask shares the one read of every block.
-        whole = tile_var.rechunk((-1, -1))
+        whole = stats.map_blocks(_statistic_block, 0, np.float64, drop_axis=2, dtype=np.float64).rechunk((-1, -1))
         value: Any = da.map_blocks(_auto_threshold_block, whole, chunks=((1,), (1,)), dtype=np.float64)[0, 0]
         method: Any = "auto"
+        threshold_arg: tuple[Any, Any] = (value, ())
     else:
         value = float(threshold)
         method = "given"
+        threshold_arg = (value, None)
     read_error = xr.DataArray(excluded, dims=("tile_y", "tile_x"))
     excluded_blocks = da.from_array(excluded, chunks=tile_chunks)  # chunked like the statistics: no rechunk
-    tile_mask = two_stage_rule(tile_var, patch_var_per_tile, excluded_blocks, value)
+
+    def per_block(function: Any, *args: Any, dtype: Any, **kwargs: Any) -> da.Array:
+        """One task per block of ``stats`` (and ``excluded``) for each output variable."""
+        return da.blockwise(function, "ij", stats, "ijk", *args, dtype=dtype, concatenate=True, **kwargs)
+
+    tile_mask = per_block(_tile_mask_block, excluded_blocks, "ij", *threshold_arg, dtype=bool, reject_pen=bool(reject_pen))
     variables: dict[str, Any] = {}
     if reject_pen:
-        pen_mask = (stats[..., 2] > 0) & ~excluded_blocks
-        tile_mask = tile_mask & ~pen_mask
-        variables["pen_mask"] = (("tile_y", "tile_x"), pen_mask)
+        variables["pen_mask"] = (("tile_y", "tile_x"), per_block(_pen_mask_block, excluded_blocks, "ij", dtype=bool))
+    patch_mask = da.blockwise(
+        _patch_mask_block, "ij", stats, "ijk", *threshold_arg, dtype=bool, concatenate=True, k=k,
+        adjust_chunks={"i": pchunks[0], "j": pchunks[1]},
+    )
+    tile_variance = per_block(_statistic_block, 0, None, np.float32, None, dtype=np.float32)
     y, x = image["y"].values, image["x"].values
     coords = {
         "tile_y": y[: nty * tile : tile],
@@ -324,8 +344,8 @@ def tissue_mask(
         {
             "tile_mask": (("tile_y", "tile_x"), tile_mask),
             **variables,
-            "tile_variance": (("tile_y", "tile_x"), tile_var.astype(np.float32)),
-            "patch_mask": (("patch_y", "patch_x"), patch_var > value),
+            "tile_variance": (("tile_y", "tile_x"), tile_variance),
+            "patch_mask": (("patch_y", "patch_x"), patch_mask),
             "read_error": read_error,
             "threshold": ((), value),
         },
