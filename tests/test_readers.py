@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -111,6 +112,55 @@ def test_damaged_tile_is_found_and_never_decoded() -> None:
     assert filled.shape == (16, 16, 3) and not filled.any()
     # the sound copy of the same slide has no damaged tiles
     assert not scan_level(str(data_file("tiny-16px.svs")), 0).damaged.any()
+
+
+def _jpeg_tiled_tiff(path: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A 768x1024 JPEG TIFF of 256-px tiles whose tiles share one header; its offsets and counts."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)
+    tifffile.imwrite(path, pixels, tile=(256, 256), compression="jpeg", photometric="rgb")
+    with tifffile.TiffFile(path) as tf:
+        return np.array(tf.pages[0].dataoffsets), np.array(tf.pages[0].databytecounts)
+
+
+def test_scan_checks_every_header_that_differs_from_the_last_sound_one(tmp_path: Path) -> None:
+    """The scan reuses the verdict of a header equal byte for byte to the last one; a tile
+    whose header differs (bad sampling factors, a bad table id) is still parsed and flagged,
+    and so is a tile with the same header but no end-of-image marker."""
+    path = tmp_path / "tiles.tif"
+    offsets, counts = _jpeg_tiled_tiff(path)
+    data = bytearray(path.read_bytes())
+
+    def sof_at(k: int) -> int:
+        head = bytes(data[offsets[k] : offsets[k] + 4096])
+        return offsets[k] + head.index(b"\xff\xc0")
+
+    data[sof_at(5) + 11] = 0x33  # SOF0: first component 3x3 sampling, which TurboJPEG cannot decode
+    data[sof_at(9) + 12] = 0x07  # SOF0: first component's quantisation table id 7
+    data[offsets[10] + counts[10] - 1] = 0x00  # same header, EOI gone
+    path.write_bytes(bytes(data))
+    grid = scan_level(str(path), 0)
+    flagged = {divmod(int(i), 4) for i in np.flatnonzero(grid.damaged)}
+    assert flagged == {divmod(5, 4), divmod(9, 4), divmod(10, 4)}
+    assert "sampling" in grid.reasons[divmod(5, 4)]
+    assert "table" in grid.reasons[divmod(9, 4)]
+    assert "end-of-image" in grid.reasons[divmod(10, 4)]
+
+
+def test_scan_reads_the_same_bytes_without_a_memory_map(tmp_path: Path) -> None:
+    """The scan's byte source gives the same bytes through its memory map and by seek/read."""
+    from wsi_xr.readers.integrity import _byte_source
+
+    path = tmp_path / "tiles.tif"
+    offsets, counts = _jpeg_tiled_tiff(path, seed=1)
+    raw = path.read_bytes()
+    with tifffile.TiffFile(path) as tf:
+        handle = tf.filehandle
+        with _byte_source(handle, len(raw)) as mapped:
+            via_map = [mapped(int(o), int(c)) for o, c in zip(offsets, counts)]
+    with tifffile.FileHandle(io.BytesIO(raw)) as in_memory, _byte_source(in_memory, len(raw)) as plain:
+        via_seek = [plain(int(o), int(c)) for o, c in zip(offsets, counts)]
+    assert via_map == via_seek == [raw[o : o + c] for o, c in zip(offsets, counts)]
 
 
 _OPEN_IN_SUBPROCESS = """

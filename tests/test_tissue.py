@@ -174,6 +174,37 @@ def test_coarse_skip_decodes_only_tiles_that_may_hold_tissue(fraction: float, tm
         assert len(wanted) < 0.5 * decision.segments.size, f"decoded {len(wanted)} of {decision.segments.size} TIFF tiles"
 
 
+def test_coarse_pass_arithmetic_equals_its_plain_definitions() -> None:
+    """The coarse pass's fast helpers against the plain NumPy they stand for: 3x3 sums and
+    dilation with repeated edges (np.pad), the integral image (cumsum), the uint8 median
+    (np.median), and the glass colour (median RGB of the brightest quarter)."""
+    from wsi_xr.tissue import coarse
+
+    rng = np.random.default_rng(7)
+    for shape in [(1, 1), (1, 9), (7, 1), (2, 2), (33, 17), (64, 80)]:
+        values = rng.integers(0, 766, shape).astype(np.float32)
+        padded = np.pad(values.astype(np.int64), 1, mode="edge")
+        box = sum(padded[dy : dy + shape[0], dx : dx + shape[1]] for dy in range(3) for dx in range(3))
+        np.testing.assert_array_equal(coarse._box3(values), box)
+        flags = rng.random(shape) < 0.1
+        grown = np.pad(flags, 1)
+        dilated = np.logical_or.reduce([grown[dy : dy + shape[0], dx : dx + shape[1]] for dy in range(3) for dx in range(3)])
+        np.testing.assert_array_equal(coarse._dilate3(flags), dilated)
+        integral = coarse._integral_image(flags)
+        assert integral.shape == (shape[0] + 1, shape[1] + 1)
+        np.testing.assert_array_equal(integral[1:, 1:], flags.astype(np.int64).cumsum(0).cumsum(1))
+        assert not integral[0].any() and not integral[:, 0].any()
+    for n in [1, 2, 3, 10, 1001]:
+        values = rng.integers(0, 256, n, dtype=np.uint8)
+        assert coarse._median_uint8(values) == np.median(values)
+    for glass in ([241, 238, 244], [200, 200, 200]):
+        pixels = np.clip(rng.normal(glass, 2.0, (300, 200, 3)), 0, 255).astype(np.uint8)
+        pixels[:120] = rng.integers(60, 200, (120, 200, 3))  # tissue: darker than glass
+        flat = pixels.reshape(-1, 3).astype(np.float64)
+        bright = flat.mean(axis=1) >= np.quantile(flat.mean(axis=1), 0.75)
+        np.testing.assert_array_equal(coarse._glass_colour(pixels), np.median(flat[bright], axis=0))
+
+
 def test_coarse_level_read_in_blocks_gives_the_same_decision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A large coarse level is read in blocks (bounded memory) with the same result as one read."""
     from wsi_xr.readers import trace_reads
