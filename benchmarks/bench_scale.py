@@ -22,9 +22,11 @@ scheduler with one thread per core, on the same synthetic slides (30% tissue):
   of its latents;
 - ``mask``: the tissue mask with and without the coarse skip on 16384² slides of several
   tissue fractions, with the TIFF tiles decoded; timed in a fresh process ("cold": the
-  first mask of a session, imports included) and after a mask of another slide in the same
-  process, caches cleared ("warm": what every further slide costs), plus the thread-seconds
-  of the warm run's Dask tasks (the decode and statistics work, without the serial parts);
+  first mask of a session, imports included), and in one process after a mask of another
+  slide, caches cleared before each, full and coarse alternated 7 times ("warm": what every
+  further slide costs; the median of the 7 paired ratios, with their range), plus the
+  thread-seconds of the Dask tasks (the decode and statistics work, without the serial
+  parts);
 - ``parquet``: peak traced memory (tracemalloc) of ``write_parquet`` on a cohort store of
   1 and of N slides (copies of one slide's group).
 
@@ -50,6 +52,8 @@ from benchmarks.common import CACHE, HERE, isolated, markdown_table, save, self_
 
 WORKERS = os.cpu_count() or 1
 MODULE = "benchmarks.bench_scale"
+#: Full/coarse mask pairs timed in one warm process (the median ratio is reported).
+MASK_ROUNDS = 7
 
 
 # ------------------------------------------------------------------ cases (one process each)
@@ -164,33 +168,57 @@ def case_compare(current: str, previous: str) -> dict[str, Any]:
     }
 
 
-def case_mask(slide: str, coarse: str) -> dict[str, Any]:
+def _timed_mask(wsi_xr: Any, path: str, coarse: str) -> tuple[float, Any]:
+    """One tissue mask (threshold 100), caches cleared first: seconds and the result."""
     import dask
-    from dask.diagnostics import Profiler
 
-    wsi_xr = _import_wsi_xr(None)
     from wsi_xr.readers import clear_caches
 
-    def once(path: str) -> tuple[float, Any]:
-        clear_caches()
-        start = time.perf_counter()
-        with dask.config.set(scheduler="threads", num_workers=WORKERS):
-            mask = wsi_xr.tissue_mask(wsi_xr.open_slide(path), coarse=coarse, threshold=100.0).compute()
-        return time.perf_counter() - start, mask
-
-    cold, mask = once(slide)
-    once(str(synthetic_slide(2048, 0.3)))  # another slide: the process is warm, the caches are cleared next
-    warm = min(once(slide)[0] for _ in range(3))
     clear_caches()
-    with dask.config.set(scheduler="threads", num_workers=WORKERS), Profiler() as profiler:
-        wsi_xr.tissue_mask(wsi_xr.open_slide(slide), coarse=coarse, threshold=100.0).compute()
+    start = time.perf_counter()
+    with dask.config.set(scheduler="threads", num_workers=WORKERS):
+        mask = wsi_xr.tissue_mask(wsi_xr.open_slide(path), coarse=coarse, threshold=100.0).compute()
+    return time.perf_counter() - start, mask
+
+
+def case_mask(slide: str, coarse: str) -> dict[str, Any]:
+    """The first mask of a fresh process ("cold")."""
+    wsi_xr = _import_wsi_xr(None)
+    cold, mask = _timed_mask(wsi_xr, slide, coarse)
     return {
         "seconds": cold,
-        "warm_seconds": warm,
-        "task_seconds": sum(r.end_time - r.start_time for r in profiler.results),
         "tiles_decoded": mask.attrs["file_tiles_decoded"],
         "tiles_total": mask.attrs["file_tiles_total"],
         "tissue_tiles": int(mask.tile_mask.sum()),
+    }
+
+
+def case_mask_pair(slide: str, rounds: int) -> dict[str, Any]:
+    """Full vs coarse mask in one warm process, alternated ``rounds`` times (so a drift in
+    the machine's speed hits both alike): median times, median of the paired ratios, and
+    the Dask tasks' thread-seconds of one more run of each."""
+    from dask.diagnostics import Profiler
+
+    wsi_xr = _import_wsi_xr(None)
+    for coarse in ("none", "auto"):  # another slide first: imports and first calls paid
+        _timed_mask(wsi_xr, str(synthetic_slide(2048, 0.3)), coarse)
+    times: dict[str, list[float]] = {"none": [], "auto": []}
+    for _ in range(rounds):
+        for coarse in times:
+            times[coarse].append(_timed_mask(wsi_xr, slide, coarse)[0])
+    work = {}
+    for coarse in times:
+        with Profiler() as profiler:
+            _timed_mask(wsi_xr, slide, coarse)
+        work[coarse] = sum(r.end_time - r.start_time for r in profiler.results)
+    full, skip = np.array(times["none"]), np.array(times["auto"])
+    return {
+        "rounds": rounds,
+        "full_warm_s": float(np.median(full)),
+        "coarse_warm_s": float(np.median(skip)),
+        "ratio_warm": float(np.median(skip / full)),
+        "ratio_warm_spread": [float((skip / full).min()), float((skip / full).max())],
+        "ratio_task_seconds": work["auto"] / work["none"],
     }
 
 
@@ -303,21 +331,19 @@ def run(sizes: list[int], fractions: list[float], previous: str | None, cohort: 
         slide = str(synthetic_slide(16384, fraction))
         full = isolated(MODULE, "mask", "--slide", slide, "--coarse", "none")
         skip = isolated(MODULE, "mask", "--slide", slide, "--coarse", "auto")
+        warm = isolated(MODULE, "mask_pair", "--slide", slide, "--rounds", str(MASK_ROUNDS))
         coarse_rows.append({
             "tissue_fraction": fraction,
             "full_s": full["seconds"],
             "coarse_s": skip["seconds"],
             "ratio": skip["seconds"] / full["seconds"],
-            "full_warm_s": full["warm_seconds"],
-            "coarse_warm_s": skip["warm_seconds"],
-            "ratio_warm": skip["warm_seconds"] / full["warm_seconds"],
-            "ratio_task_seconds": skip["task_seconds"] / full["task_seconds"],
+            **{k: v for k, v in warm.items() if k != "peak_rss_mb"},
             "tiff_tiles_decoded": skip["tiles_decoded"] / skip["tiles_total"],
             "tissue_tiles_full": full["tissue_tiles"],
             "tissue_tiles_coarse": skip["tissue_tiles"],
         })
         print(f"mask at {fraction:.0%} tissue: coarse/full = {skip['seconds'] / full['seconds']:.2f} cold, "
-              f"{skip['warm_seconds'] / full['warm_seconds']:.2f} warm", flush=True)
+              f"{warm['ratio_warm']:.2f} warm (median of {MASK_ROUNDS} pairs)", flush=True)
     payload["coarse"] = coarse_rows
     if cohort:
         single = work / f"{sizes[0]}-fp32.zarr"
@@ -354,6 +380,7 @@ def tables(payload: dict[str, Any]) -> str:
         "Coarse skip vs tissue fraction (16384², mask only, threshold 100):",
         "",
         markdown_table(payload["coarse"], ["tissue_fraction", "full_s", "coarse_s", "ratio", "full_warm_s", "coarse_warm_s", "ratio_warm",
+                                           "ratio_warm_spread",
                                            "ratio_task_seconds", "tiff_tiles_decoded", "tissue_tiles_full", "tissue_tiles_coarse"]),
     ]
     if "rss_ratio_largest_vs_smallest" in payload:
@@ -374,6 +401,7 @@ def main() -> None:
     parser.add_argument("--tree", default=None)
     parser.add_argument("--out")
     parser.add_argument("--coarse", default="auto")
+    parser.add_argument("--rounds", type=int, default=MASK_ROUNDS)
     parser.add_argument("--weights", default=None)
     parser.add_argument("--store")
     parser.add_argument("--current")
@@ -393,6 +421,7 @@ def main() -> None:
             "pipeline": lambda: case_pipeline(args.slide, args.precision, args.tree, args.out, args.weights),
             "compare": lambda: case_compare(args.current, args.previous),
             "mask": lambda: case_mask(args.slide, args.coarse),
+            "mask_pair": lambda: case_mask_pair(args.slide, args.rounds),
             "parquet": lambda: case_parquet(args.store),
         }
         result = cases[args.case]()

@@ -42,6 +42,11 @@ def to_numpy(array: Any) -> np.ndarray:
     return np.from_dlpack(array)
 
 
+#: Size of the uint16 temporary :func:`tile_moments` works on at a time (a row of tiles
+#: of a 2048-px block is larger, and goes alone).
+MOMENT_STEP_BYTES = 512 * 1024
+
+
 def tile_moments(block: Any, tile: int) -> tuple[Any, Any]:
     """Per-tile sums of values and of squared values, over full tiles only.
 
@@ -60,25 +65,26 @@ def tile_moments(block: Any, tile: int) -> tuple[Any, Any]:
     xp = array_namespace(block)
     height, width, channels = block.shape
     nty, ntx = height // tile, width // tile
-    s1 = xp.zeros((nty, ntx), dtype=xp.int64)
-    s2 = xp.zeros((nty, ntx), dtype=xp.int64)
     if nty == 0 or ntx == 0:
-        return s1, s2
-    rows = []
-    rows2 = []
-    # One band of tile rows at a time keeps the uint16 temporary small (cache-sized).
-    # Each band is summed first down its 64 rows (a vectorised add of whole rows),
-    # then across each tile's tile*channels contiguous columns.
-    for r in range(nty):
-        band = xp.reshape(block[r * tile : (r + 1) * tile, : ntx * tile, :], (tile, ntx * tile * channels))
-        wide = xp.astype(band, xp.uint16)
-        columns = xp.sum(wide, axis=0, dtype=xp.uint32)
-        columns2 = xp.sum(wide * wide, axis=0, dtype=xp.uint32)  # 255**2 fits in uint16
-        rows.append(xp.sum(xp.reshape(columns, (ntx, tile * channels)), axis=1, dtype=xp.uint32))
-        rows2.append(xp.sum(xp.reshape(columns2, (ntx, tile * channels)), axis=1, dtype=xp.uint32))
-    s1 = xp.astype(xp.stack(rows), xp.int64)
-    s2 = xp.astype(xp.stack(rows2), xp.int64)
-    return s1, s2
+        return xp.zeros((nty, ntx), dtype=xp.int64), xp.zeros((nty, ntx), dtype=xp.int64)
+    # A few tile rows at a time keep the uint16 temporary cache-sized (one row of tiles
+    # of a wide block; all of a narrow one). Each step sums down the tile's rows first
+    # (a vectorised add of whole pixel rows), then across each tile's tile*channels
+    # contiguous columns.
+    row_values = tile * ntx * tile * channels
+    step = max(1, MOMENT_STEP_BYTES // (2 * row_values))
+    sums = xp.zeros((nty, ntx), dtype=xp.uint32)
+    sums2 = xp.zeros((nty, ntx), dtype=xp.uint32)
+    for r in range(0, nty, step):
+        n = min(step, nty - r)
+        # widened first, then reshaped: a view, also when ``block`` is a column range
+        # of a larger array (reshaping that first would copy the uint8 pixels once more)
+        wide = xp.reshape(xp.astype(block[r * tile : (r + n) * tile, : ntx * tile, :], xp.uint16), (n, tile, ntx * tile * channels))
+        columns = xp.sum(wide, axis=1, dtype=xp.uint32)
+        columns2 = xp.sum(wide * wide, axis=1, dtype=xp.uint32)  # 255**2 fits in uint16
+        sums[r : r + n, :] = xp.sum(xp.reshape(columns, (n, ntx, tile * channels)), axis=2, dtype=xp.uint32)
+        sums2[r : r + n, :] = xp.sum(xp.reshape(columns2, (n, ntx, tile * channels)), axis=2, dtype=xp.uint32)
+    return xp.astype(sums, xp.int64), xp.astype(sums2, xp.int64)
 
 
 def variance_from_moments(s1: Any, s2: Any, count: Any) -> Any:
