@@ -14,8 +14,8 @@ import functools
 import io
 import mmap
 import os
-from typing import Callable, Iterator
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import tifffile
@@ -93,11 +93,14 @@ def scan_level(path: str, page_index_in_series: int) -> SegmentGrid:
 @contextlib.contextmanager
 def _byte_source(fh: tifffile.FileHandle, file_size: int) -> Iterator[Callable[[int, int], bytes]]:
     """``read(offset, count)`` on the open file: through a read-only memory map when the
-    file has one (no system call per read), else by seek and read."""
-    try:
-        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if file_size > 0 else None
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        mapped = None
+    file is a whole file on disk (no system call per read), else by seek and read (file
+    objects, or a TIFF embedded at an offset in another file)."""
+    mapped = None
+    if file_size > 0 and not getattr(fh, "_offset", 0):
+        try:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            mapped = None
     if mapped is None:
 
         def read(offset: int, count: int) -> bytes:
