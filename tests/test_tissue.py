@@ -107,6 +107,9 @@ def test_dataset_layout_and_laziness(synth_slide: Path) -> None:
     assert mask.sizes["tile_y"] == 2600 // 64 and mask.sizes["tile_x"] == 3000 // 64
     assert mask.sizes["patch_y"] == -(-(2600 // 64) // 4) and mask.sizes["patch_x"] == -(-(3000 // 64) // 4)
     assert mask.tile_x.values[2] == 128 and mask.patch_y.values[1] == 256
+    # outputs: one Dask chunk per row of image chunks (whole rows: few tasks), reading per chunk
+    assert mask.tile_mask.data.chunks == ((16, 16, 8), (46,)) and mask.tile_variance.data.chunks == ((16, 16, 8), (46,))
+    assert mask.patch_mask.data.chunks == ((4, 4, 2), (12,))
     assert mask.attrs["tile"] == 64 and mask.attrs["patch"] == 256 and mask.attrs["threshold"] == 100.0
     # the tile grid aligns by label with the image's own tile view
     tiles = image.wsi.tiles(64)
