@@ -11,7 +11,7 @@ scheduler with one thread per core, on the same synthetic slides (30% tissue):
 - ``encoder``: the encoder alone on preloaded tiles, as the pipeline runs it (one torch
   thread per worker thread, every core busy), fp32 and bf16: the encoder limit;
 - ``peak``: the machine's own arithmetic limit: a 4096² matrix product with every core
-  (fp32 and bf16 GFLOP/s), and the encoder's FLOPs per tile (torch's ``FlopCounterMode``).
+  (fp32 and bf16 GFLOP/s, the fastest of 10), and the encoder's FLOPs per tile (torch's ``FlopCounterMode``).
   ``tissue tiles x FLOPs / peak`` is the least time any pipeline can take on this CPU,
   so ``previous / that`` bounds the speed-up any change can reach;
 - ``pipeline``: ``wsi_xr.process_slide`` with its defaults (coarse skip, auto threshold),
@@ -112,14 +112,16 @@ def case_peak() -> dict[str, Any]:
 
     torch.set_num_threads(os.cpu_count() or 1)
     result: dict[str, Any] = {}
-    side, repeats = 4096, 5
+    side, repeats = 4096, 10
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.rand(side, side, dtype=dtype), torch.rand(side, side, dtype=dtype)
         torch.mm(a, b)  # warm-up
-        start = time.perf_counter()
-        for _ in range(repeats):
+        fastest = float("inf")
+        for _ in range(repeats):  # a peak: the fastest product (a noisy machine only slows some)
+            start = time.perf_counter()
             torch.mm(a, b)
-        result[f"matmul_{name}_gflops"] = 2 * side**3 * repeats / (time.perf_counter() - start) / 1e9
+            fastest = min(fastest, time.perf_counter() - start)
+        result[f"matmul_{name}_gflops"] = 2 * side**3 / fastest / 1e9
     model, x = VAE2().eval(), torch.rand(64, 3, 64, 64)
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model.fc1(model.encoder(x))  # what the pipeline runs: the encoder and the mu head

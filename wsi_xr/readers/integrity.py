@@ -83,7 +83,9 @@ def scan_level(path: str, page_index_in_series: int) -> SegmentGrid:
                 elif tables_problem is not None:
                     reason = f"{tables_problem} (the JPEG tables every tile of this level needs)"
                 else:
-                    reason = _segment_problem(read, int(offsets[index]), int(counts[index]), file_size, int(page.compression), known)
+                    reason = _segment_problem(
+                        read, int(offsets[index]), int(counts[index]), file_size, int(page.compression), known
+                    )
                 if reason is not None:
                     damaged[cell] = True
                     reasons[cell] = reason
@@ -136,7 +138,9 @@ class _KnownHeader:
         return problem
 
 
-def _segment_problem(read: Callable[[int, int], bytes], offset: int, count: int, file_size: int, compression: int, known: _KnownHeader) -> str | None:
+def _segment_problem(
+    read: Callable[[int, int], bytes], offset: int, count: int, file_size: int, compression: int, known: _KnownHeader
+) -> str | None:
     if count <= 0 or offset <= 0:
         return "tile data missing (offset or byte count is 0)"
     if offset + count > file_size:

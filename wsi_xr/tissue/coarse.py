@@ -159,7 +159,8 @@ def possible_tissue(thumbnail: np.ndarray, background: np.ndarray | None = None)
     A pixel is flagged when any channel is more than :data:`COLOUR_MARGIN` from the glass
     colour ``background`` (default: estimated from ``thumbnail``), or when the standard
     deviation of the brightness (channel mean) over its 3x3 neighbourhood exceeds
-    :data:`TEXTURE_MARGIN`. Exact arithmetic: integer comparisons, and sums of integers in float32 (below 2**24).
+    :data:`TEXTURE_MARGIN`. Exact arithmetic: integer comparisons, and sums of integers
+    held in float32 (all below 2**24).
     """
     if background is None:
         background = background_colour(thumbnail)
