@@ -145,22 +145,33 @@ def test_scan_checks_every_header_that_differs_from_the_last_sound_one(tmp_path:
     assert "sampling" in grid.reasons[divmod(5, 4)]
     assert "table" in grid.reasons[divmod(9, 4)]
     assert "end-of-image" in grid.reasons[divmod(10, 4)]
+    # the first tile damaged too: the level has no sound header to compare with, and every
+    # tile is still checked one by one
+    data[sof_at(0) + 11] = 0x33
+    path.write_bytes(bytes(data))
+    again = scan_level(str(path), 0)
+    assert {divmod(int(i), 4) for i in np.flatnonzero(again.damaged)} == flagged | {(0, 0)}
 
 
 def test_scan_reads_the_same_bytes_without_a_memory_map(tmp_path: Path) -> None:
-    """The scan's byte source gives the same bytes through its memory map and by seek/read."""
-    from wsi_xr.readers.integrity import _byte_source
+    """The scan's byte source gives the same bytes through its memory map (one by one and
+    gathered for many tiles at once) and by seek/read."""
+    from wsi_xr.readers.integrity import _file_bytes
 
     path = tmp_path / "tiles.tif"
     offsets, counts = _jpeg_tiled_tiff(path, seed=1)
     raw = path.read_bytes()
+    expected = [raw[o : o + c] for o, c in zip(offsets, counts)]
     with tifffile.TiffFile(path) as tf:
-        handle = tf.filehandle
-        with _byte_source(handle, len(raw)) as mapped:
-            via_map = [mapped(int(o), int(c)) for o, c in zip(offsets, counts)]
-    with tifffile.FileHandle(io.BytesIO(raw)) as in_memory, _byte_source(in_memory, len(raw)) as plain:
-        via_seek = [plain(int(o), int(c)) for o, c in zip(offsets, counts)]
-    assert via_map == via_seek == [raw[o : o + c] for o, c in zip(offsets, counts)]
+        with _file_bytes(tf.filehandle, len(raw)) as mapped:
+            assert mapped.mapped
+            via_map = [mapped.read(int(o), int(c)) for o, c in zip(offsets, counts)]
+            heads = mapped.gather(offsets.astype(np.int64), 20)
+    with tifffile.FileHandle(io.BytesIO(raw)) as in_memory, _file_bytes(in_memory, len(raw)) as plain:
+        assert not plain.mapped
+        via_seek = [plain.read(int(o), int(c)) for o, c in zip(offsets, counts)]
+    assert via_map == via_seek == expected
+    assert [bytes(h) for h in heads] == [e[:20] for e in expected]
 
 
 _OPEN_IN_SUBPROCESS = """
