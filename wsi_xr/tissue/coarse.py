@@ -164,6 +164,11 @@ def possible_tissue(thumbnail: np.ndarray, background: np.ndarray | None = None)
     """
     if background is None:
         background = background_colour(thumbnail)
+    return _dilate3(_off_glass(thumbnail, background) | _textured(thumbnail))
+
+
+def _off_glass(thumbnail: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Pixels with a channel more than :data:`COLOUR_MARGIN` from ``background``."""
     # |v - bg| > margin  <=>  v < ceil(bg - margin) or v > floor(bg + margin), for integer v;
     # clipped to 0..255 (where nothing can pass that side) so the comparisons stay uint8
     low = np.clip(np.ceil(np.asarray(background, dtype=np.float64) - COLOUR_MARGIN), 0, 255).astype(np.uint8)
@@ -172,14 +177,18 @@ def possible_tissue(thumbnail: np.ndarray, background: np.ndarray | None = None)
     for c in range(3):
         channel = thumbnail[..., c]
         colour |= (channel < low[c]) | (channel > high[c])
+    return colour
+
+
+def _textured(thumbnail: np.ndarray) -> np.ndarray:
+    """Pixels whose 3x3 neighbourhood's brightness has a std above :data:`TEXTURE_MARGIN`."""
     # 3 x the channel mean: integers, so every sum below is exact in float32 (< 2**24)
     brightness = thumbnail[..., 0].astype(np.float32) + thumbnail[..., 1] + thumbnail[..., 2]
     total = _box3(brightness)
     total_sq = _box3(brightness * brightness)
     # variance of the mean over 9 pixels: (sum(b^2)/9 - (sum(b)/9)^2) / 9, with b = 3 x mean
     variance = (total_sq / 9.0 - (total / 9.0) ** 2) / 9.0
-    texture = variance > TEXTURE_MARGIN**2
-    return _dilate3(colour | texture)
+    return variance > TEXTURE_MARGIN**2
 
 
 def _patch_ranges(n_patches: int, patch: int, scale: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
