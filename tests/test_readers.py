@@ -145,33 +145,42 @@ def test_scan_checks_every_header_that_differs_from_the_last_sound_one(tmp_path:
     assert "sampling" in grid.reasons[divmod(5, 4)]
     assert "table" in grid.reasons[divmod(9, 4)]
     assert "end-of-image" in grid.reasons[divmod(10, 4)]
-    # the first tile damaged too: the level has no sound header to compare with, and every
-    # tile is still checked one by one
+    # the first tile damaged too: every tile is still judged on its own
     data[sof_at(0) + 11] = 0x33
     path.write_bytes(bytes(data))
     again = scan_level(str(path), 0)
     assert {divmod(int(i), 4) for i in np.flatnonzero(again.damaged)} == flagged | {(0, 0)}
 
 
-def test_scan_reads_the_same_bytes_without_a_memory_map(tmp_path: Path) -> None:
-    """The scan's byte source gives the same bytes through its memory map (one by one and
-    gathered for many tiles at once) and by seek/read."""
-    from wsi_xr.readers.integrity import _file_bytes
+def test_scan_reads_the_same_bytes_by_pread_and_by_seek(tmp_path: Path) -> None:
+    """The scan's reader gives the same bytes on a file on disk (pread) and on a file object."""
+    from wsi_xr.readers.integrity import _reader
 
     path = tmp_path / "tiles.tif"
     offsets, counts = _jpeg_tiled_tiff(path, seed=1)
     raw = path.read_bytes()
     expected = [raw[o : o + c] for o, c in zip(offsets, counts)]
     with tifffile.TiffFile(path) as tf:
-        with _file_bytes(tf.filehandle, len(raw)) as mapped:
-            assert mapped.mapped
-            via_map = [mapped.read(int(o), int(c)) for o, c in zip(offsets, counts)]
-            heads = mapped.gather(offsets.astype(np.int64), 20)
-    with tifffile.FileHandle(io.BytesIO(raw)) as in_memory, _file_bytes(in_memory, len(raw)) as plain:
-        assert not plain.mapped
-        via_seek = [plain.read(int(o), int(c)) for o, c in zip(offsets, counts)]
-    assert via_map == via_seek == expected
-    assert [bytes(h) for h in heads] == [e[:20] for e in expected]
+        read = _reader(tf.filehandle)
+        via_pread = [read(int(o), int(c)) for o, c in zip(offsets, counts)]
+    with tifffile.FileHandle(io.BytesIO(raw)) as in_memory:
+        read = _reader(in_memory)
+        via_seek = [read(int(o), int(c)) for o, c in zip(offsets, counts)]
+    assert via_pread == via_seek == expected
+
+
+def test_a_broken_header_does_not_condemn_the_sound_tiles_after_it(tmp_path: Path) -> None:
+    """A scan header whose length field is 0 ends the header walk early; the sound tiles
+    that follow (whose bytes start the same way) must still be found sound."""
+    path = tmp_path / "tiles.tif"
+    offsets, _ = _jpeg_tiled_tiff(path, seed=2)
+    data = bytearray(path.read_bytes())
+    for k in (3, 7):
+        sos = offsets[k] + bytes(data[offsets[k] : offsets[k] + 4096]).index(b"\xff\xda")
+        data[sos + 2 : sos + 4] = b"\x00\x00"
+    path.write_bytes(bytes(data))
+    grid = scan_level(str(path), 0)
+    assert {divmod(int(i), 4) for i in np.flatnonzero(grid.damaged)} == {divmod(3, 4), divmod(7, 4)}
 
 
 _OPEN_IN_SUBPROCESS = """

@@ -77,6 +77,17 @@ def test_kernel_is_namespace_generic() -> None:
     keep[64:128, 128:192] = False
     patch_pixels = block[:256, :256][keep]
     assert numpy_result[1][0, 0] == pytest.approx(np.var(patch_pixels.astype(np.float64)), rel=1e-12)
+    # a partly read block: moments per run of read patches (narrow runs in one step)
+    from wsi_xr.tissue.mask import masked_statistics
+
+    read_patches = np.array([[True, False, True], [False, True, True]])
+    numpy_part = masked_statistics(block, excluded, read_patches, tile=64, patch=256)
+    strict_part = masked_statistics(xps.asarray(block), excluded, read_patches, tile=64, patch=256)
+    read_tiles = np.repeat(np.repeat(read_patches, 4, axis=0), 4, axis=1)
+    for a, b, full in zip(numpy_part, strict_part, numpy_result):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a[read_tiles], full[read_tiles])
+        assert np.isnan(a[~read_tiles]).all()
 
 
 @pytest.mark.parametrize("threshold", [50.0, 200.0, 1000.0])
@@ -200,6 +211,14 @@ def test_coarse_pass_arithmetic_equals_its_plain_definitions() -> None:
     for n in [1, 2, 3, 10, 1001]:
         values = rng.integers(0, 256, n, dtype=np.uint8)
         assert coarse._median_uint8(values) == np.median(values)
+    for c in range(3):  # every uint8 value in one channel, the others at the glass colour
+        thumbnail = np.full((256, 1, 3), 100, dtype=np.uint8)
+        thumbnail[:, 0, c] = np.arange(256)
+        for value in (241.0, 238.5, 3.5, 251.5, 263.5, 300.0, -8.5, -20.0):
+            background = np.full(3, 100.0)
+            background[c] = value
+            far = np.abs(np.arange(256) - value) > coarse.COLOUR_MARGIN
+            np.testing.assert_array_equal(coarse._off_glass(thumbnail, background)[:, 0], far, err_msg=f"channel {c}, glass {value}")
     for glass in ([241, 238, 244], [200, 200, 200]):
         pixels = np.clip(rng.normal(glass, 2.0, (300, 200, 3)), 0, 255).astype(np.uint8)
         pixels[:120] = rng.integers(60, 200, (120, 200, 3))  # tissue: darker than glass

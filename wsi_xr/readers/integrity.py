@@ -9,13 +9,11 @@ header, EOI at the end). This reads a few hundred bytes per tile.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
-import mmap
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import tifffile
@@ -75,110 +73,62 @@ def scan_level(path: str, page_index_in_series: int) -> SegmentGrid:
         tables = page.jpegtables or b""
         tables_problem = jpeg_tables_problem(tables) if tables and compression == _JPEG else None
         size = (seg_h, seg_w) if page.is_tiled else None
-        with _file_bytes(tf.filehandle, file_size) as source:
-            known = _KnownHeader(tables, size)
-            n = grid_h * grid_w
-            sound = np.zeros(n, dtype=bool)
-            if tables_problem is None and compression == _JPEG and source.mapped and len(offsets) >= n > 0:
-                # Most tiles share one sound header: check the first tile in full, then
-                # accept at once every tile that starts with its header and ends with EOI.
-                # Every other tile is checked one by one below, as without this step.
-                first = _segment_problem(source.read, int(offsets[0]), int(counts[0]), file_size, compression, known)
-                if first is None and known.header:
-                    sound = _starts_and_ends_like(source, np.asarray(offsets[:n]), np.asarray(counts[:n]), file_size, known.header)
-            for index in np.flatnonzero(~sound):
-                cell = divmod(int(index), grid_w)
-                if index >= len(offsets):
-                    reason: str | None = "no entry in the tile offset table"
-                elif tables_problem is not None:
-                    reason = f"{tables_problem} (the JPEG tables every tile of this level needs)"
-                else:
-                    reason = _segment_problem(source.read, int(offsets[index]), int(counts[index]), file_size, compression, known)
-                if reason is not None:
-                    damaged[cell] = True
-                    reasons[cell] = reason
+        read = _reader(tf.filehandle)
+        known = _KnownHeader(tables, size)
+        for index in range(grid_h * grid_w):
+            cell = divmod(index, grid_w)
+            if index >= len(offsets):
+                reason: str | None = "no entry in the tile offset table"
+            elif tables_problem is not None:
+                reason = f"{tables_problem} (the JPEG tables every tile of this level needs)"
+            else:
+                reason = _segment_problem(read, int(offsets[index]), int(counts[index]), file_size, compression, known)
+            if reason is not None:
+                damaged[cell] = True
+                reasons[cell] = reason
     return SegmentGrid(seg_h, seg_w, damaged, reasons)
 
 
-#: Tiles compared at once by :func:`_starts_and_ends_like` (bounds its memory).
-_BULK_TILES = 1024
+def _reader(fh: tifffile.FileHandle) -> Callable[[int, int], bytes]:
+    """``read(offset, count)`` on the open file: ``os.pread`` on its descriptor when it is a
+    whole file on disk (one system call, no seek), else seek and read (file objects, or a
+    TIFF embedded at an offset in another file). Read errors raise ``OSError``; no memory
+    map, which would turn an I/O error or a file truncated meanwhile into SIGBUS."""
+    try:
+        descriptor = fh.fileno() if hasattr(os, "pread") and not getattr(fh, "_offset", 0) else None
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        descriptor = None
+    if descriptor is not None:
+        return lambda offset, count: os.pread(descriptor, count, offset)
 
+    def read(offset: int, count: int) -> bytes:
+        fh.seek(offset)
+        return fh.read(count)
 
-def _starts_and_ends_like(source: "_FileBytes", offsets: np.ndarray, counts: np.ndarray, file_size: int, header: bytes) -> np.ndarray:
-    """Bool per tile: its data lie in the file, begin with ``header`` and end with EOI."""
-    offsets, counts = offsets.astype(np.int64), counts.astype(np.int64)
-    pattern = np.frombuffer(header, dtype=np.uint8)
-    fits = (offsets > 0) & (counts >= len(header) + 2) & (offsets + counts <= file_size)
-    sound = np.zeros(offsets.size, dtype=bool)
-    for start in range(0, offsets.size, _BULK_TILES):
-        part = np.flatnonzero(fits[start : start + _BULK_TILES]) + start
-        heads = source.gather(offsets[part], len(header))
-        tails = source.gather(offsets[part] + counts[part] - 2, 2)
-        sound[part] = (heads == pattern).all(axis=1) & (tails[:, 0] == 0xFF) & (tails[:, 1] == 0xD9)
-    return sound
-
-
-class _FileBytes:
-    """Bytes of an open file: ``read(offset, count)``, and ``gather(starts, length)`` (an
-    ``(n, length)`` uint8 array) when the file is memory-mapped (``mapped``)."""
-
-    def __init__(self, fh: tifffile.FileHandle, mapped: mmap.mmap | None) -> None:
-        self._fh, self._mapped = fh, mapped
-        self.mapped = mapped is not None
-
-    def read(self, offset: int, count: int) -> bytes:
-        if self._mapped is not None:
-            return self._mapped[offset : offset + count]
-        self._fh.seek(offset)
-        return self._fh.read(count)
-
-    def gather(self, starts: np.ndarray, length: int) -> np.ndarray:
-        assert self._mapped is not None
-        whole = np.frombuffer(self._mapped, dtype=np.uint8)
-        try:
-            return whole[starts[:, None] + np.arange(length)]  # a copy: the map can close later
-        finally:
-            del whole
-
-
-@contextlib.contextmanager
-def _file_bytes(fh: tifffile.FileHandle, file_size: int) -> Iterator[_FileBytes]:
-    """The open file's bytes: through a read-only memory map when the file is a whole file
-    on disk (no system call per read), else by seek and read (file objects, or a TIFF
-    embedded at an offset in another file)."""
-    mapped = None
-    if file_size > 0 and not getattr(fh, "_offset", 0):
-        try:
-            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-            mapped = None
-    if mapped is None:
-        yield _FileBytes(fh, None)
-        return
-    with mapped:
-        yield _FileBytes(fh, mapped)
+    return read
 
 
 class _KnownHeader:
-    """The last JPEG header (SOI up to the end of SOS) checked in a level, and its verdict.
+    """The last sound JPEG header (SOI up to the end of SOS) checked in a level.
 
     The tiles of a level nearly always share one header byte for byte; a tile whose first
-    bytes equal it has the same header (the marker walk reads only those bytes) and so the
-    same verdict, found with one comparison instead of a parse.
+    bytes equal it and that ends with EOI has the same header (the marker walk reads only
+    those bytes), so it is sound too: one comparison instead of a parse.
     """
 
     def __init__(self, tables: bytes, size: tuple[int, int] | None) -> None:
         self.tables, self.size = tables, size
         self.header = b""
-        self.problem: str | None = None
 
     def problem_of(self, head: bytes, tail: bytes) -> str | None:
-        if self.header and head.startswith(self.header) and head[:2] == b"\xff\xd8" and tail == b"\xff\xd9":
-            return self.problem
+        if self.header and head.startswith(self.header) and tail == b"\xff\xd9":
+            return None
         problem = jpeg_structure_problem(head, tail, self.tables, self.size)
-        end = _header_end(head) if head[:2] == b"\xff\xd8" and tail == b"\xff\xd9" else None
-        if end is not None:
-            self.header, self.problem = head[:end], problem
+        if problem is None:  # only a sound header: a broken one may end early (e.g. a
+            # scan header of length 0), and a sound tile would start with its bytes too
+            end = _header_end(head)
+            if end is not None:
+                self.header = head[:end]
         return problem
 
 

@@ -169,14 +169,22 @@ def possible_tissue(thumbnail: np.ndarray, background: np.ndarray | None = None)
 
 def _off_glass(thumbnail: np.ndarray, background: np.ndarray) -> np.ndarray:
     """Pixels with a channel more than :data:`COLOUR_MARGIN` from ``background``."""
-    # |v - bg| > margin  <=>  v < ceil(bg - margin) or v > floor(bg + margin), for integer v;
-    # clipped to 0..255 (where nothing can pass that side) so the comparisons stay uint8
-    low = np.clip(np.ceil(np.asarray(background, dtype=np.float64) - COLOUR_MARGIN), 0, 255).astype(np.uint8)
-    high = np.clip(np.floor(np.asarray(background, dtype=np.float64) + COLOUR_MARGIN), 0, 255).astype(np.uint8)
     colour = np.zeros(thumbnail.shape[:2], dtype=bool)
+    glass = np.asarray(background)
     for c in range(3):
         channel = thumbnail[..., c]
-        colour |= (channel < low[c]) | (channel > high[c])
+        # v < bg - margin  <=>  v < ceil(bg - margin) for integer v (and > likewise with
+        # floor): uint8 comparisons, with the bounds in the background's own precision
+        low, high = np.ceil(glass[c] - COLOUR_MARGIN), np.floor(glass[c] + COLOUR_MARGIN)
+        if np.isnan(low):
+            continue  # no colour is "far" from an unknown glass colour
+        if low > 255 or high < 0:
+            colour[:] = True
+            break
+        if low > 0:
+            colour |= channel < np.uint8(low)
+        if high < 255:
+            colour |= channel > np.uint8(high)
     return colour
 
 

@@ -95,7 +95,7 @@ def masked_statistics(
         t0, t1 = r * k, min(nty, (r + 1) * k)
         for first, stop in zip(edges[::2], edges[1::2]):
             c0, c1 = first * k, min(ntx, stop * k)
-            s1[t0:t1, c0:c1], s2[t0:t1, c0:c1] = tile_moments(pixels[t0 * tile : t1 * tile, c0 * tile : c1 * tile], tile)
+            s1[t0:t1, c0:c1], s2[t0:t1, c0:c1] = tile_moments(pixels[t0 * tile : t1 * tile, c0 * tile : c1 * tile, :], tile)
     read_tiles = np.repeat(np.repeat(read_patches, k, axis=0), k, axis=1)[:nty, :ntx]
     tv, pv = statistics_from_moments(s1, s2, xp.asarray(read_tiles & ~excluded), tile * tile * pixels.shape[2], k)
     return to_numpy(tv), to_numpy(pv)
