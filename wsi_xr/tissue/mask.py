@@ -22,7 +22,7 @@ import xarray as xr
 
 from wsi_xr._timing import stage
 from wsi_xr.errors import InvalidArgumentError
-from wsi_xr.readers import SegmentGrid
+from wsi_xr.readers import SegmentGrid, window_rectangles
 from wsi_xr.slide import opened_slide_of, slide_array
 from wsi_xr.tissue.coarse import coarse_decision
 from wsi_xr.tissue.kernels import array_namespace, block_statistics, statistics_from_moments, tile_moments, to_numpy
@@ -85,17 +85,15 @@ def masked_statistics(
     if read_patches is None or read_patches.all():
         tv, pv = block_statistics(pixels, tile, patch, xp.asarray(excluded) if excluded.any() else None)
         return to_numpy(tv), to_numpy(pv)
-    # Moments of the read patches only, one call per run of read patches along each patch
-    # row; then the variances of the whole block at once (unread tiles count for nothing).
+    # Moments of the read patches only, one call per rectangle of read patches (as the
+    # reader decodes them); then the variances of the whole block at once (unread tiles
+    # count for nothing).
     s1 = xp.zeros((nty, ntx), dtype=xp.int64)
     s2 = xp.zeros((nty, ntx), dtype=xp.int64)
-    for r in np.flatnonzero(read_patches.any(axis=1)):
-        line = np.concatenate(([False], read_patches[r], [False]))
-        edges = np.flatnonzero(line[1:] != line[:-1])
-        t0, t1 = r * k, min(nty, (r + 1) * k)
-        for first, stop in zip(edges[::2], edges[1::2]):
-            c0, c1 = first * k, min(ntx, stop * k)
-            s1[t0:t1, c0:c1], s2[t0:t1, c0:c1] = tile_moments(pixels[t0 * tile : t1 * tile, c0 * tile : c1 * tile, :], tile)
+    for row, col, rows, cols in window_rectangles(read_patches):
+        t0, t1 = row * k, min(nty, (row + rows) * k)
+        c0, c1 = col * k, min(ntx, (col + cols) * k)
+        s1[t0:t1, c0:c1], s2[t0:t1, c0:c1] = tile_moments(pixels[t0 * tile : t1 * tile, c0 * tile : c1 * tile, :], tile)
     read_tiles = np.repeat(np.repeat(read_patches, k, axis=0), k, axis=1)[:nty, :ntx]
     tv, pv = statistics_from_moments(s1, s2, xp.asarray(read_tiles & ~excluded), tile * tile * pixels.shape[2], k)
     return to_numpy(tv), to_numpy(pv)
@@ -138,19 +136,22 @@ def two_stage_rule(tile_variance: Any, patch_variance_of_tile: Any, excluded: An
         return (tile_variance > threshold) & (patch_variance_of_tile > threshold) & ~excluded
 
 
-def _statistic_block(stats: np.ndarray, column: int, dtype: Any) -> np.ndarray:
-    """One column of a statistics block (0: tile variance, 1: its patch's, 2: pen) as ``dtype``."""
-    return stats[..., column].astype(dtype)
+# Statistics blocks (see _block_statistics_task): [..., 0] tile variance, [..., 1] its
+# patch's variance, [..., 2] pen (0/1).
+
+
+def _tile_variance_block(stats: np.ndarray) -> np.ndarray:
+    return stats[..., 0].astype(np.float32)
+
+
+def _pen_mask_block(stats: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+    return (stats[..., 2] > 0) & ~excluded
 
 
 def _tile_mask_block(stats: np.ndarray, excluded: np.ndarray, threshold: Any, *, reject_pen: bool) -> np.ndarray:
     """The two-stage rule on one statistics block (and pen removal when asked)."""
     keep = two_stage_rule(stats[..., 0], stats[..., 1], excluded, float(threshold))
-    return keep & ~(stats[..., 2] > 0) if reject_pen else keep
-
-
-def _pen_mask_block(stats: np.ndarray, excluded: np.ndarray) -> np.ndarray:
-    return (stats[..., 2] > 0) & ~excluded
+    return keep & ~_pen_mask_block(stats, excluded) if reject_pen else keep
 
 
 def _patch_mask_block(stats: np.ndarray, threshold: Any, *, k: int) -> np.ndarray:
@@ -320,7 +321,7 @@ def tissue_mask(
     if reject_pen:
         variables["pen_mask"] = (("tile_y", "tile_x"), per_row(_pen_mask_block, excluded_blocks, "ij", dtype=bool, **tiles))
     patch_mask = per_row(_patch_mask_block, *threshold_arg, dtype=bool, rows=pchunks[0], width=npx, k=k)
-    tile_variance = per_row(_statistic_block, 0, None, np.float32, None, dtype=np.float32, **tiles)
+    tile_variance = per_row(_tile_variance_block, dtype=np.float32, **tiles)
     y, x = image["y"].values, image["x"].values
     coords = {
         "tile_y": y[: nty * tile : tile],
