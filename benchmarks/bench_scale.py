@@ -11,8 +11,8 @@ scheduler with one thread per core, on the same synthetic slides (30% tissue):
 - ``encoder``: the encoder alone on preloaded tiles, as the pipeline runs it (one torch
   thread per worker thread, every core busy), fp32 and bf16: the encoder limit;
 - ``peak``: the machine's own arithmetic limit: a 4096² matrix product with every core
-  (fp32 and bf16 GFLOP/s, the fastest of 10), and the encoder's FLOPs per tile (torch's ``FlopCounterMode``).
-  ``tissue tiles x FLOPs / peak`` is the least time any pipeline can take on this CPU,
+  (fp32 and bf16 GFLOP/s, the fastest of 10), and the encoder's FLOPs per tile (torch's
+  ``FlopCounterMode``). ``tissue tiles x FLOPs / peak`` is the least time any pipeline can take on this CPU,
   so ``previous / that`` bounds the speed-up any change can reach;
 - ``pipeline``: ``wsi_xr.process_slide`` with its defaults (coarse skip, auto threshold),
   fp32 and bf16, with the thread-seconds of each stage (decode, statistics, encode,
