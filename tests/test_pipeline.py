@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import tifffile
 import xarray as xr
+import zarr
 
 import wsi_xr
 from wsi_xr.models import encode_tiles, load_vae
@@ -64,6 +65,35 @@ def test_pipeline_matches_tissue_mask_and_reads_once(synth_slide: Path, weights:
     np.testing.assert_array_equal(ds.patch_mask.values, mask.patch_mask.values)
     np.testing.assert_allclose(ds.tile_variance.values, mask.tile_variance.values, rtol=1e-6)
     _check_latents_against_direct_encoder(ds, synth_slide, weights)
+
+
+def test_finalize_blanks_only_encoded_non_tissue_and_checks_what_it_reads(synth_slide: Path, weights: Path, tmp_path: Path) -> None:
+    from wsi_xr.errors import StoreError
+    from wsi_xr.pipeline import CANDIDATE_FLOOR, _chunks_with
+    from wsi_xr.tissue.mask import two_stage_rule
+
+    assert _chunks_with(np.eye(5, 7, dtype=bool) | np.eye(5, 7, k=6, dtype=bool), (2, 3)) == [(0, 0), (0, 6), (2, 0), (2, 3), (4, 3)]
+    store = tmp_path / "s.zarr"
+    ds = process_slide(synth_slide, store, weights=weights, chunks=512, progress=False).compute()
+    tv, pv = ds.tile_variance.values, ds.patch_variance.values
+    patch_of_tile = np.repeat(np.repeat(pv, 4, axis=0), 4, axis=1)[: tv.shape[0], : tv.shape[1]]
+    encoded = two_stage_rule(tv, patch_of_tile, ds.read_error.values, CANDIDATE_FLOOR)
+    mask = ds.tile_mask.values
+    blanked = encoded & ~mask
+    assert blanked.any(), "the synthetic slide must have candidates below the auto threshold, or this tests nothing"
+    assert np.isnan(ds.latent.values[blanked]).all() and not np.isnan(ds.latent.values[mask]).any()
+    # a tissue latent lost from a chunk that finalising rewrites: refused, never stored as complete
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    ty, tx = np.argwhere(blanked)[0] // 8 * 8
+    rows, cols = np.nonzero(mask[ty : ty + 8, tx : tx + 8])
+    assert rows.size, "pick a chunk with both tissue and blanked tiles"
+    latent = group["latent"][...]
+    latent[ty + rows[0], tx + cols[0]] = np.nan
+    group["latent"][...] = latent
+    group.attrs["complete"] = False
+    with pytest.raises(StoreError, match="latents missing for tissue tiles"):
+        process_slide(synth_slide, store, weights=weights, chunks=512, progress=False)
+    assert zarr.open_group(store, mode="r", use_consolidated=False).attrs["complete"] is False
 
 
 def test_cohort_groups_datatree_and_parquet(synth_slide: Path, cmu: Path, weights: Path, tmp_path: Path) -> None:

@@ -290,6 +290,13 @@ def _chunk_task(
     return np.full((1, 1, 1), count, dtype=np.int64)
 
 
+def _chunks_with(flags: np.ndarray, chunks: tuple[int, int]) -> list[tuple[int, int]]:
+    """Origins ``(y, x)`` of the ``chunks``-sized chunks of a 2-D bool grid holding a True."""
+    rows, cols = np.nonzero(flags)
+    origins = np.unique(np.stack([rows // chunks[0], cols // chunks[1]], axis=1), axis=0) * np.asarray(chunks)
+    return [(int(y), int(x)) for y, x in origins]
+
+
 def _chunk_graph(plan: RunPlan, job: ChunkJob, done: np.ndarray) -> da.Array:
     """The lazy per-chunk tasks of one slide (chunks already done read nothing)."""
     todo = ~done
@@ -315,11 +322,19 @@ def _chunk_graph(plan: RunPlan, job: ChunkJob, done: np.ndarray) -> da.Array:
     )
 
 
+def _candidate_floor(options: RunOptions) -> float:
+    """The threshold the chunk tasks encode above: a given float one, else the lowest "auto" can choose.
+
+    Part of a store's meaning (a resumed run encodes as the first did): keep it unchanged.
+    """
+    return options.threshold if isinstance(options.threshold, float) else CANDIDATE_FLOOR
+
+
 def _finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
     """Choose the threshold, write the masks, blank non-tissue latents, mark complete."""
     tile_var = group["tile_variance"][...]
     patch_var = group["patch_variance"][...]
-    excluded = group["read_error"][...]
+    excluded = plan.excluded  # what the store's read_error holds (written when it was created)
     options = plan.options
     if options.threshold == "auto":
         threshold, method = auto_threshold(tile_var)
@@ -329,28 +344,31 @@ def _finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
     nty, ntx = tile_var.shape
     patch_of_tile = np.repeat(np.repeat(patch_var, k, axis=0), k, axis=1)[:nty, :ntx]
     tile_mask = two_stage_rule(tile_var, patch_of_tile, excluded, threshold)
+    # the tiles the chunk tasks encoded: candidates above the floor, less pen ink
+    encoded = two_stage_rule(tile_var, patch_of_tile, excluded, _candidate_floor(options))
     pen_tiles = 0
     if options.reject_pen:
         pen = group["pen_mask"][...]
         pen_tiles = int((tile_mask & pen).sum())
         tile_mask &= ~pen
+        encoded &= ~pen
     with np.errstate(invalid="ignore"):
         patch_mask = patch_var > threshold
     group["patch_mask"][...] = patch_mask
     group["tile_mask"][...] = tile_mask
     failpoint("finalize-masks")
+    # Only latent chunks holding an encoded tile below the chosen threshold change: read
+    # and rewrite those alone (at 49152², 76 of 576 chunks), checking their tissue tiles.
     latent = group["latent"]
     tcy, tcx = latent.chunks[:2]
-    for ty in range(0, nty, tcy):
-        for tx in range(0, ntx, tcx):
-            keep = tile_mask[ty : ty + tcy, tx : tx + tcx]
-            block = latent[ty : ty + tcy, tx : tx + tcx, :]
-            if np.isnan(block[keep]).any():
-                raise StoreError(f"{plan.opened.path}: latents missing for tissue tiles near tile ({ty}, {tx}); run again.")
-            blank = ~keep & ~np.isnan(block).all(axis=-1)
-            if blank.any():
-                block[blank] = np.nan
-                latent[ty : ty + tcy, tx : tx + tcx, :] = block
+    to_blank = encoded & ~tile_mask
+    for ty, tx in _chunks_with(to_blank, (tcy, tcx)):
+        keep = tile_mask[ty : ty + tcy, tx : tx + tcx]
+        block = latent[ty : ty + tcy, tx : tx + tcx, :]
+        if np.isnan(block[keep]).any():
+            raise StoreError(f"{plan.opened.path}: latents missing for tissue tiles near tile ({ty}, {tx}); run again.")
+        block[to_blank[ty : ty + tcy, tx : tx + tcx]] = np.nan
+        latent[ty : ty + tcy, tx : tx + tcx, :] = block
     failpoint("finalize-latents")
     from wsi_xr import __version__
 
@@ -437,7 +455,7 @@ def _prepare(source: SlideSource, store_path: Path, group_name: str | None, opti
     assert options.ref is not None
     job = ChunkJob(
         str(store_path), group_name, options.tile, options.patch,
-        options.threshold if isinstance(options.threshold, float) else CANDIDATE_FLOOR,
+        _candidate_floor(options),
         options.ref, options.batch_size, options.reject_pen,
     )
     tasks = _chunk_graph(plan, job, done) if not done.all() else None
