@@ -2,14 +2,17 @@
 the previous release, all in one run.
 
     python -m benchmarks.bench_scale [--sizes 16384,49152] [--previous 0a09678]
-                                     [--fractions 0.05,0.1,0.3,0.6] [--cohort 8]
+                                     [--fractions 0.05,0.1,0.3,0.6] [--cohort 8] [--batch-rounds 3]
 
 Every case runs in a fresh process (its own peak RSS, nothing cached), on the threaded
 scheduler with one thread per core, on the same synthetic slides (30% tissue):
 
 - ``decode``: every level-0 pixel decoded once (cuCIM, default chunks): the decode limit;
 - ``encoder``: the encoder alone on preloaded tiles, as the pipeline runs it (one torch
-  thread per worker thread, every core busy), fp32 and bf16: the encoder limit;
+  thread per worker thread, every core busy), fp32 and bf16, at each batch of
+  ``BATCH_SWEEP``: the best is the encoder limit;
+- ``batch``: the 16384² pipeline at each batch of ``BATCH_SWEEP``, rounds alternated, its
+  encoder's tissue tiles per encode thread-second (the default batch comes from this);
 - ``peak``: the machine's own arithmetic limit: a 4096² matrix product with every core
   (fp32 and bf16 GFLOP/s, the fastest of 10), and the encoder's FLOPs per tile (torch's
   ``FlopCounterMode``). ``tissue tiles x FLOPs / peak`` is the least time any pipeline can take on this CPU,
@@ -54,6 +57,8 @@ WORKERS = os.cpu_count() or 1
 MODULE = "benchmarks.bench_scale"
 #: Full/coarse mask pairs timed in one warm process (the median ratio is reported).
 MASK_ROUNDS = 7
+#: Encoder batch sizes compared, alone and in the 16384² pipeline (alternated rounds).
+BATCH_SWEEP = {"fp32": (32, 64, 128), "bf16": (64, 128, 256)}
 
 
 # ------------------------------------------------------------------ cases (one process each)
@@ -129,11 +134,11 @@ def case_peak() -> dict[str, Any]:
     return result
 
 
-def case_pipeline(slide: str, precision: str, tree: str | None, out: str, weights: str) -> dict[str, Any]:
+def case_pipeline(slide: str, precision: str, tree: str | None, out: str, weights: str, batch_size: int | None = None) -> dict[str, Any]:
     import dask
 
     wsi_xr = _import_wsi_xr(tree)
-    extra = {} if tree else {"precision": precision}
+    extra = {} if tree else {"precision": precision, "batch_size": batch_size}
     if not tree:
         from wsi_xr._timing import reset_stage_seconds
 
@@ -265,7 +270,30 @@ def _cohort_store(single: Path, copies: int, folder: Path) -> Path:
     return store
 
 
-def run(sizes: list[int], fractions: list[float], previous: str | None, cohort: int, encoder_tiles: int) -> dict[str, Any]:
+def batch_sweep(slide: str, rounds: int, work: Path, weights: str) -> list[dict[str, Any]]:
+    """The pipeline's own encoder speed (its stage counter) per batch size, rounds alternated."""
+    seen: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for _ in range(rounds):
+        for precision, batches in BATCH_SWEEP.items():
+            for batch in batches:
+                p = isolated(MODULE, "pipeline", "--slide", slide, "--precision", precision, "--batch-size", str(batch),
+                             "--out", str(work / "batch.zarr"), "--weights", weights)
+                seen.setdefault((precision, batch), []).append(p)
+    rows = []
+    for (precision, batch), runs in seen.items():
+        per_thread = [r["tissue_tiles"] / r["stage_seconds"]["encode"] for r in runs]  # tissue tiles per encode thread-second
+        rows.append({
+            "precision": precision,
+            "batch": batch,
+            "encode_tiles_per_s_per_thread": float(np.median(per_thread)),
+            "range": [round(min(per_thread)), round(max(per_thread))],
+            "pipeline_s": float(np.median([r["seconds"] for r in runs])),
+        })
+        print(f"batch {precision} {batch}: {rows[-1]}", flush=True)
+    return rows
+
+
+def run(sizes: list[int], fractions: list[float], previous: str | None, cohort: int, encoder_tiles: int, batch_rounds: int = 3) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     from wsi_xr.models import default_weights_path
 
@@ -280,10 +308,16 @@ def run(sizes: list[int], fractions: list[float], previous: str | None, cohort: 
         payload[f"encoder_ceiling_{precision}_tiles_per_s"] = ceiling
     print(f"peak: {peak}", flush=True)
     for precision in ("fp32", "bf16"):
-        enc = isolated(MODULE, "encoder", "--tiles", str(encoder_tiles), "--precision", precision)
-        payload[f"encoder_{precision}_tiles_per_s"] = enc["tiles_per_s"]
-        payload[f"encoder_{precision}_of_ceiling"] = enc["tiles_per_s"] / payload[f"encoder_ceiling_{precision}_tiles_per_s"]
-        print(f"encoder alone {precision}: {enc['tiles_per_s']:.0f} tiles/s", flush=True)
+        alone = {
+            batch: isolated(MODULE, "encoder", "--tiles", str(encoder_tiles), "--precision", precision, "--batch-size", str(batch))["tiles_per_s"]
+            for batch in BATCH_SWEEP[precision]
+        }
+        payload[f"encoder_{precision}_by_batch"] = alone
+        payload[f"encoder_{precision}_tiles_per_s"] = max(alone.values())  # the encoder's own limit: its best batch
+        payload[f"encoder_{precision}_of_ceiling"] = max(alone.values()) / payload[f"encoder_ceiling_{precision}_tiles_per_s"]
+        print(f"encoder alone {precision}: {alone} tiles/s by batch", flush=True)
+    if batch_rounds:
+        payload["batch_in_pipeline"] = batch_sweep(str(synthetic_slide(16384, 0.3)), batch_rounds, work, weights)
     for size in sizes:
         slide = str(synthetic_slide(size, 0.3))
         decode = isolated(MODULE, "decode", "--slide", slide)
@@ -385,6 +419,11 @@ def tables(payload: dict[str, Any]) -> str:
                                            "ratio_warm_spread",
                                            "ratio_task_seconds", "tiff_tiles_decoded", "tissue_tiles_full", "tissue_tiles_coarse"]),
     ]
+    if "batch_in_pipeline" in payload:
+        text += ["", "Encoder batch in the pipeline (16384², 30% tissue; encode tiles per thread-second, median of the rounds):", "",
+                 markdown_table(payload["batch_in_pipeline"], ["precision", "batch", "encode_tiles_per_s_per_thread", "range", "pipeline_s"]),
+                 "", "Encoder alone by batch (tiles/s, 2 threads): " + "; ".join(
+                     f"{p} " + ", ".join(f"{b}: {v:.0f}" for b, v in payload[f"encoder_{p}_by_batch"].items()) for p in BATCH_SWEEP)]
     if "rss_ratio_largest_vs_smallest" in payload:
         text += ["", f"Peak RSS, largest / smallest slide (fp32): {payload['rss_ratio_largest_vs_smallest']:.2f}"]
     if "parquet" in payload:
@@ -413,6 +452,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="16384,49152")
     parser.add_argument("--fractions", default="0.05,0.1,0.3,0.6")
     parser.add_argument("--cohort", type=int, default=8)
+    parser.add_argument("--batch-rounds", type=int, default=3, help="rounds of the pipeline's batch sweep (0 to skip)")
     parser.add_argument("--name", default="scale")
     args = parser.parse_args()
     if args.case:
@@ -420,7 +460,7 @@ def main() -> None:
             "decode": lambda: case_decode(args.slide),
             "peak": case_peak,
             "encoder": lambda: case_encoder(args.tiles, args.precision, args.batch_size),
-            "pipeline": lambda: case_pipeline(args.slide, args.precision, args.tree, args.out, args.weights),
+            "pipeline": lambda: case_pipeline(args.slide, args.precision, args.tree, args.out, args.weights, args.batch_size),
             "compare": lambda: case_compare(args.current, args.previous),
             "mask": lambda: case_mask(args.slide, args.coarse),
             "mask_pair": lambda: case_mask_pair(args.slide, args.rounds),
@@ -432,7 +472,7 @@ def main() -> None:
         return
     sizes = [int(s) for s in args.sizes.split(",") if s]
     fractions = [float(f) for f in args.fractions.split(",") if f]
-    payload = run(sizes, fractions, args.previous or None, args.cohort, args.tiles)
+    payload = run(sizes, fractions, args.previous or None, args.cohort, args.tiles, args.batch_rounds)
     save(args.name, payload, tables(payload))
 
 

@@ -541,7 +541,8 @@ def process_slide(
     path
         The slide file, or an :class:`~wsi_xr.readers.OpenedSlide` (opened once, reused).
     batch_size
-        Encoder batch; None: the measured best for the precision (128 fp32, 256 bf16).
+        Encoder batch; None: the measured best for the device and precision
+        (:func:`wsi_xr.models.default_batch_size`; on a CPU 64).
     precision
         ``"fp32"`` (exact, default) or ``"bf16"`` (autocast: faster where the CPU/GPU
         supports bfloat16; recorded in attrs; error documented in the README).

@@ -42,6 +42,7 @@ __all__ = [
     "PRECISIONS",
     "TILE_SIZE",
     "VAE2",
+    "default_batch_size",
     "encode_tiles",
     "tiles_to_tensor",
     "torch_device",
@@ -248,10 +249,18 @@ def tiles_to_tensor(tiles: Any) -> torch.Tensor:
 
 #: Accepted ``precision=`` values of inference: exact float32, or bfloat16 autocast.
 PRECISIONS = ("fp32", "bf16")
-#: Default encoder batch per precision, measured on the project's 2-core CPU with one torch
-#: thread per worker thread (benchmarks/RESULTS.md, "Encoder"): fp32 5.7k tiles/s at 64-128
-#: against 4.5k at 256; bf16 11.0k at 256 against 10.4k at 128. Small batches stay in cache.
-DEFAULT_BATCH_SIZE = {"fp32": 128, "bf16": 256}
+#: Default encoder batch per device type and precision. CPU: measured in the pipeline on the
+#: project's 2-core CPU (one torch thread per Dask thread, each decoding its chunk, then
+#: encoding it; ``python -m benchmarks.bench_scale``, "Encoder batch in the pipeline"):
+#: small batches keep the layers' temporaries small, so each thread reuses its heap instead
+#: of mapping and faulting in fresh memory for every batch. CUDA: not measured on a GPU
+#: here; larger batches keep a GPU busy (``benchmarks/bench_gpu.py`` sweeps them).
+DEFAULT_BATCH_SIZE = {"cpu": {"fp32": 64, "bf16": 64}, "cuda": {"fp32": 128, "bf16": 256}}
+
+
+def default_batch_size(precision: str, device_type: str = "cpu") -> int:
+    """The encoder batch :func:`encode_tiles` uses when none is given (:data:`DEFAULT_BATCH_SIZE`)."""
+    return DEFAULT_BATCH_SIZE.get(device_type, DEFAULT_BATCH_SIZE["cpu"])[precision]
 
 
 def encode_tiles(model: VAE2, tiles: Any, *, batch_size: int | None = None, precision: str = "fp32") -> Any:
@@ -260,15 +269,16 @@ def encode_tiles(model: VAE2, tiles: Any, *, batch_size: int | None = None, prec
     Runs the model as it is (call ``model.eval()`` first for deterministic BatchNorm;
     :func:`~wsi_xr.models.weights.load_vae` returns it in eval mode) on the model's
     device, in :func:`torch.inference_mode`, ``batch_size`` tiles at a time (None: the
-    measured best for the precision, :data:`DEFAULT_BATCH_SIZE`). ``precision="bf16"`` runs the convolutions
+    measured best for the device and precision, :func:`default_batch_size`). ``precision="bf16"`` runs the convolutions
     under bfloat16 autocast (faster on CPUs with AVX512-BF16/AMX and on recent GPUs; see
     the README for its measured error); ``"fp32"`` is exact. Returns ``(N, z_dim)``
     float32: a NumPy array for NumPy input, a tensor on the model's device for tensor input.
     """
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)}")
+    device = next(model.parameters()).device
     if batch_size is None:
-        batch_size = DEFAULT_BATCH_SIZE[precision]
+        batch_size = default_batch_size(precision, device.type)
     if batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
     as_numpy = not isinstance(tiles, torch.Tensor)
@@ -280,7 +290,6 @@ def encode_tiles(model: VAE2, tiles: Any, *, batch_size: int | None = None, prec
             f"tiles must have shape (N, {TILE_SIZE}, {TILE_SIZE}, {model.image_channels}), got {tuple(tiles.shape)}"
         )
     n = int(tiles.shape[0])
-    device = next(model.parameters()).device
     out = torch.empty((n, model.z_dim), dtype=torch.float32, device=device)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
