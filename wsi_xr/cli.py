@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="VAE weights file (default: the shipped weights)")
     p.add_argument("--parquet", default=None, help="also write one row per tissue tile to this Parquet file")
     _add_mask_options(p)
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="encoder batch (default: measured per device; 64 on a CPU)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="encoder batch (default: measured per device; on a CPU 64 fp32, 128 bf16)")
     _add_precision_option(p)
     p.add_argument("--scheduler", default=None, help="tcp://host:port of an existing Dask cluster, or 'threads' (default: a LocalCluster)")
     p.add_argument("--workers", type=_positive_int, default=None, help="LocalCluster workers (more than 1: separate processes)")

@@ -542,7 +542,7 @@ def process_slide(
         The slide file, or an :class:`~wsi_xr.readers.OpenedSlide` (opened once, reused).
     batch_size
         Encoder batch; None: the measured best for the device and precision
-        (:func:`wsi_xr.models.default_batch_size`; on a CPU 64).
+        (:func:`wsi_xr.models.default_batch_size`; on a CPU 64 fp32, 128 bf16).
     precision
         ``"fp32"`` (exact, default) or ``"bf16"`` (autocast: faster where the CPU/GPU
         supports bfloat16; recorded in attrs; error documented in the README).

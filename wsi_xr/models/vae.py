@@ -255,7 +255,7 @@ PRECISIONS = ("fp32", "bf16")
 #: small batches keep the layers' temporaries small, so each thread reuses its heap instead
 #: of mapping and faulting in fresh memory for every batch. CUDA: not measured on a GPU
 #: here; larger batches keep a GPU busy (``benchmarks/bench_gpu.py`` sweeps them).
-DEFAULT_BATCH_SIZE = {"cpu": {"fp32": 64, "bf16": 64}, "cuda": {"fp32": 128, "bf16": 256}}
+DEFAULT_BATCH_SIZE = {"cpu": {"fp32": 64, "bf16": 128}, "cuda": {"fp32": 128, "bf16": 256}}
 
 
 def default_batch_size(precision: str, device_type: str = "cpu") -> int:
