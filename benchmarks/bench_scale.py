@@ -11,8 +11,9 @@ scheduler with one thread per core, on the same synthetic slides (30% tissue):
 - ``encoder``: the encoder alone on preloaded tiles, as the pipeline runs it (one torch
   thread per worker thread, every core busy), fp32 and bf16, at each batch of
   ``BATCH_SWEEP``: the best is the encoder limit;
-- ``batch``: the 16384² pipeline at each batch of ``BATCH_SWEEP``, rounds alternated, its
-  encoder's tissue tiles per encode thread-second (the default batch comes from this);
+- ``batch``: the pipeline on a 16384² slide (``--batch-sweep-size``) at each batch of
+  ``BATCH_SWEEP``, rounds alternated, its encoder's tissue tiles per encode
+  thread-second (the default batch comes from this; ``--batch-sweep-only`` runs just this);
 - ``peak``: the machine's own arithmetic limit: a 4096² matrix product with every core
   (fp32 and bf16 GFLOP/s, the fastest of 10), and the encoder's FLOPs per tile (torch's
   ``FlopCounterMode``). ``tissue tiles x FLOPs / peak`` is the least time any pipeline can take on this CPU,
@@ -293,7 +294,10 @@ def batch_sweep(slide: str, rounds: int, work: Path, weights: str) -> list[dict[
     return rows
 
 
-def run(sizes: list[int], fractions: list[float], previous: str | None, cohort: int, encoder_tiles: int, batch_rounds: int = 3) -> dict[str, Any]:
+def run(
+    sizes: list[int], fractions: list[float], previous: str | None, cohort: int, encoder_tiles: int,
+    batch_rounds: int = 3, batch_sweep_size: int = 16384,
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     from wsi_xr.models import default_weights_path
 
@@ -313,11 +317,12 @@ def run(sizes: list[int], fractions: list[float], previous: str | None, cohort: 
             for batch in BATCH_SWEEP[precision]
         }
         payload[f"encoder_{precision}_by_batch"] = alone
-        payload[f"encoder_{precision}_tiles_per_s"] = max(alone.values())  # the encoder's own limit: its best batch
+        # the encoder's own limit: its best batch (before the sweep: the default batch's figure)
+        payload[f"encoder_{precision}_tiles_per_s"] = max(alone.values())
         payload[f"encoder_{precision}_of_ceiling"] = max(alone.values()) / payload[f"encoder_ceiling_{precision}_tiles_per_s"]
         print(f"encoder alone {precision}: {alone} tiles/s by batch", flush=True)
     if batch_rounds:
-        payload["batch_in_pipeline"] = batch_sweep(str(synthetic_slide(16384, 0.3)), batch_rounds, work, weights)
+        payload["batch_in_pipeline"] = batch_sweep(str(synthetic_slide(batch_sweep_size, 0.3)), batch_rounds, work, weights)
     for size in sizes:
         slide = str(synthetic_slide(size, 0.3))
         decode = isolated(MODULE, "decode", "--slide", slide)
@@ -420,7 +425,7 @@ def tables(payload: dict[str, Any]) -> str:
                                            "ratio_task_seconds", "tiff_tiles_decoded", "tissue_tiles_full", "tissue_tiles_coarse"]),
     ]
     if "batch_in_pipeline" in payload:
-        text += ["", "Encoder batch in the pipeline (16384², 30% tissue; encode tiles per thread-second, median of the rounds):", "",
+        text += ["", "Encoder batch in the pipeline (30% tissue; tissue tiles per encode thread-second, median of the rounds):", "",
                  markdown_table(payload["batch_in_pipeline"], ["precision", "batch", "encode_tiles_per_s_per_thread", "range", "pipeline_s"]),
                  "", "Encoder alone by batch (tiles/s, 2 threads): " + "; ".join(
                      f"{p} " + ", ".join(f"{b}: {v:.0f}" for b, v in payload[f"encoder_{p}_by_batch"].items()) for p in BATCH_SWEEP)]
@@ -453,6 +458,8 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.05,0.1,0.3,0.6")
     parser.add_argument("--cohort", type=int, default=8)
     parser.add_argument("--batch-rounds", type=int, default=3, help="rounds of the pipeline's batch sweep (0 to skip)")
+    parser.add_argument("--batch-sweep-size", type=int, default=16384, help="slide side of the batch sweep")
+    parser.add_argument("--batch-sweep-only", action="store_true", help="run only the batch sweep and print it")
     parser.add_argument("--name", default="scale")
     args = parser.parse_args()
     if args.case:
@@ -470,9 +477,16 @@ def main() -> None:
         result["peak_rss_mb"] = self_peak_mb()
         print(json.dumps(result))
         return
+    if args.batch_sweep_only:
+        from wsi_xr.models import default_weights_path
+
+        rows = batch_sweep(str(synthetic_slide(args.batch_sweep_size, 0.3)), max(1, args.batch_rounds),
+                           Path(tempfile.mkdtemp(prefix="bench-batch-")), str(default_weights_path()))
+        print(markdown_table(rows, ["precision", "batch", "encode_tiles_per_s_per_thread", "range", "pipeline_s"]))
+        return
     sizes = [int(s) for s in args.sizes.split(",") if s]
     fractions = [float(f) for f in args.fractions.split(",") if f]
-    payload = run(sizes, fractions, args.previous or None, args.cohort, args.tiles, args.batch_rounds)
+    payload = run(sizes, fractions, args.previous or None, args.cohort, args.tiles, args.batch_rounds, args.batch_sweep_size)
     save(args.name, payload, tables(payload))
 
 

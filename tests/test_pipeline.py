@@ -70,30 +70,56 @@ def test_pipeline_matches_tissue_mask_and_reads_once(synth_slide: Path, weights:
 def test_finalize_blanks_only_encoded_non_tissue_and_checks_what_it_reads(synth_slide: Path, weights: Path, tmp_path: Path) -> None:
     from wsi_xr.errors import StoreError
     from wsi_xr.pipeline import CANDIDATE_FLOOR, _chunks_with
-    from wsi_xr.tissue.mask import two_stage_rule
 
     assert _chunks_with(np.eye(5, 7, dtype=bool) | np.eye(5, 7, k=6, dtype=bool), (2, 3)) == [(0, 0), (0, 6), (2, 0), (2, 3), (4, 3)]
     store = tmp_path / "s.zarr"
     ds = process_slide(synth_slide, store, weights=weights, chunks=512, progress=False).compute()
-    tv, pv = ds.tile_variance.values, ds.patch_variance.values
-    patch_of_tile = np.repeat(np.repeat(pv, 4, axis=0), 4, axis=1)[: tv.shape[0], : tv.shape[1]]
-    encoded = two_stage_rule(tv, patch_of_tile, ds.read_error.values, CANDIDATE_FLOOR)
-    mask = ds.tile_mask.values
-    blanked = encoded & ~mask
+    tv, mask, latent = ds.tile_variance.values, ds.tile_mask.values, ds.latent.values
+    # encoded as candidates (variance above the floor), then blanked: the case finalising handles
+    blanked = (tv > CANDIDATE_FLOOR) & ~mask & ~np.isnan(tv)
     assert blanked.any(), "the synthetic slide must have candidates below the auto threshold, or this tests nothing"
-    assert np.isnan(ds.latent.values[blanked]).all() and not np.isnan(ds.latent.values[mask]).any()
+    assert np.isnan(latent[~mask]).all() and not np.isnan(latent[mask]).any()
     # a tissue latent lost from a chunk that finalising rewrites: refused, never stored as complete
     group = zarr.open_group(store, mode="r+", use_consolidated=False)
-    ty, tx = np.argwhere(blanked)[0] // 8 * 8
-    rows, cols = np.nonzero(mask[ty : ty + 8, tx : tx + 8])
+    tcy, tcx = group["latent"].chunks[:2]
+    ty, tx = np.argwhere(blanked)[0] // (tcy, tcx) * (tcy, tcx)
+    rows, cols = np.nonzero(mask[ty : ty + tcy, tx : tx + tcx])
     assert rows.size, "pick a chunk with both tissue and blanked tiles"
-    latent = group["latent"][...]
-    latent[ty + rows[0], tx + cols[0]] = np.nan
-    group["latent"][...] = latent
+    values = group["latent"][...]
+    values[ty + rows[0], tx + cols[0]] = np.nan
+    group["latent"][...] = values
     group.attrs["complete"] = False
     with pytest.raises(StoreError, match="latents missing for tissue tiles"):
         process_slide(synth_slide, store, weights=weights, chunks=512, progress=False)
     assert zarr.open_group(store, mode="r", use_consolidated=False).attrs["complete"] is False
+
+
+@pytest.mark.parametrize("threshold", [3, 100])  # 3: the synthetic slide has 186 tissue tiles at or below 10
+def test_whole_number_thresholds_encode_every_tissue_tile(synth_slide: Path, weights: Path, tmp_path: Path, threshold: int) -> None:
+    """A given int threshold is the encoding floor (it was 10 before, leaving tissue tiles
+    between the threshold and 10 without latents)."""
+    ds = process_slide(synth_slide, tmp_path / "s.zarr", weights=weights, chunks=512, threshold=threshold, progress=False).compute()
+    mask, latent, tv = ds.tile_mask.values, ds.latent.values, ds.tile_variance.values
+    if threshold < 10:
+        assert (mask & (tv <= 10)).any(), "the slide must have tissue tiles at or below 10 at this threshold, or this tests nothing"
+    assert not np.isnan(latent[mask]).any() and np.isnan(latent[~mask]).all()
+
+
+def test_maybe_encoded_survives_float32_rounding() -> None:
+    """The tasks compare float64 variances with the floor; finalising sees them as float32."""
+    from wsi_xr.pipeline import _maybe_encoded
+    from wsi_xr.tissue.mask import two_stage_rule
+
+    for floor, above in ((10.0, 10 + 4e-7), (10.1, 10.1 + 1e-7)):  # each stored as float32(floor)
+        tile64 = np.array([[above, floor, floor - 1e-4, 12.0, np.nan]])
+        patch64 = np.full(tile64.shape, 20.0)
+        none = np.zeros(tile64.shape, dtype=bool)
+        assert two_stage_rule(tile64, patch64, none, floor).tolist() == [[True, False, False, True, False]]  # what the tasks encoded
+        tile32, patch32 = tile64.astype(np.float32), patch64.astype(np.float32)
+        assert tile32[0, 0] == np.float32(floor)
+        assert two_stage_rule(tile32, patch32, none, floor).tolist() == [[False, False, False, True, False]]  # would miss one
+        assert _maybe_encoded(tile32, patch32, none, floor).tolist() == [[True, True, False, True, False]]  # a superset
+        assert not _maybe_encoded(tile32, patch32, np.ones(tile64.shape, dtype=bool), floor).any()
 
 
 def test_cohort_groups_datatree_and_parquet(synth_slide: Path, cmu: Path, weights: Path, tmp_path: Path) -> None:

@@ -323,11 +323,19 @@ def _chunk_graph(plan: RunPlan, job: ChunkJob, done: np.ndarray) -> da.Array:
 
 
 def _candidate_floor(options: RunOptions) -> float:
-    """The threshold the chunk tasks encode above: a given float one, else the lowest "auto" can choose.
+    """The threshold the chunk tasks encode above: a given one, or the lowest "auto" can choose."""
+    return CANDIDATE_FLOOR if options.threshold == "auto" else float(options.threshold)
 
-    Part of a store's meaning (a resumed run encodes as the first did): keep it unchanged.
+
+def _maybe_encoded(tile_var: np.ndarray, patch_of_tile: np.ndarray, excluded: np.ndarray, floor: float) -> np.ndarray:
+    """Every tile the chunk tasks may have encoded, judged from the stored float32 variances.
+
+    The tasks compared float64 variances with ``floor`` (``>``); rounding to float32 is
+    monotonic, so a value above ``floor`` is stored as at least ``float32(floor)``: ``>=``
+    that (a superset: tiles never encoded are NaN already, and blanking them is harmless).
     """
-    return options.threshold if isinstance(options.threshold, float) else CANDIDATE_FLOOR
+    below_floor32 = np.nextafter(np.float32(floor), np.float32(-np.inf))  # float32 compare: > this is >= float32(floor)
+    return two_stage_rule(tile_var.astype(np.float32), patch_of_tile.astype(np.float32), excluded, below_floor32)
 
 
 def _finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
@@ -344,8 +352,13 @@ def _finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
     nty, ntx = tile_var.shape
     patch_of_tile = np.repeat(np.repeat(patch_var, k, axis=0), k, axis=1)[:nty, :ntx]
     tile_mask = two_stage_rule(tile_var, patch_of_tile, excluded, threshold)
-    # the tiles the chunk tasks encoded: candidates above the floor, less pen ink
-    encoded = two_stage_rule(tile_var, patch_of_tile, excluded, _candidate_floor(options))
+    # The tiles the chunk tasks may have encoded (a resumed store's earlier chunks too:
+    # before 0.2.0 a whole-number threshold encoded from CANDIDATE_FLOOR up), less pen
+    # ink, which is never encoded.
+    floor = _candidate_floor(options)
+    if not isinstance(options.threshold, float):
+        floor = min(floor, CANDIDATE_FLOOR)
+    encoded = _maybe_encoded(tile_var, patch_of_tile, excluded, floor)
     pen_tiles = 0
     if options.reject_pen:
         pen = group["pen_mask"][...]
@@ -357,8 +370,10 @@ def _finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
     group["patch_mask"][...] = patch_mask
     group["tile_mask"][...] = tile_mask
     failpoint("finalize-masks")
-    # Only latent chunks holding an encoded tile below the chosen threshold change: read
-    # and rewrite those alone (at 49152², 76 of 576 chunks), checking their tissue tiles.
+    # Only latent chunks holding an encoded tile that is not tissue change: read and
+    # rewrite those alone (at 49152², 76 of 576 chunks), checking their tissue tiles'
+    # latents on the way. Other chunks are trusted to their `chunk_done` flag (set only
+    # after the chunk's latents were written); they are not read back.
     latent = group["latent"]
     tcy, tcx = latent.chunks[:2]
     to_blank = encoded & ~tile_mask
