@@ -69,14 +69,16 @@ def test_pipeline_matches_tissue_mask_and_reads_once(synth_slide: Path, weights:
 
 def test_finalize_blanks_only_encoded_non_tissue_and_checks_what_it_reads(synth_slide: Path, weights: Path, tmp_path: Path) -> None:
     from wsi_xr.errors import StoreError
-    from wsi_xr.pipeline import CANDIDATE_FLOOR, _chunks_with
+    from wsi_xr.pipeline import CANDIDATE_FLOOR
+    from wsi_xr.tissue.mask import two_stage_rule
 
-    assert _chunks_with(np.eye(5, 7, dtype=bool) | np.eye(5, 7, k=6, dtype=bool), (2, 3)) == [(0, 0), (0, 6), (2, 0), (2, 3), (4, 3)]
     store = tmp_path / "s.zarr"
     ds = process_slide(synth_slide, store, weights=weights, chunks=512, progress=False).compute()
     tv, mask, latent = ds.tile_variance.values, ds.tile_mask.values, ds.latent.values
-    # encoded as candidates (variance above the floor), then blanked: the case finalising handles
-    blanked = (tv > CANDIDATE_FLOOR) & ~mask & ~np.isnan(tv)
+    # encoded as candidates (tile and patch above the floor), then blanked: what finalising handles
+    k = ds.attrs["patch"] // ds.attrs["tile"]
+    patch_of_tile = np.repeat(np.repeat(ds.patch_variance.values, k, axis=0), k, axis=1)[: tv.shape[0], : tv.shape[1]]
+    blanked = two_stage_rule(tv, patch_of_tile, ds.read_error.values, CANDIDATE_FLOOR) & ~mask
     assert blanked.any(), "the synthetic slide must have candidates below the auto threshold, or this tests nothing"
     assert np.isnan(latent[~mask]).all() and not np.isnan(latent[mask]).any()
     # a tissue latent lost from a chunk that finalising rewrites: refused, never stored as complete

@@ -290,13 +290,6 @@ def _chunk_task(
     return np.full((1, 1, 1), count, dtype=np.int64)
 
 
-def _chunks_with(flags: np.ndarray, chunks: tuple[int, int]) -> list[tuple[int, int]]:
-    """Origins ``(y, x)`` of the ``chunks``-sized chunks of a 2-D bool grid holding a True."""
-    rows, cols = np.nonzero(flags)
-    origins = np.unique(np.stack([rows // chunks[0], cols // chunks[1]], axis=1), axis=0) * np.asarray(chunks)
-    return [(int(y), int(x)) for y, x in origins]
-
-
 def _chunk_graph(plan: RunPlan, job: ChunkJob, done: np.ndarray) -> da.Array:
     """The lazy per-chunk tasks of one slide (chunks already done read nothing)."""
     todo = ~done
@@ -335,7 +328,7 @@ def _maybe_encoded(tile_var: np.ndarray, patch_of_tile: np.ndarray, excluded: np
     that (a superset: tiles never encoded are NaN already, and blanking them is harmless).
     """
     below_floor32 = np.nextafter(np.float32(floor), np.float32(-np.inf))  # float32 compare: > this is >= float32(floor)
-    return two_stage_rule(tile_var.astype(np.float32), patch_of_tile.astype(np.float32), excluded, below_floor32)
+    return two_stage_rule(tile_var.astype(np.float32, copy=False), patch_of_tile.astype(np.float32, copy=False), excluded, below_floor32)
 
 
 def _finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
@@ -375,9 +368,10 @@ def _finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
     # latents on the way. Other chunks are trusted to their `chunk_done` flag (set only
     # after the chunk's latents were written); they are not read back.
     latent = group["latent"]
-    tcy, tcx = latent.chunks[:2]
+    tcy, tcx = latent.chunks[:2]  # one Zarr chunk per slide chunk: plan.tile_chunks
     to_blank = encoded & ~tile_mask
-    for ty, tx in _chunks_with(to_blank, (tcy, tcx)):
+    for i, j in np.argwhere(blocks_any(to_blank, plan.tile_chunks)):
+        ty, tx = int(i) * tcy, int(j) * tcx
         keep = tile_mask[ty : ty + tcy, tx : tx + tcx]
         block = latent[ty : ty + tcy, tx : tx + tcx, :]
         if np.isnan(block[keep]).any():
