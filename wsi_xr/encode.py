@@ -18,6 +18,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.base import tokenize
 
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.tissue.kernels import array_namespace
@@ -226,17 +227,21 @@ def encode(
     tissue = tissue.rechunk(tile_chunks) if isinstance(tissue, da.Array) else da.from_array(np.asarray(tissue), chunks=tile_chunks)
     check_precision(precision, device)
     ref = model_ref(model, device=device, precision=precision)
+    tissue = tissue[..., None]
+    # Named from a token of the pixels, the tissue tiles, the model (its weights' hash), the
+    # device, precision and batch: two encodings never share a key in one dask.compute.
+    token = tokenize(data.name, tissue.name, ref, tile, batch_size)
     latents = da.map_blocks(
         _encode_task,
         data,
-        tissue[..., None],
+        tissue,
         chunks=tile_chunks + ((LATENT_SIZE,),),
         dtype=np.float32,
         meta=np.empty((0, 0, 0), dtype=np.float32),
         ref=ref,
         tile=tile,
         batch_size=batch_size,
-        name="wsi-encode",
+        name=f"wsi-encode-{token}",
     )
     return xr.DataArray(
         latents,

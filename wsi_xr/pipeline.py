@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 import zarr
+from dask.base import tokenize
 
 from wsi_xr._failpoints import failpoint
 from wsi_xr._timing import stage
@@ -301,17 +302,23 @@ def _chunk_graph(plan: RunPlan, job: ChunkJob, done: np.ndarray) -> da.Array:
         plan.opened, plan.level, (plan.chunks[0][0], plan.chunks[1][0]), plan.options.device, damaged="fill", wanted=wanted
     )
     tile_chunks = plan.tile_chunks
-    return da.map_blocks(
-        _chunk_task,
+    inputs = (
         pixels,
         da.from_array(plan.excluded[..., None], chunks=tile_chunks + ((1,),)),
         da.from_array(todo_patches[..., None], chunks=plan.patch_chunks + ((1,),)),
         da.from_array(todo[..., None], chunks=(1, 1, 1)),
+    )
+    # Named from a token of the inputs and the job (the store's absolute path and group,
+    # the model's hash, every setting): two slides, stores or settings never share a key.
+    token = tokenize(*(a.name for a in inputs), job)
+    return da.map_blocks(
+        _chunk_task,
+        *inputs,
         chunks=((1,) * len(tile_chunks[0]), (1,) * len(tile_chunks[1]), (1,)),
         dtype=np.int64,
         meta=np.empty((0, 0, 0), dtype=np.int64),
         job=job,
-        name=f"wsi-process-chunk-{Path(job.store).name}-{job.group or ''}",
+        name=f"wsi-process-chunk-{token}",
     )
 
 
@@ -463,7 +470,7 @@ def _prepare(source: SlideSource, store_path: Path, group_name: str | None, opti
     done = group["chunk_done"][...]
     assert options.ref is not None
     job = ChunkJob(
-        str(store_path), group_name, options.tile, options.patch,
+        str(store_path.resolve()), group_name, options.tile, options.patch,
         _candidate_floor(options),
         options.ref, options.batch_size, options.reject_pen,
     )

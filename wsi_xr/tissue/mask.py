@@ -19,6 +19,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.base import tokenize
 
 from wsi_xr._timing import stage
 from wsi_xr.errors import InvalidArgumentError
@@ -277,18 +278,25 @@ def tissue_mask(
     pchunks = (patch_chunks(tile_chunks[0], k), patch_chunks(tile_chunks[1], k))
     chunk_reads = blocks_any(read_patches, pchunks)
 
+    excluded_input = da.from_array(excluded[..., None], chunks=tile_chunks + ((1,),))
+    read_patches_input = da.from_array(read_patches[..., None], chunks=pchunks + ((1,),))
+    # Named from a token of everything that decides the statistics (the pixels' layer name
+    # already holds the file version, level, chunks and wanted tiles): two masks never share
+    # a key, so any of them can be computed together in one dask.compute.
+    token = tokenize(data.name, excluded_input.name, read_patches_input.name, tile, patch, bool(reject_pen),
+                     pen_attrs() if reject_pen else None)
     stats = da.map_blocks(
         _block_statistics_task,
         data,
-        da.from_array(excluded[..., None], chunks=tile_chunks + ((1,),)),
-        da.from_array(read_patches[..., None], chunks=pchunks + ((1,),)),
+        excluded_input,
+        read_patches_input,
         chunks=tile_chunks + ((3,),),
         dtype=np.float64,
         meta=np.empty((0, 0, 0), dtype=np.float64),
         tile=tile,
         patch=patch,
         reject_pen=bool(reject_pen),
-        name="wsi-tile-stats",
+        name=f"wsi-tile-stats-{token}",
     )
     excluded_blocks = da.from_array(excluded, chunks=tile_chunks)  # chunked like the statistics: no rechunk
 
