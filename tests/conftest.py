@@ -11,6 +11,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("WSI_XR_TESTDATA", ROOT.parent / "shared" / "data"))
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say which CPU kernels oneDNN dispatches to: float32 results differ in their last bits between them."""
+    import torch
+
+    return f"wsi_xr: torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
 def data_file(name: str) -> Path:
     """A real slide from the shared test data, or skip the test saying where it looked."""
     path = DATA / name

@@ -1,6 +1,7 @@
-"""The encoder's fast path is exact (fp32 ``mu`` equal to the plain eager model within
-1e-5, on real and synthetic tiles, in and out of the pipeline); bf16 is opt-in, finite,
-within its documented tolerance, recorded in attrs, and refused where unsupported."""
+"""The encoder's fast path is exact: fp32 ``mu`` within the float32 rounding bound of the
+exact (float64) model, value by value, on real and synthetic tiles (the bound is derived in
+wsi_xr/models/rounding.py and holds on every CPU); bf16 is opt-in, finite, within its
+documented tolerance, recorded in attrs, and refused where unsupported."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ import wsi_xr
 from wsi_xr.encode import check_precision, model_ref, worker_model
 from wsi_xr.models import encode_tiles, load_vae
 from wsi_xr.pipeline import process_slide
+from wsi_xr.models.rounding import fp32_mu_bound
 from wsi_xr.synth import render_region, SynthSpec
+
+from tests.numerics import assert_float32_exact, assert_within_bound
 
 #: Documented bf16 error (README "Precision"): relative error of ``mu`` (Frobenius norm).
 BF16_RELATIVE_TOLERANCE = 0.02
@@ -44,12 +48,32 @@ def _synthetic_tiles(n: int = 256) -> np.ndarray:
 
 @pytest.mark.parametrize("source", ["cmu", "synthetic"])
 def test_fast_fp32_path_equals_eager_model(source: str, request: pytest.FixtureRequest) -> None:
-    tiles = _cmu_tiles(request.getfixturevalue("cmu")) if source == "cmu" else _synthetic_tiles()
+    tiles = _cmu_tiles(request.getfixturevalue("cmu"), 128) if source == "cmu" else _synthetic_tiles(128)
     model = load_vae()
-    expected = _eager_mu(model, tiles)
+    bound = fp32_mu_bound(model, tiles)
+    eager = _eager_mu(model, tiles)
     fast = encode_tiles(worker_model(model_ref(None)), tiles, batch_size=128)  # what every chunk task runs
     assert fast.dtype == np.float32
-    np.testing.assert_allclose(fast, expected, atol=1e-5, rtol=1e-5)
+    assert_float32_exact(eager, bound, "eager fp32 model")
+    assert_float32_exact(fast, bound, "fast fp32 path")
+    # both within the bound of the exact result, so within twice it of each other
+    assert_within_bound(fast, eager, 2 * bound.worst_case, "fast fp32 path against the eager model")
+
+
+def test_exactness_criteria_fail_bf16_and_a_subtly_wrong_model(cmu: Path) -> None:
+    """The criteria are tight enough to fail bf16 arithmetic, and a model whose BatchNorm epsilon is 1e-3, not 1e-5."""
+    tiles = _cmu_tiles(cmu, 32)
+    model = load_vae()
+    bound = fp32_mu_bound(model, tiles)
+    wrong = load_vae()
+    wrong.encoder[5].eps = 1e-3
+    with pytest.raises(AssertionError, match="float32 rounding"):
+        assert_float32_exact(_eager_mu(wrong, tiles), bound, "a model with another BatchNorm epsilon")
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # runs (slowly) on any CPU
+        bf16 = model.features(torch.from_numpy(tiles).permute(0, 3, 1, 2).float().div(255.0)).float().numpy()
+    with pytest.raises(AssertionError, match="float32 rounding"):
+        assert_float32_exact(bf16, bound, "bf16 autocast")
+    assert float(np.median(bound.worst_case.max(axis=1) / np.abs(bound.exact).max(axis=1))) < 0.02
 
 
 def test_bf16_is_finite_close_and_recorded(cmu: Path, tmp_path: Path) -> None:

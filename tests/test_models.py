@@ -28,6 +28,9 @@ from wsi_xr.models import (
     vae_loss,
     weights_hash,
 )
+from wsi_xr.models.rounding import fp32_mu_bound
+
+from tests.numerics import assert_float32_exact
 
 # --------------------------------------------------------------------------------------
 # An independent copy of the reference model, written the classic way (Flatten/UnFlatten
@@ -170,7 +173,7 @@ def test_output_shapes() -> None:
         assert z.shape == mu2.shape == logvar2.shape == (5, 32)
         assert model.decode(z).shape == (5, 3, 64, 64)
         model.eval()
-        assert torch.allclose(model.features(x), model.encode(x)[1])
+        assert torch.equal(model.features(x), model.encode(x)[1])  # the same operations: identical bits
 
 
 def test_reparameterize_samples_around_mu() -> None:
@@ -191,9 +194,10 @@ def test_same_numbers_as_reference_given_same_weights() -> None:
     with torch.no_grad():
         _, ref_mu, ref_logvar = ref.encode(x)
         _, mu, logvar = model.encode(x)
-        assert torch.allclose(mu, ref_mu, atol=1e-6)
-        assert torch.allclose(logvar, ref_logvar, atol=1e-6)
-        assert torch.allclose(model.decode(mu), ref.decode(ref_mu), atol=1e-6)
+        # the same operations on the same numbers in the same order: identical bits
+        assert torch.equal(mu, ref_mu)
+        assert torch.equal(logvar, ref_logvar)
+        assert torch.equal(model.decode(mu), ref.decode(ref_mu))
 
 
 # --------------------------------------------------------------------------------------
@@ -259,12 +263,11 @@ def test_encode_tiles_equals_features() -> None:
     arr = structured_tiles(37, seed=1)
     mu = encode_tiles(model, arr, batch_size=16)
     assert isinstance(mu, np.ndarray) and mu.dtype == np.float32 and mu.shape == (37, 32)
-    with torch.no_grad():
-        expected = model.features(torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0)
-    np.testing.assert_allclose(mu, expected.numpy(), atol=1e-5)
+    bound = fp32_mu_bound(model, arr)  # float32 rounding, derived: see wsi_xr/models/rounding.py
+    assert_float32_exact(mu, bound, "encode_tiles, batches of 16")
     as_tensor = encode_tiles(model, torch.from_numpy(arr), batch_size=100)
     assert isinstance(as_tensor, torch.Tensor)
-    np.testing.assert_allclose(as_tensor.numpy(), mu, atol=1e-5)
+    assert_float32_exact(as_tensor.numpy(), bound, "encode_tiles on a tensor, one batch")
     assert encode_tiles(model, arr[:0]).shape == (0, 32)
     with pytest.raises(InvalidArgumentError):
         encode_tiles(model, np.zeros((2, 32, 32, 3), np.uint8))
@@ -288,7 +291,7 @@ def test_reference_dataparallel_checkpoint_loads_with_identical_mu(tmp_path: Pat
     with torch.no_grad():
         _, ref_mu, _ = ref.encode(x)
         mu = model.features(x)
-    assert torch.allclose(mu, ref_mu, atol=1e-6)
+    assert torch.equal(mu, ref_mu)  # the same weights and operations: identical bits
     assert read_metadata(path) == {}
 
 

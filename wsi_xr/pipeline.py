@@ -318,7 +318,7 @@ def _chunk_graph(plan: RunPlan, job: ChunkJob, done: np.ndarray) -> da.Array:
         dtype=np.int64,
         meta=np.empty((0, 0, 0), dtype=np.int64),
         job=job,
-        name=f"wsi-process-chunk-{token}",
+        name=f"wsi-process-chunk-{job.group + '-' if job.group else ''}{token}",  # the slide's group: readable on the dashboard
     )
 
 
