@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dask.array
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,7 +19,7 @@ import xarray as xr
 import zarr
 
 import wsi_xr
-from wsi_xr.pipeline import process_slide, process_slides, write_parquet
+from wsi_xr.pipeline import process_slide, process_slides, to_dataframe, write_parquet
 from wsi_xr.store import LAYOUT_VERSION, migrate_store
 from wsi_xr.synth import write_synthetic_slide
 
@@ -220,3 +221,46 @@ def test_cohort_slides_in_flight_on_a_local_cluster(small_slide: Path, weights: 
     resumed = xr.open_datatree(store, engine="zarr")
     for name in alone:
         _assert_same_store(alone[name], resumed[name].to_dataset().compute())
+
+
+def test_a_slide_without_a_whole_tile_gives_no_rows_in_a_cohort(synth_slide: Path, weights: Path, tmp_path: Path) -> None:
+    """A 40 x 30 slide (no 64-px tile) in a cohort: 0 rows for it, the others' rows, a Parquet file (75c0752: ZeroDivisionError)."""
+    tiny = tmp_path / "tiny.tif"
+    write_synthetic_slide(tiny, 40, 30, seed=1)
+    store = tmp_path / "cohort.zarr"
+    tree = process_slides([synth_slide, tiny], store, weights=weights, progress=False)
+    assert tree["tiny"].to_dataset().sizes["tile_y"] == 0 and tree["tiny"].attrs["complete"] is True
+    empty = to_dataframe(xr.open_zarr(store, group="tiny", consolidated=False))
+    assert len(empty) == 0 and list(empty.columns) == ["x", "y", *[f"latent_{i}" for i in range(32)]]
+    rows = write_parquet(store, tmp_path / "rows.parquet")
+    back = pd.read_parquet(tmp_path / "rows.parquet")
+    expected = int(tree[synth_slide.stem].tile_mask.sum())
+    assert rows == len(back) == expected > 0 and set(back.slide) == {synth_slide.stem}
+    run = subprocess.run(
+        CLI + ["run", str(synth_slide), str(tiny), str(tmp_path / "cli.zarr"), "--weights", str(weights),
+               "--parquet", str(tmp_path / "cli.parquet"), "--scheduler", "threads", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert len(pd.read_parquet(tmp_path / "cli.parquet")) == expected
+
+
+def test_tissue_tiles_accessor_selects_the_tissue_tiles_lazily(synth_slide: Path, weights: Path, tmp_path: Path) -> None:
+    process_slide(synth_slide, tmp_path / "s.zarr", weights=weights, chunks=512, progress=False)
+    ds = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
+    tissue = ds.wsi.tissue_tiles()
+    assert tissue.latent.dims == ("tile", "feature") and isinstance(tissue.latent.data, dask.array.Array)  # still lazy
+    mask = ds.tile_mask.values
+    rows, cols = np.nonzero(mask)
+    assert tissue.sizes["tile"] == int(mask.sum()) > 0
+    np.testing.assert_array_equal(tissue.tile_y.values, ds.tile_y.values[rows])
+    np.testing.assert_array_equal(tissue.tile_x.values, ds.tile_x.values[cols])
+    np.testing.assert_array_equal(tissue.latent.values, ds.latent.values[rows, cols])  # an independent indexing
+    assert not np.isnan(tissue.latent.values).any()
+    # The plain-xarray idiom works once the (small) mask is in memory.
+    boxed = ds.latent.where(ds.tile_mask.compute(), drop=True)
+    assert int(np.isfinite(boxed.values[..., 0]).sum()) == int(mask.sum())
+    one = ds.wsi.tissue_tiles("tile_variance")
+    assert list(one.data_vars) == ["tile_variance"] and (one.tile_variance.values > float(ds.attrs["threshold"])).all()
+    with pytest.raises(wsi_xr.InvalidArgumentError, match="no variable 'nope'"):
+        ds.wsi.tissue_tiles("nope")

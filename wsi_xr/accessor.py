@@ -59,3 +59,68 @@ class WsiAccessor:
         from wsi_xr.tissue import tissue_mask
 
         return tissue_mask(self._obj, **kwargs)
+
+
+def tissue_tiles(ds: xr.Dataset, variables: Any = None) -> xr.Dataset:
+    """The tissue tiles of a mask or pipeline Dataset, one per position of a new ``tile`` dimension.
+
+    Parameters
+    ----------
+    ds
+        A Dataset with ``tile_mask (tile_y, tile_x)`` (from :func:`wsi_xr.tissue_mask`,
+        :func:`wsi_xr.process_slide`, or ``xr.open_zarr`` of a store).
+    variables
+        Names of the ``(tile_y, tile_x, ...)`` variables to keep (default: all of them, e.g.
+        ``latent``, ``tile_variance``, ``read_error``).
+
+    Returns
+    -------
+    xr.Dataset
+        Dims ``("tile", ...)``: the tiles where ``tile_mask`` is True in row-major order, with
+        coordinates ``tile_y``/``tile_x`` (level-0 origin of each tile, what ``read_region``
+        takes). Only ``tile_mask`` is computed here; a lazy variable (a Zarr-backed latent
+        cube) stays lazy and is read chunk by chunk. A slide without tissue tiles gives a
+        ``tile`` dimension of length 0.
+    """
+    import numpy as np
+
+    if "tile_mask" not in ds:
+        raise InvalidArgumentError("tissue_tiles needs a Dataset with a tile_mask variable (from tissue_mask or a wsi_xr store).")
+    if variables is None:
+        variables = [name for name in ds.data_vars if {"tile_y", "tile_x"} <= set(ds[name].dims) and name != "tile_mask"]
+    elif isinstance(variables, str):
+        variables = [variables]
+    missing = [name for name in variables if name not in ds]
+    if missing:
+        raise InvalidArgumentError(f"tissue_tiles: no variable {missing[0]!r} in the Dataset; it has {sorted(ds.data_vars)}.")
+    rows, cols = np.nonzero(np.asarray(ds["tile_mask"].values, dtype=bool))
+    selected = ds[list(variables)].drop_vars([c for c in ds.coords if c not in ("tile_y", "tile_x", "feature")] , errors="ignore")
+    if rows.size:  # pointwise selection: lazy variables are read chunk by chunk, never whole
+        out = selected.isel(tile_y=xr.DataArray(rows, dims="tile"), tile_x=xr.DataArray(cols, dims="tile"))
+    else:  # dask cannot index zero points; build the empty result directly
+        empty = {}
+        for name in variables:
+            other = [d for d in selected[name].dims if d not in ("tile_y", "tile_x")]
+            shape = (0, *(selected.sizes[d] for d in other))
+            empty[name] = (("tile", *other), np.empty(shape, dtype=selected[name].dtype), selected[name].attrs)
+        coords = {"tile_y": ("tile", np.empty(0, dtype=ds["tile_y"].dtype)), "tile_x": ("tile", np.empty(0, dtype=ds["tile_x"].dtype))}
+        if "feature" in selected.coords:
+            coords["feature"] = selected["feature"].values
+        out = xr.Dataset(empty, coords=coords)
+    out.attrs = dict(ds.attrs)
+    return out.transpose("tile", ...)
+
+
+@xr.register_dataset_accessor("wsi")
+class WsiDatasetAccessor:
+    """Slide-aware operations on a mask or pipeline ``Dataset`` (stateless)."""
+
+    def __init__(self, obj: xr.Dataset) -> None:
+        self._obj = obj
+
+    def tissue_tiles(self, variables: Any = None) -> xr.Dataset:
+        """:func:`tissue_tiles` of this Dataset: one entry per tissue tile along ``tile``.
+
+        >>> tissue = ds.wsi.tissue_tiles()          # latent (tile, feature), tile_y/tile_x per tile
+        """
+        return tissue_tiles(self._obj, variables)

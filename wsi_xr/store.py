@@ -481,16 +481,16 @@ def migrate_store(path: str | os.PathLike[str]) -> list[str]:
 def tile_rows(ds: xr.Dataset, slide: str | None = None) -> "Any":
     """One row per tissue tile of a slide Dataset: ``x``, ``y``, ``latent_0`` ... (+ ``slide``).
 
-    Returns a pandas DataFrame (one slide's rows: bounded by the slide, not the cohort).
+    Returns a pandas DataFrame (one slide's rows: bounded by the slide, not the cohort); a
+    slide without a whole tile gives no rows (and the same columns).
     """
     import pandas as pd
 
-    mask = np.asarray(ds["tile_mask"].values, dtype=bool)
-    rows, cols = np.nonzero(mask)
-    frame = pd.DataFrame({"x": ds["tile_x"].values[cols].astype(np.int64), "y": ds["tile_y"].values[rows].astype(np.int64)})
-    # pointwise selection: a lazy (Zarr-backed) cube is read chunk by chunk, never whole
-    picked = ds["latent"].isel(tile_y=xr.DataArray(rows, dims="row"), tile_x=xr.DataArray(cols, dims="row"))
-    latents = np.asarray(picked.transpose("row", "feature").values)
+    from wsi_xr.accessor import tissue_tiles
+
+    tissue = tissue_tiles(ds, ["latent"])
+    frame = pd.DataFrame({"x": tissue["tile_x"].values.astype(np.int64), "y": tissue["tile_y"].values.astype(np.int64)})
+    latents = np.asarray(tissue["latent"].values)
     for i in range(latents.shape[1]):
         frame[f"latent_{i}"] = latents[:, i].astype(np.float32)
     if slide is not None:
