@@ -122,9 +122,10 @@ def cmd_mask(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     """Draw the slide thumbnail with the stored tile mask overlaid."""
 
-    from wsi_xr.store import check_output, open_store
+    from wsi_xr.outputs import check_output_file
+    from wsi_xr.store import open_store
 
-    check_output(args.out, overwrite=True)  # before any work: fail fast on an unwritable path
+    check_output_file(args.out, "png")  # before any work: fail fast on an unwritable path
     from wsi_xr.plot import plot_mask_overlay
 
     mask = open_store(args.store, group=args.group)
@@ -148,9 +149,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if any(str(s).endswith(".zarr") for s in slides):
         raise InvalidArgumentError(f"{[s for s in slides if str(s).endswith('.zarr')][0]}: a store given as a slide; the store comes last.")
     if args.parquet:
-        from wsi_xr.store import check_output
+        from wsi_xr.outputs import check_output_file
 
-        check_output(args.parquet, overwrite=True)
+        check_output_file(args.parquet, "parquet")  # a Parquet file is replaced, never a folder or another file
     settings = {
         "tile": args.tile,
         "patch": args.patch,
@@ -204,9 +205,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the VAE on tissue tiles of the given slides; write the weights file."""
     from wsi_xr.sampling import parse_slide_region, sample_tissue_tiles
-    from wsi_xr.store import check_output
+    from wsi_xr.outputs import check_output_file
 
-    check_output(args.out, overwrite=True)
+    check_output_file(args.out, "weights")
     holdout = dict(parse_slide_region(text) for text in args.holdout)
     init_model = None
     if args.init is not None and args.init_logvar is not None:
@@ -278,9 +279,9 @@ def cmd_eval_vae(args: argparse.Namespace) -> int:
 
     regions = dict(parse_slide_region(text) for text in args.region)
     if args.json:
-        from wsi_xr.store import check_output
+        from wsi_xr.outputs import check_output_file
 
-        check_output(args.json, overwrite=True)  # fail fast on an unwritable path
+        check_output_file(args.json, "json")  # fail fast on an unwritable path
     report = evaluate_slides(
         args.weights,
         args.slides,
@@ -306,9 +307,9 @@ def cmd_eval_vae(args: argparse.Namespace) -> int:
 
 def cmd_plot_recon(args: argparse.Namespace) -> int:
     """Real tissue tiles above their VAE reconstructions."""
-    from wsi_xr.store import check_output
+    from wsi_xr.outputs import check_output_file
 
-    check_output(args.out, overwrite=True)  # before any work: fail fast on an unwritable path
+    check_output_file(args.out, "png")  # before any work: fail fast on an unwritable path
     from wsi_xr.plot import plot_reconstructions
 
     region = None
@@ -449,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output Zarr store (a folder)")
     _add_mask_options(p)
     p.add_argument("--scheduler", default=None, help="address of a Dask scheduler (default: local threads)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--overwrite", action="store_true", help="replace a mask store that wsi_xr wrote; a folder holding anything else is never replaced")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_mask)
 
@@ -463,7 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default=None, help="tcp://host:port of an existing Dask cluster, or 'threads' (default: a LocalCluster)")
     p.add_argument("--workers", type=_positive_int, default=None, help="LocalCluster workers (more than 1: separate processes)")
     p.add_argument("--threads-per-worker", type=_positive_int, default=None)
-    p.add_argument("--overwrite", action="store_true", help="replace a store made with other parameters")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace a store that wsi_xr wrote (made from another slide or with other parameters); "
+        "a folder holding anything wsi_xr did not write is never replaced, and --parquet replaces only a Parquet file",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import xarray as xr
 
+from wsi_xr.outputs import check_output_file
 from wsi_xr.readers import probe
 from wsi_xr.slide import slide_dataarray
 
@@ -102,7 +103,7 @@ def plot_mask_overlay(mask: xr.Dataset, slide: str | os.PathLike[str], out: str 
     axes[1].set_ylim(height, 0)
     fig.suptitle(Path(str(slide)).name)
     fig.tight_layout()
-    out = Path(out)
+    out = check_output_file(out, "png")  # a PNG replaces a PNG, never a folder or another file
     fig.savefig(out)
     plt.close(fig)
     return out
@@ -151,7 +152,7 @@ def plot_latent_map(ds: xr.Dataset, out: str | os.PathLike[str], slide: str | os
     for ax in axes[0]:
         ax.set_xlabel("x (level-0 px)")
     fig.tight_layout()
-    out = Path(out)
+    out = check_output_file(out, "png")  # a PNG replaces a PNG, never a folder or another file
     fig.savefig(out)
     plt.close(fig)
     return out
@@ -200,7 +201,7 @@ def plot_reconstructions(
         axes[r, 0].text(-8, 32, label, rotation=90, va="center", ha="right", fontsize=7)
     fig.suptitle(f"{Path(str(slide)).name}: tissue tiles and reconstructions from the 32 latents ({Path(str(weights)).name if weights else 'default weights'})", fontsize=8)
     fig.tight_layout()
-    out = Path(out)
+    out = check_output_file(out, "png")  # a PNG replaces a PNG, never a folder or another file
     fig.savefig(out)
     plt.close(fig)
     return out

@@ -24,23 +24,28 @@ import xarray as xr
 
 from wsi_xr._failpoints import failpoint
 from wsi_xr.errors import StoreError
+from wsi_xr.outputs import check_output_file, check_parent
 
 
 def check_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
-    """Refuse an existing output unless ``overwrite``; check the parent folder is writable."""
+    """Check an output Zarr store path: a new path, or (with ``overwrite``) a store wsi_xr wrote.
+
+    A folder holding anything that wsi_xr did not write is refused even with ``overwrite``
+    (:func:`foreign_content` names it); so is a file. The parent folder must be writable.
+    """
     out = Path(path)
-    if out.exists() and not overwrite:
-        raise StoreError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it.")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise StoreError(f"{out}: the folder {parent} does not exist; create it first.")
-    if not os.access(parent, os.W_OK):
-        raise StoreError(f"{out}: the folder {parent} is not writable; choose another output path.")
-    try:  # os.access says yes to root everywhere, and to /proc: really try
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as err:
-        raise StoreError(f"{out}: the folder {parent} is not writable ({err.strerror}); choose another output path.") from err
+    if out.is_file() or (out.exists() and not out.is_dir()):
+        raise StoreError(f"{out}: is a file, not a Zarr store folder; choose another output path.")
+    if out.exists():
+        foreign = foreign_content(out)
+        if foreign is not None:
+            raise StoreError(
+                f"{out}: holds data that wsi_xr did not write ({foreign}); wsi_xr replaces only stores it "
+                "wrote. Choose another output path."
+            )
+        if not overwrite:
+            raise StoreError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it.")
+    check_parent(out)
     return out
 
 
@@ -63,14 +68,18 @@ def write_zarr(ds: xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool 
     out = check_output(path, overwrite=overwrite)
     partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     ds = ds.copy()
-    ds.attrs = json_safe_attrs(ds.attrs)
+    ds.attrs = json_safe_attrs({**ds.attrs, MASK_ATTR: {"layout": LAYOUT_VERSION}})
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             ds.to_zarr(partial, mode="w-", zarr_format=3, consolidated=True)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(partial, out)
+        if out.exists():  # checked above: a store wsi_xr wrote, or an empty folder
+            trash = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
+            os.rename(out, trash)
+            os.rename(partial, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(partial, out)
     except OSError as err:
         raise StoreError(f"{out}: could not write the store ({err}); nothing was kept.") from err
     finally:
@@ -175,6 +184,67 @@ LAYOUT_VERSION = 2
 RUN_ATTR = "wsi_xr_run"
 #: The attribute marking the root group of a cohort store.
 COHORT_ATTR = "wsi_xr_cohort"
+#: The attribute marking a tissue-mask store (``wsi-xr mask``, :func:`write_zarr`).
+MASK_ATTR = "wsi_xr_mask"
+#: What a Zarr v3 array's folder holds: its metadata and its chunks.
+_ARRAY_ENTRIES = {"zarr.json", "c"}
+
+
+def _is_our_group(attrs: dict[str, Any] | None) -> bool:
+    if attrs is None:
+        return False
+    if RUN_ATTR in attrs or COHORT_ATTR in attrs or MASK_ATTR in attrs:
+        return True
+    # mask stores written before the marker (0.1.0, 0.2.0): the mask's own attributes
+    return {"tile", "patch", "threshold_method", "patches_total"} <= set(attrs) or "slides" in attrs
+
+
+def foreign_content(folder: Path) -> str | None:
+    """What in ``folder`` wsi_xr did not write (a path, for the message), or None.
+
+    wsi_xr's stores are Zarr v3 groups marked by their attributes (a run, a cohort, a
+    mask), holding only Zarr arrays (metadata and chunk folders) and, for a cohort, slide
+    groups of the same kind. Hidden entries beside a group are wsi_xr's temporaries. An
+    empty folder holds nothing foreign.
+    """
+    if not folder.is_dir():
+        return str(folder)
+    if not _holds_anything(folder):
+        return None
+    attrs = _zarr_attrs(folder)
+    if not _is_our_group(attrs):
+        first = sorted(p.name for p in folder.iterdir())[0]
+        return f"{folder / first}" if attrs is None else f"{folder / 'zarr.json'}: a Zarr group that is not a wsi_xr store"
+    for child in sorted(folder.iterdir()):
+        if child.name == "zarr.json":
+            continue
+        if not child.is_dir():
+            return str(child)
+        if child.name.startswith("."):
+            continue  # wsi_xr's temporaries (half-built groups, replaced stores)
+        meta = _zarr_node(child)
+        if meta == "array":
+            extra = sorted(set(p.name for p in child.iterdir()) - _ARRAY_ENTRIES)
+            if extra:
+                return str(child / extra[0])
+        elif meta == "group":
+            inner = foreign_content(child)
+            if inner is not None:
+                return inner
+        else:
+            return str(child)
+    return None
+
+
+def _zarr_node(folder: Path) -> str | None:
+    """``"array"`` or ``"group"`` for a Zarr v3 node folder, else None."""
+    meta = folder / "zarr.json"
+    if not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text()).get("node_type")
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -332,6 +402,12 @@ def open_or_create_slide_group(
     where = Path(f"{store}/{group_name}") if group_name else store
     attrs = _zarr_attrs(target)
     existing = None if attrs is None else attrs.get(RUN_ATTR)
+    foreign = foreign_content(target) if target.exists() else None
+    if foreign is not None:  # never replaced, not even with overwrite
+        raise StoreError(
+            f"{where}: holds data that wsi_xr did not write ({foreign}); wsi_xr replaces only stores it wrote. "
+            "Choose another output path."
+        )
     if existing is not None and not overwrite:
         if "layout" not in existing:
             raise _old_layout_error(store)
@@ -342,10 +418,8 @@ def open_or_create_slide_group(
                 "differ). Pass --overwrite (overwrite=True) to replace it, or use another store."
             )
         return zarr.open_group(target, mode="r+", zarr_format=3, use_consolidated=False)
-    if existing is None and _holds_anything(target) and not overwrite:
-        raise StoreError(
-            f"{where}: holds data that wsi_xr did not write; choose another path or pass --overwrite."
-        )
+    if existing is None and attrs is not None and not overwrite:  # another wsi_xr store (a mask)
+        raise StoreError(f"{where}: holds another wsi_xr store (not a run); pass --overwrite (overwrite=True) to replace it.")
 
     def build(group: Any) -> None:
         # the fingerprint goes in first: a half-built group is never renamed into place anyway
@@ -370,10 +444,14 @@ def _ensure_cohort_root(store: Path) -> None:
         if "slides" in attrs:  # a 0.1.0 cohort
             raise _old_layout_error(store)
     remove_stale_temporaries(store)
-    if attrs is None and _holds_anything(store):
-        raise StoreError(f"{store}: holds data that wsi_xr did not write; choose another path or pass --overwrite.")
-    if attrs is not None and not _holds_only_groups_of_ours(store):
-        raise StoreError(f"{store}: holds data that wsi_xr did not write; choose another path or pass --overwrite.")
+    foreign = foreign_content(store) if store.exists() else None
+    if foreign is not None:
+        raise StoreError(
+            f"{store}: holds data that wsi_xr did not write ({foreign}); wsi_xr replaces only stores it wrote. "
+            "Choose another output path."
+        )
+    if attrs is not None and MASK_ATTR in attrs:
+        raise StoreError(f"{store}: holds a tissue-mask store, not a cohort; write the cohort to another store.")
 
     def build(group: Any) -> None:
         group.attrs[COHORT_ATTR] = {"layout": LAYOUT_VERSION}
@@ -384,16 +462,6 @@ def _ensure_cohort_root(store: Path) -> None:
         import zarr
 
         zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False).attrs[COHORT_ATTR] = {"layout": LAYOUT_VERSION}
-
-
-def _holds_only_groups_of_ours(store: Path) -> bool:
-    for child in store.iterdir():
-        if child.name in ("zarr.json",) or child.name.startswith("."):
-            continue
-        attrs = _zarr_attrs(child)
-        if attrs is None or RUN_ATTR not in attrs:
-            return False
-    return True
 
 
 def slide_groups(store: str | os.PathLike[str]) -> list[str]:
@@ -507,7 +575,7 @@ def write_tile_parquet(frames: Iterator[Any], out: str | os.PathLike[str]) -> in
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    target = Path(out)
+    target = check_output_file(out, "parquet")
     partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
     rows = 0
     writer = None

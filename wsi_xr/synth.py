@@ -1086,6 +1086,9 @@ def write_synthetic_slide(
     InvalidArgumentError
         If an argument is out of range.
     """
+    from wsi_xr.outputs import check_output_file
+
+    check_output_file(path, "tiff")  # a TIFF replaces a TIFF, never a folder or another file
     spec = SynthSpec(
         width=width, height=height, seed=seed, tissue_fraction=tissue_fraction, tile_size=tile_size,
         levels=levels, compression=compression, jpeg_quality=jpeg_quality, mpp=mpp, pen_strokes=pen_strokes,

@@ -325,6 +325,11 @@ def save_vae(model: VAE2, path: str | os.PathLike[str], *, metadata: Mapping[str
     target = Path(os.fspath(path)).expanduser()
     if target.is_dir():
         raise InvalidArgumentError(f"cannot save weights to '{target}': it is a directory; pass a file name (.pt)")
+    if target.is_file():  # replace only a weights file
+        from wsi_xr.outputs import looks_like
+
+        if not looks_like(target, "weights"):
+            raise InvalidArgumentError(f"cannot save weights to '{target}': it exists and is not a weights file; choose another path")
     training = _plain(dict(metadata or {}), "metadata")
     module = getattr(model, "module", model)  # accept an nn.DataParallel wrapper too
     state = {
