@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from wsi_xr import accessor as _accessor  # noqa: F401  (registers the .wsi accessor)
 from wsi_xr.errors import (
+    ClusterError,
     InvalidArgumentError,
     SlideOpenError,
     SlideReadError,
@@ -50,6 +51,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
 
 __all__ = [
+    "ClusterError",
     "InvalidArgumentError",
     "SlideOpenError",
     "SlideReadError",

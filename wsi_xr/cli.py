@@ -8,12 +8,13 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from wsi_xr.errors import InvalidArgumentError, WsiXrError
 
@@ -88,19 +89,21 @@ def _coarse(text: str) -> str | int:
 
 def cmd_mask(args: argparse.Namespace) -> int:
     """Compute the tissue mask of a slide and write it to Zarr."""
-    from wsi_xr.cluster import compute, dask_client
+    from wsi_xr.cluster import check_scheduler_address, compute
     from wsi_xr.slide import open_slide
     from wsi_xr.store import check_output, write_zarr
     from wsi_xr.tissue import resolve_threshold, tissue_mask, validate_mask_arguments
 
     validate_mask_arguments(args.tile, args.patch, args.threshold)
     check_output(args.out, overwrite=args.overwrite)
+    if args.scheduler:
+        check_scheduler_address(args.scheduler)
     start = time.perf_counter()
     image = open_slide(args.slide, chunks=args.chunk, device=_device(args.device))
     mask = tissue_mask(
         image, tile=args.tile, patch=args.patch, threshold=args.threshold, coarse=args.coarse, reject_pen=args.reject_pen
     )
-    with dask_client(args.scheduler or "threads") as client:
+    with _client(args.scheduler or "threads") as client:
         (computed,) = compute(mask, client=client, progress=not args.quiet)
     computed = resolve_threshold(computed)
     write_zarr(computed, args.out, overwrite=args.overwrite)
@@ -119,6 +122,19 @@ def cmd_mask(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _client(scheduler: str | None, **shape: Any) -> Iterator[Any]:
+    """:func:`wsi_xr.cluster.dask_client`, saying where its dashboard is (the library prints nothing)."""
+    from wsi_xr.cluster import dask_client
+
+    with dask_client(scheduler, **shape) as client:
+        if client is not None and scheduler:
+            print(f"connected to {scheduler} (dashboard: {client.dashboard_link})", file=sys.stderr)
+        elif client is not None:
+            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+        yield client
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """Draw the slide thumbnail with the stored tile mask overlaid."""
 
@@ -128,6 +144,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     check_output_file(args.out, "png")  # before any work: fail fast on an unwritable path
     from wsi_xr.plot import plot_mask_overlay
 
+    if args.group is None:
+        from wsi_xr.store import slide_groups
+
+        groups = slide_groups(args.store) if Path(args.store, "zarr.json").is_file() else []
+        if groups:
+            raise InvalidArgumentError(
+                f"{args.store}: a cohort store of {len(groups)} slides; pass --group NAME, one of: {', '.join(groups)}."
+            )
     mask = open_store(args.store, group=args.group)
     slide = args.slide or mask.attrs.get("source")
     if not slide:
@@ -139,8 +163,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Mask and encode slide(s) into a Zarr store (one group per slide for several)."""
-    from wsi_xr.cluster import dask_client
-    from wsi_xr.pipeline import check_slide_options, process_slide, process_slides, validate_run_options, write_parquet
+    from wsi_xr.cluster import check_scheduler_address
+    from wsi_xr.pipeline import check_run_target, group_names, process_slide, process_slides, validate_run_options, write_parquet
     from wsi_xr.readers import open_file
 
     if len(args.paths) < 2:
@@ -163,15 +187,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         "precision": args.precision,
         "reject_pen": args.reject_pen,
     }
-    # every argument, weights file and slide is checked before a cluster starts
+    # every argument, weights file, slide and the output are checked before a cluster starts
+    if args.scheduler:
+        check_scheduler_address(args.scheduler)
     checked = validate_run_options(args.weights, **settings)
     opened = [open_file(s) for s in slides]
-    for slide in opened:
-        check_slide_options(slide, checked)
+    groups: list[str | None] = [None] if len(opened) == 1 else list(group_names(opened))
+    check_run_target(out, list(zip(opened, groups)), checked, overwrite=args.overwrite)
     options = {**settings, "weights": args.weights, "overwrite": args.overwrite, "progress": not args.quiet}
     start = time.perf_counter()
     processes = args.workers is not None and args.workers > 1
-    with dask_client(args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker, processes=processes) as client:
+    with _client(args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker, processes=processes) as client:
         if len(opened) == 1:
             ds = process_slide(opened[0], out, client=client, **options)
             summaries = [(Path(slides[0]).name, ds)]

@@ -6,13 +6,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from typing import Any, Iterator
 
 import dask
 from dask.diagnostics import ProgressBar
 
+from wsi_xr.errors import ClusterError
+
 log = logging.getLogger("wsi_xr")
+
+
+def check_scheduler_address(scheduler: str) -> None:
+    """Raise :class:`ClusterError` unless ``scheduler`` is ``"threads"`` or looks like ``PROTOCOL://HOST:PORT``."""
+    if scheduler == "threads":
+        return
+    protocol, sep, rest = scheduler.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if not sep or not protocol or not host or not colon or not port.isdigit():
+        raise ClusterError(
+            f"--scheduler {scheduler!r}: give the address of a Dask scheduler as PROTOCOL://HOST:PORT "
+            "(e.g. tcp://10.0.0.5:8786, as `dask scheduler` prints it), or 'threads' for the local threaded scheduler."
+        )
 
 
 def gpu_count() -> int:
@@ -56,8 +70,20 @@ def dask_client(
     from distributed import Client, LocalCluster
 
     if scheduler:
-        with Client(scheduler) as client:
-            print(f"connected to {scheduler} (dashboard: {client.dashboard_link})", file=sys.stderr)
+        check_scheduler_address(scheduler)
+        from dask.utils import parse_timedelta
+
+        timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))  # dask's setting: 30 s unless changed
+        try:
+            client = Client(scheduler, timeout=timeout)
+        except (OSError, TimeoutError) as err:
+            raise ClusterError(
+                f"could not connect to the Dask scheduler at {scheduler} within {timeout:g} s "
+                f"({type(err).__name__}: {err}). Check that the scheduler is running (`dask scheduler` prints its "
+                "address), that the host and port are right, and that this machine can reach it (firewall, VPN); "
+                "or leave out --scheduler for a local cluster."
+            ) from err
+        with client:
             yield client
         return
     if cuda is None:
@@ -74,7 +100,6 @@ def dask_client(
             dashboard_address=":0",
         )
     with cluster_cm as cluster, Client(cluster) as client:
-        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
         yield client
 
 

@@ -33,3 +33,7 @@ class WeightsError(WsiXrError):
 
 class StoreError(WsiXrError):
     """An output store exists, is locked, belongs to another run, or cannot be written."""
+
+
+class ClusterError(WsiXrError):
+    """A Dask cluster could not be reached or started."""

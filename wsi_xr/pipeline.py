@@ -39,10 +39,11 @@ from wsi_xr._timing import stage
 from wsi_xr.encode import ModelRef, check_precision, encode_block, model_ref
 from wsi_xr.errors import InvalidArgumentError, SlideReadError, StoreError
 from wsi_xr.readers import GPU_BACKENDS, OpenedSlide, open_file
-from wsi_xr.slide import ChunkSpec, SlideSource, level_coords, slide_array
+from wsi_xr.slide import ChunkSpec, SlideSource, default_chunk_size, level_coords, slide_array
 from wsi_xr.store import (
     SlideLayout,
     StoreLock,
+    check_slide_target,
     consolidate,
     json_safe_attrs,
     open_or_create_slide_group,
@@ -50,7 +51,7 @@ from wsi_xr.store import (
     tile_rows,
     write_tile_parquet,
 )
-from wsi_xr.tissue.coarse import CoarseDecision, coarse_decision, segments_for_patches
+from wsi_xr.tissue.coarse import CoarseDecision, choose_coarse_level, coarse_decision, segments_for_patches
 from wsi_xr.tissue.mask import (
     blocks_any,
     damaged_tile_grid,
@@ -65,7 +66,9 @@ from wsi_xr.tissue.threshold import THRESHOLD_RANGE, auto_threshold
 
 __all__ = [
     "RunOptions",
+    "check_run_target",
     "check_slide_options",
+    "group_names",
     "process_slide",
     "process_slides",
     "to_dataframe",
@@ -182,8 +185,11 @@ class RunPlan:
         )
 
 
-def check_slide_options(opened: OpenedSlide, options: RunOptions) -> None:
-    """The checks of a run's options that need the slide (cheap: no pixels are read)."""
+def check_slide_options(opened: OpenedSlide, options: RunOptions) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The checks of a run's options that need the slide (cheap: no pixels are read).
+
+    Returns the slide's chunking (level pixels per chunk along y and x).
+    """
     info = opened.info
     if not isinstance(options.level, int) or isinstance(options.level, bool) or not 0 <= options.level < len(info.levels):
         raise InvalidArgumentError(
@@ -191,41 +197,53 @@ def check_slide_options(opened: OpenedSlide, options: RunOptions) -> None:
         )
     if options.device == "cpu" and opened.backend in GPU_BACKENDS:
         raise InvalidArgumentError(f"{info.path}: backend {opened.backend!r} needs device='cuda'.")
+    choose_coarse_level(info, options.level, options.coarse)  # a coarse level that exists
+    chunks = options.chunks
+    if chunks is None:  # the default chunk, holding whole patches
+        chunks = default_chunk_size(info.levels[options.level], multiple=options.patch)
+    array = slide_array(opened, options.level, chunks, options.device)  # validates level and chunks; reads nothing
+    block_chunks = array.chunks[:2]
+    for axis in (0, 1):
+        if any(c % options.patch for c in block_chunks[axis][:-1]):
+            raise InvalidArgumentError(
+                f"chunk size {block_chunks[axis][0]} is not a multiple of patch={options.patch}; "
+                f"pass --chunk with a multiple of {options.patch} (e.g. {default_chunk_size(info.levels[options.level], options.patch)})."
+            )
+    return block_chunks  # type: ignore[return-value]
+
+
+def run_fingerprint(opened: OpenedSlide, options: RunOptions, chunks: tuple[tuple[int, ...], tuple[int, ...]]) -> dict[str, Any]:
+    """The parameters that define a run's results: a store made with others is not resumed."""
+    info = opened.info
+    assert options.ref is not None
+    return {
+        "source": info.path,
+        "file_size": info.file_size,
+        "mtime_ns": info.mtime_ns,
+        "level": options.level,
+        "tile": options.tile,
+        "patch": options.patch,
+        "threshold_setting": options.threshold,
+        "coarse": str(options.coarse),
+        "chunks": [list(chunks[0]), list(chunks[1])],
+        "weights_sha256": options.ref.sha256,
+        "precision": options.precision,
+        "reject_pen": options.reject_pen,
+    }
 
 
 def _plan(opened: OpenedSlide, options: RunOptions) -> RunPlan:
-    check_slide_options(opened, options)
+    block_chunks = check_slide_options(opened, options)
     info = opened.info
     tile, patch = options.tile, options.patch
-    array = slide_array(opened, options.level, options.chunks, options.device)  # validates level and chunks
-    block_chunks = array.chunks[:2]
-    for axis in (0, 1):
-        if any(c % patch for c in block_chunks[axis][:-1]):
-            raise InvalidArgumentError(
-                f"chunk size {block_chunks[axis][0]} is not a multiple of patch={patch}; pass --chunk with a multiple of {patch}."
-            )
     lv = info.levels[options.level]
     nty, ntx = lv.height // tile, lv.width // tile
     npy, npx = -(-nty // (patch // tile)), -(-ntx // (patch // tile))
     decision = coarse_decision(opened, options.level, options.coarse, patch_shape=(npy, npx), patch=patch)
     read_patches = decision.patches if decision is not None else np.ones((npy, npx), dtype=bool)
     excluded = damaged_tile_grid(opened.damage(options.level), tile, (nty, ntx))
-    assert options.ref is not None
     plan = RunPlan(opened, options, block_chunks, decision, read_patches, excluded)
-    plan.fingerprint = {
-        "source": info.path,
-        "file_size": info.file_size,
-        "mtime_ns": info.mtime_ns,
-        "level": options.level,
-        "tile": tile,
-        "patch": patch,
-        "threshold_setting": options.threshold,
-        "coarse": str(options.coarse),
-        "chunks": [list(block_chunks[0]), list(block_chunks[1])],
-        "weights_sha256": options.ref.sha256,
-        "precision": options.precision,
-        "reject_pen": options.reject_pen,
-    }
+    plan.fingerprint = run_fingerprint(opened, options, block_chunks)
     return plan
 
 
@@ -435,6 +453,25 @@ def _finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ API
 
 
+def check_run_target(
+    store: str | os.PathLike[str], slides: Sequence[tuple[OpenedSlide, str | None]], options: RunOptions, *, overwrite: bool
+) -> Path:
+    """Every check of a run's output before any work: no pixels read, nothing written but missing parent folders.
+
+    ``slides`` pairs each opened slide with its group (None: a one-slide store). Checks the
+    slide options (level, coarse level, chunks), the store path (writable, not a file), its
+    contents (:func:`wsi_xr.store.check_slide_target`: foreign data, another run's store)
+    and its lock. :func:`process_slide(s) <process_slide>` call it; the CLI calls it before
+    it starts a cluster.
+    """
+    store_path = _store_path(store)
+    for opened, group in slides:
+        chunks = check_slide_options(opened, options)
+        check_slide_target(store_path, group, run_fingerprint(opened, options, chunks), overwrite=overwrite)
+    StoreLock(store_path).check()
+    return store_path
+
+
 def _store_path(store: str | os.PathLike[str]) -> Path:
     store_path = Path(store)
     if store_path.exists() and not store_path.is_dir():
@@ -577,7 +614,7 @@ def process_slide(
         batch_size=batch_size, device=device, precision=precision, reject_pen=reject_pen,
     )
     opened = open_file(path, backend)
-    store_path = _store_path(store)
+    store_path = check_run_target(store, [(opened, group)], options, overwrite=overwrite)
     with StoreLock(store_path):
         try:
             run = _prepare(opened, store_path, group, options, overwrite, backend)
@@ -590,7 +627,7 @@ def process_slide(
     return xr.open_zarr(store_path, group=group, consolidated=False)
 
 
-def _group_names(paths: Sequence[SlideSource]) -> list[str]:
+def group_names(paths: Sequence[SlideSource]) -> list[str]:
     names: list[str] = []
     for p in paths:
         stem = Path(p.path if isinstance(p, OpenedSlide) else str(p)).stem or "slide"
@@ -623,8 +660,8 @@ def process_slides(
         raise InvalidArgumentError("no slides given.")
     options = validate_run_options(weights, **settings)
     opened = [open_file(p, backend) for p in paths]  # every file checked before any work
-    names = _group_names(paths)
-    store_path = _store_path(store)
+    names = group_names(paths)
+    store_path = check_run_target(store, list(zip(opened, names)), options, overwrite=overwrite)
     with StoreLock(store_path):
         try:
             runs = [_prepare(o, store_path, name, options, overwrite, backend) for o, name in zip(opened, names)]

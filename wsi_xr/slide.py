@@ -112,14 +112,15 @@ def opened_slide_of(image: xr.DataArray) -> OpenedSlide | None:
     return _opened_by_name.get(data.name)
 
 
-def default_chunk_size(level: LevelInfo) -> int:
-    """Smallest multiple of lcm(TIFF tile, 256) that is at least :data:`TARGET_CHUNK`.
+def default_chunk_size(level: LevelInfo, multiple: int = CHUNK_MULTIPLE) -> int:
+    """Smallest multiple of lcm(TIFF tile, 256, ``multiple``) that is at least :data:`TARGET_CHUNK`.
 
-    Every chunk border then falls on a TIFF tile border, so no tile is decoded twice.
+    Every chunk border then falls on a TIFF tile border, so no tile is decoded twice;
+    ``multiple`` (a patch side) makes every chunk hold whole patches.
     """
-    base = CHUNK_MULTIPLE
+    base = math.lcm(CHUNK_MULTIPLE, multiple)
     if level.tiled and level.tile_width == level.tile_height:
-        base = math.lcm(level.tile_width, CHUNK_MULTIPLE)
+        base = math.lcm(level.tile_width, base)
     return base * max(1, -(-TARGET_CHUNK // base))
 
 

@@ -148,6 +148,24 @@ class StoreLock:
             return
         raise StoreError(f"{self.path.parent}: could not take the lock {self.path}.")
 
+    def check(self) -> None:
+        """Raise :class:`StoreError` when a live run holds the lock (read-only: for checks before any work)."""
+        import socket
+
+        if not self.path.exists():
+            return
+        try:
+            owner = self.path.read_text().strip()
+        except OSError:
+            return
+        pid_text, _, host = owner.partition(" ")
+        if host == socket.gethostname() and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            return  # stale: taken over by acquire()
+        raise StoreError(
+            f"{self.path.parent}: in use by another wsi_xr run (PID {pid_text or '?'} on {host or '?'}). "
+            f"Wait for it to finish, or delete {self.path} if that run is gone."
+        )
+
     def release(self) -> None:
         """Give the lock back."""
         if self.held:
@@ -375,6 +393,54 @@ def _old_layout_error(where: Path) -> StoreError:
     )
 
 
+def _foreign_data_error(where: Path, foreign: str) -> StoreError:
+    return StoreError(
+        f"{where}: holds data that wsi_xr did not write ({foreign}); wsi_xr replaces only stores it wrote. "
+        "Choose another output path."
+    )
+
+
+def check_slide_target(store: Path, group_name: str | None, fingerprint: dict[str, Any], *, overwrite: bool) -> bool:
+    """Raise :class:`StoreError` where a run may not write its slide's group; read-only and cheap.
+
+    Refused: a file at the store path; a folder holding anything wsi_xr did not write
+    (even with ``overwrite``); a group made from another slide or with other parameters,
+    a 0.1.0 store, or another kind of wsi_xr store (unless ``overwrite``); for a cohort, a
+    root that is not a cohort's. Returns True when an existing group of this very run will
+    be resumed. :func:`open_or_create_slide_group` runs the same checks; the CLI runs them
+    before it starts a cluster.
+    """
+    fingerprint = {**fingerprint, "layout": LAYOUT_VERSION}
+    if store.exists() and not store.is_dir():
+        raise StoreError(f"{store}: exists and is not a Zarr store folder; choose another output path.")
+    if group_name:
+        _check_cohort_root(store)
+        target = store / group_name
+    else:
+        target = store
+    where = Path(f"{store}/{group_name}") if group_name else store
+    foreign = foreign_content(target) if target.exists() else None
+    if foreign is not None:  # never replaced, not even with overwrite
+        raise _foreign_data_error(where, foreign)
+    attrs = _zarr_attrs(target)
+    existing = None if attrs is None else attrs.get(RUN_ATTR)
+    if overwrite:
+        return False
+    if existing is not None:
+        if "layout" not in existing:
+            raise _old_layout_error(store)
+        differ = _fingerprint_differences(existing, fingerprint)
+        if differ:
+            raise StoreError(
+                f"{where}: was made from a different slide or with different parameters ({', '.join(differ)} "
+                "differ). Pass --overwrite (overwrite=True) to replace it, or use another store."
+            )
+        return True
+    if attrs is not None:  # another kind of wsi_xr store (a mask, a cohort)
+        raise StoreError(f"{where}: holds another wsi_xr store (not this run's); pass --overwrite (overwrite=True) to replace it.")
+    return False
+
+
 def open_or_create_slide_group(
     store: Path,
     group_name: str | None,
@@ -387,39 +453,17 @@ def open_or_create_slide_group(
     """The slide's Zarr group in ``store`` (or its ``group_name``): resumed when it is this
     run's, created atomically when absent; hold the store's :class:`StoreLock` first.
 
-    A group whose fingerprint differs, a 0.1.0 store, or a folder holding data that wsi_xr
-    did not write is refused with :class:`StoreError` unless ``overwrite``.
+    Refuses what :func:`check_slide_target` refuses.
     """
     import zarr
 
-    fingerprint = {**fingerprint, "layout": LAYOUT_VERSION}
     if group_name:
         _ensure_cohort_root(store)
-        target = store / group_name
-    else:
-        target = store
+    target = store / group_name if group_name else store
     remove_stale_temporaries(target)
-    where = Path(f"{store}/{group_name}") if group_name else store
-    attrs = _zarr_attrs(target)
-    existing = None if attrs is None else attrs.get(RUN_ATTR)
-    foreign = foreign_content(target) if target.exists() else None
-    if foreign is not None:  # never replaced, not even with overwrite
-        raise StoreError(
-            f"{where}: holds data that wsi_xr did not write ({foreign}); wsi_xr replaces only stores it wrote. "
-            "Choose another output path."
-        )
-    if existing is not None and not overwrite:
-        if "layout" not in existing:
-            raise _old_layout_error(store)
-        differ = _fingerprint_differences(existing, fingerprint)
-        if differ:
-            raise StoreError(
-                f"{where}: was made from a different slide or with different parameters ({', '.join(differ)} "
-                "differ). Pass --overwrite (overwrite=True) to replace it, or use another store."
-            )
+    if check_slide_target(store, group_name, fingerprint, overwrite=overwrite):
         return zarr.open_group(target, mode="r+", zarr_format=3, use_consolidated=False)
-    if existing is None and attrs is not None and not overwrite:  # another wsi_xr store (a mask)
-        raise StoreError(f"{where}: holds another wsi_xr store (not a run); pass --overwrite (overwrite=True) to replace it.")
+    fingerprint = {**fingerprint, "layout": LAYOUT_VERSION}
 
     def build(group: Any) -> None:
         # the fingerprint goes in first: a half-built group is never renamed into place anyway
@@ -431,37 +475,35 @@ def open_or_create_slide_group(
     return zarr.open_group(target, mode="r+", zarr_format=3, use_consolidated=False)
 
 
-def _ensure_cohort_root(store: Path) -> None:
-    """Create the root group of a cohort store (atomically), or check that it is wsi_xr's."""
+def _check_cohort_root(store: Path) -> None:
+    """Raise :class:`StoreError` unless ``store`` is absent, empty, or a cohort store of wsi_xr's."""
     attrs = _zarr_attrs(store)
     if attrs is not None:
         if COHORT_ATTR in attrs:
             return
         if RUN_ATTR in attrs:
-            raise StoreError(
-                f"{store}: holds one slide's results, not a cohort; write a cohort to another store."
-            )
+            raise StoreError(f"{store}: holds one slide's results, not a cohort; write a cohort to another store.")
         if "slides" in attrs:  # a 0.1.0 cohort
             raise _old_layout_error(store)
-    remove_stale_temporaries(store)
     foreign = foreign_content(store) if store.exists() else None
     if foreign is not None:
-        raise StoreError(
-            f"{store}: holds data that wsi_xr did not write ({foreign}); wsi_xr replaces only stores it wrote. "
-            "Choose another output path."
-        )
-    if attrs is not None and MASK_ATTR in attrs:
+        raise _foreign_data_error(store, foreign)
+    if attrs is not None:
         raise StoreError(f"{store}: holds a tissue-mask store, not a cohort; write the cohort to another store.")
+
+
+def _ensure_cohort_root(store: Path) -> None:
+    """Create the root group of a cohort store (atomically), or check that it is wsi_xr's."""
+    _check_cohort_root(store)
+    attrs = _zarr_attrs(store)
+    if attrs is not None:
+        return  # a cohort root already
+    remove_stale_temporaries(store)
 
     def build(group: Any) -> None:
         group.attrs[COHORT_ATTR] = {"layout": LAYOUT_VERSION}
 
-    if attrs is None:
-        _build_then_rename(store, build)
-    else:  # an empty Zarr group: mark it
-        import zarr
-
-        zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False).attrs[COHORT_ATTR] = {"layout": LAYOUT_VERSION}
+    _build_then_rename(store, build)
 
 
 def slide_groups(store: str | os.PathLike[str]) -> list[str]:

@@ -86,10 +86,15 @@ def choose_coarse_level(info: SlideInfo, level: int, coarse: str | int) -> int |
         return best.index
     if isinstance(coarse, (int, np.integer)) and not isinstance(coarse, bool):
         if not level < coarse < len(info.levels):
-            raise InvalidArgumentError(
-                f"{info.path}: coarse={coarse} must be a level below the masked level {level} "
-                f"(levels {level + 1}..{len(info.levels) - 1} exist), or 'auto' / 'none'."
-            )
+            last = len(info.levels) - 1
+            if level == last:
+                where = (
+                    "the slide has one level only" if last == 0 else f"level {level} is the slide's smallest"
+                ) + ", so there is no coarser level to skip from; use coarse='none' (or 'auto', which skips nothing here)."
+            else:
+                coarser = f"level {last}" if level + 1 == last else f"one of levels {level + 1}..{last}"
+                where = f"use {coarser} (coarser than the masked level {level}), or 'auto' / 'none'."
+            raise InvalidArgumentError(f"{info.path}: coarse={coarse}: {where}")
         return int(coarse)
     raise InvalidArgumentError(f"coarse={coarse!r}: use 'auto', 'none' or a pyramid level number.")
 

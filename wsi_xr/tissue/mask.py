@@ -43,13 +43,29 @@ __all__ = [
 ]
 
 
+#: The largest patch side: a patch is scored whole inside one chunk, so it bounds the chunk (and memory).
+MAX_PATCH = 8192
+
+
 def validate_mask_arguments(tile: int, patch: int, threshold: float | str) -> None:
     """Raise :class:`InvalidArgumentError` for impossible tile/patch/threshold values."""
     for name, value in (("tile", tile), ("patch", patch)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
             raise InvalidArgumentError(f"{name}={value!r}: must be a positive integer number of pixels.")
+    reference = "the reference rule uses tile=64, patch=256"
+    if patch > MAX_PATCH:
+        raise InvalidArgumentError(
+            f"patch={patch} px: at most {MAX_PATCH} px (a patch is scored whole inside one chunk); {reference}."
+        )
+    if tile > patch:
+        raise InvalidArgumentError(
+            f"tile={tile} is larger than patch={patch}: tiles are the parts of a patch; use a tile that divides "
+            f"the patch ({reference})."
+        )
     if patch % tile:
-        raise InvalidArgumentError(f"patch={patch} is not a multiple of tile={tile}; use e.g. patch={tile * 4}.")
+        lower, upper = (patch // tile) * tile, (patch // tile + 1) * tile
+        choices = f"patch={lower} or patch={upper}" if upper <= MAX_PATCH else f"patch={lower}"
+        raise InvalidArgumentError(f"patch={patch} is not a multiple of tile={tile}; use {choices} ({reference}).")
     if isinstance(threshold, str):
         if threshold != "auto":
             raise InvalidArgumentError(f"threshold={threshold!r}: give a number (variance, uint8 units) or 'auto'.")
