@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -124,7 +125,12 @@ def cmd_mask(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _client(scheduler: str | None, **shape: Any) -> Iterator[Any]:
-    """:func:`wsi_xr.cluster.dask_client`, saying where its dashboard is (the library prints nothing)."""
+    """:func:`wsi_xr.cluster.dask_client`, saying where its dashboard is (the library prints nothing).
+
+    When the command is interrupted, distributed's own reports of the tasks it cancels
+    while shutting down (``CancelledError`` tracebacks) are not shown: the command says
+    what happened in one line.
+    """
     from wsi_xr.cluster import dask_client
 
     with dask_client(scheduler, **shape) as client:
@@ -132,7 +138,12 @@ def _client(scheduler: str | None, **shape: Any) -> Iterator[Any]:
             print(f"connected to {scheduler} (dashboard: {client.dashboard_link})", file=sys.stderr)
         elif client is not None:
             print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
-        yield client
+        try:
+            yield client
+        except KeyboardInterrupt:
+            if not log.isEnabledFor(logging.DEBUG):
+                logging.getLogger("distributed").setLevel(logging.CRITICAL)
+            raise
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -193,17 +204,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     checked = validate_run_options(args.weights, **settings)
     opened = [open_file(s) for s in slides]
     groups: list[str | None] = [None] if len(opened) == 1 else list(group_names(opened))
-    check_run_target(out, list(zip(opened, groups)), checked, overwrite=args.overwrite)
+    target = check_run_target(out, list(zip(opened, groups)), checked, overwrite=args.overwrite)
+    if target.chunks_resumed:
+        print(f"resuming: {target.chunks_resumed} of {target.chunks_total} chunks already done", file=sys.stderr)
     options = {**settings, "weights": args.weights, "overwrite": args.overwrite, "progress": not args.quiet}
     start = time.perf_counter()
     processes = args.workers is not None and args.workers > 1
-    with _client(args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker, processes=processes) as client:
-        if len(opened) == 1:
-            ds = process_slide(opened[0], out, client=client, **options)
-            summaries = [(Path(slides[0]).name, ds)]
-        else:
-            tree = process_slides(opened, out, client=client, **options)
-            summaries = [(name, tree[name].to_dataset()) for name in tree.children]
+    try:
+        with _client(args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker, processes=processes) as client:
+            if len(opened) == 1:
+                ds = process_slide(opened[0], out, client=client, **options)
+                summaries = [(Path(slides[0]).name, ds)]
+            else:
+                tree = process_slides(opened, out, client=client, **options)
+                summaries = [(name, tree[name].to_dataset()) for name in tree.children]
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM from a batch scheduler (see main)
+        interrupt.args = (
+            f"interrupted: {target.chunks_done()} of {target.chunks_total} chunks saved; run the same command again to resume",
+        )
+        raise
     for name, ds in summaries:
         pen = f", pen tiles removed {ds.attrs['pen_tiles']}" if ds.attrs.get("reject_pen") else ""
         print(
@@ -583,6 +602,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt (so every ``finally`` and lock release runs)."""
+
+    signum = signal.SIGTERM
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wsi-xr`` console script."""
     parser = build_parser()
@@ -599,6 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for name in ("distributed", "bokeh", "tornado"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # batch schedulers send SIGTERM before SIGKILL
     try:
         return int(args.func(args) or 0)
     except WsiXrError as err:
@@ -611,9 +641,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"wsi-xr {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:  # Ctrl-C (SIGINT) or SIGTERM: one line, the shell's exit code
+        detail = str(interrupt.args[0]) if interrupt.args and isinstance(interrupt.args[0], str) else "interrupted"
+        if sys.stdout.isatty():
+            print(file=sys.stdout)  # end a progress bar's line
+        print(f"wsi-xr {args.command}: {detail}", file=sys.stderr)
+        return 128 + (interrupt.signum if isinstance(interrupt, Terminated) else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from wsi_xr.store import (
     SlideLayout,
     StoreLock,
     check_slide_target,
+    chunks_done,
     consolidate,
     json_safe_attrs,
     open_or_create_slide_group,
@@ -66,6 +67,7 @@ from wsi_xr.tissue.threshold import THRESHOLD_RANGE, auto_threshold
 
 __all__ = [
     "RunOptions",
+    "RunTarget",
     "check_run_target",
     "check_slide_options",
     "group_names",
@@ -453,9 +455,23 @@ def _finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ API
 
 
+@dataclass(frozen=True)
+class RunTarget:
+    """What :func:`check_run_target` found: the store's path and how far an earlier run got."""
+
+    path: Path
+    groups: tuple[str | None, ...]
+    chunks_total: int
+    chunks_resumed: int
+
+    def chunks_done(self) -> int:
+        """Chunks marked done in the store now (read from its ``chunk_done`` arrays)."""
+        return sum(chunks_done(self.path, group) for group in self.groups)
+
+
 def check_run_target(
     store: str | os.PathLike[str], slides: Sequence[tuple[OpenedSlide, str | None]], options: RunOptions, *, overwrite: bool
-) -> Path:
+) -> RunTarget:
     """Every check of a run's output before any work: no pixels read, nothing written but missing parent folders.
 
     ``slides`` pairs each opened slide with its group (None: a one-slide store). Checks the
@@ -465,11 +481,14 @@ def check_run_target(
     it starts a cluster.
     """
     store_path = _store_path(store)
+    total = resumed = 0
     for opened, group in slides:
         chunks = check_slide_options(opened, options)
-        check_slide_target(store_path, group, run_fingerprint(opened, options, chunks), overwrite=overwrite)
+        total += len(chunks[0]) * len(chunks[1])
+        if check_slide_target(store_path, group, run_fingerprint(opened, options, chunks), overwrite=overwrite):
+            resumed += chunks_done(store_path, group)
     StoreLock(store_path).check()
-    return store_path
+    return RunTarget(store_path, tuple(group for _, group in slides), total, resumed)
 
 
 def _store_path(store: str | os.PathLike[str]) -> Path:
@@ -614,7 +633,7 @@ def process_slide(
         batch_size=batch_size, device=device, precision=precision, reject_pen=reject_pen,
     )
     opened = open_file(path, backend)
-    store_path = check_run_target(store, [(opened, group)], options, overwrite=overwrite)
+    store_path = check_run_target(store, [(opened, group)], options, overwrite=overwrite).path
     with StoreLock(store_path):
         try:
             run = _prepare(opened, store_path, group, options, overwrite, backend)
@@ -661,7 +680,7 @@ def process_slides(
     options = validate_run_options(weights, **settings)
     opened = [open_file(p, backend) for p in paths]  # every file checked before any work
     names = group_names(paths)
-    store_path = check_run_target(store, list(zip(opened, names)), options, overwrite=overwrite)
+    store_path = check_run_target(store, list(zip(opened, names)), options, overwrite=overwrite).path
     with StoreLock(store_path):
         try:
             runs = [_prepare(o, store_path, name, options, overwrite, backend) for o, name in zip(opened, names)]

@@ -506,6 +506,21 @@ def _ensure_cohort_root(store: Path) -> None:
     _build_then_rename(store, build)
 
 
+def chunks_done(store: str | os.PathLike[str], group: str | None = None) -> int:
+    """How many chunks of a slide's group are marked done (0 when the group does not exist yet)."""
+    import zarr
+
+    target = Path(store) / group if group else Path(store)
+    attrs = _zarr_attrs(target)
+    if attrs is None or RUN_ATTR not in attrs:
+        return 0
+    try:
+        done = zarr.open_group(target, mode="r", zarr_format=3, use_consolidated=False)["chunk_done"][...]
+    except (KeyError, OSError, ValueError):
+        return 0
+    return int(np.count_nonzero(done))
+
+
 def slide_groups(store: str | os.PathLike[str]) -> list[str]:
     """Names of the slide groups of a cohort store (empty for a one-slide store)."""
     import zarr
