@@ -136,3 +136,18 @@ def test_bench_exits_non_zero_when_every_case_fails(synth_slide: Path, tmp_path:
     assert run.returncode == 1 and "every case failed" in run.stderr, run.stderr
     ok = subprocess.run(CLI + ["bench", str(synth_slide), "--chunks", "512", "--stage", "read", "--repeat", "1"], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_bench_shows_dask_cluster_logs_only_with_verbose(tmp_path: Path) -> None:
+    """75c0752: ~20 lines of distributed INFO ("Nanny asking worker to close", ...) after a bench with processes."""
+    from wsi_xr.synth import write_synthetic_slide
+
+    slide = tmp_path / "b.tif"
+    write_synthetic_slide(slide, 1024, 1024, seed=2)
+    args = ["bench", str(slide), "--chunks", "512", "--scheduler", "threads,processes", "--repeat", "1"]
+    quiet = subprocess.run(CLI + args, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr.strip() == "", quiet.stderr
+    assert "processes" in quiet.stdout
+    verbose = subprocess.run(CLI + ["-v", *args], capture_output=True, text=True, timeout=300)
+    assert verbose.returncode == 0 and "Nanny" in verbose.stderr, verbose.stderr

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -602,6 +603,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Loggers of Dask's cluster machinery: their INFO records (workers starting and closing,
+#: stale scratch folders purged...) are shown only with ``-v``.
+DASK_LOGGERS = ("distributed", "bokeh", "tornado")
+
+
+@contextlib.contextmanager
+def _quiet_dask_logs(quiet: bool) -> Iterator[None]:
+    """While a command runs, show only errors of Dask's cluster machinery (unless ``-v``),
+    in this process and in the worker processes it starts; restored afterwards.
+
+    distributed sets its loggers' levels from dask's ``logging`` config when it is first
+    imported, in this process and in every worker process a LocalCluster spawns (which
+    read the environment, not this process's config): so set both, before any import.
+    """
+    if not quiet:
+        yield
+        return
+    import dask
+
+    saved_env = {name: os.environ.get(f"DASK_LOGGING__{name.upper()}") for name in DASK_LOGGERS}
+    saved_levels = {name: logging.getLogger(name).level for name in DASK_LOGGERS}
+    for name in DASK_LOGGERS:
+        os.environ.setdefault(f"DASK_LOGGING__{name.upper()}", "error")
+        if "distributed" in sys.modules:  # imported before (main called from Python): set the level directly
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with dask.config.set({"logging": {name: "error" for name in DASK_LOGGERS}}):
+            yield
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(f"DASK_LOGGING__{name.upper()}", None)
+            else:
+                os.environ[f"DASK_LOGGING__{name.upper()}"] = value
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt (so every ``finally`` and lock release runs)."""
 
@@ -621,16 +660,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # tifffile logs what it finds wrong in a damaged file; wsi_xr reports that itself,
         # as one error line or as read errors
         logging.getLogger("tifffile").setLevel(logging.ERROR)
-    if not args.verbose and args.command in ("run", "mask"):
-        # the command prints its own summary and the dashboard link; distributed sets
-        # its loggers' levels when imported, so import it first
-        import distributed  # noqa: F401
-
-        for name in ("distributed", "bokeh", "tornado"):
-            logging.getLogger(name).setLevel(logging.ERROR)
     previous = signal.signal(signal.SIGTERM, _terminate)  # batch schedulers send SIGTERM before SIGKILL
     try:
-        return int(args.func(args) or 0)
+        with _quiet_dask_logs(not args.verbose):
+            return int(args.func(args) or 0)
     except WsiXrError as err:
         print(f"wsi-xr {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
