@@ -52,14 +52,10 @@ def looks_like(path: Path, kind: str) -> bool:
         head = head.lstrip()
     if not head.startswith(FILE_SIGNATURES[kind]):
         return False
-    if kind == "weights" and head.startswith(b"PK"):  # torch.save's zip holds <name>/data.pkl; a .docx is a zip too
-        import zipfile
+    if kind == "weights":
+        from wsi_xr.models.weights import is_weights_file
 
-        try:
-            with zipfile.ZipFile(path) as archive:
-                return any(name.endswith("/data.pkl") for name in archive.namelist())
-        except (OSError, zipfile.BadZipFile):
-            return False
+        return is_weights_file(path)
     return True
 
 

@@ -38,7 +38,7 @@ from wsi_xr._failpoints import failpoint
 from wsi_xr._timing import stage
 from wsi_xr.encode import ModelRef, check_precision, encode_block, model_ref
 from wsi_xr.errors import InvalidArgumentError, SlideReadError, StoreError
-from wsi_xr.readers import GPU_BACKENDS, OpenedSlide, open_file
+from wsi_xr.readers import GPU_BACKENDS, OpenedSlide, open_file, unpack_window
 from wsi_xr.slide import ChunkSpec, SlideSource, default_chunk_size, level_coords, slide_array
 from wsi_xr.store import (
     SlideLayout,
@@ -56,6 +56,7 @@ from wsi_xr.tissue.coarse import CoarseDecision, choose_coarse_level, coarse_dec
 from wsi_xr.tissue.mask import (
     blocks_any,
     damaged_tile_grid,
+    decode_failed_tiles,
     masked_statistics,
     patch_chunks,
     pen_attrs,
@@ -267,7 +268,7 @@ class ChunkJob:
 
 
 def _chunk_task(
-    pixels: Any,
+    block: Any,
     excluded: np.ndarray,
     read_patches: np.ndarray,
     todo: np.ndarray,
@@ -288,8 +289,14 @@ def _chunk_task(
     g = root[job.group] if job.group else root
     count = 0
     read_patches = np.asarray(read_patches)[..., 0]
+    pixels, failed = unpack_window(block)
     if read_patches.any() and nty and ntx:
         excluded = np.asarray(excluded)[..., 0]
+        decode_failed = decode_failed_tiles(failed, tile, excluded.shape)
+        if decode_failed.any():  # tiles the decoder reported errors in: read errors, like damaged ones
+            excluded = excluded | decode_failed
+            with stage("write"):
+                g["read_error"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = excluded
         with stage("statistics"):
             tile_var, patch_tile = masked_statistics(pixels, excluded, read_patches, tile=tile, patch=job.patch)
             candidates = two_stage_rule(tile_var, patch_tile, excluded, job.candidate_floor)
@@ -319,7 +326,7 @@ def _chunk_graph(plan: RunPlan, job: ChunkJob, done: np.ndarray) -> da.Array:
     if plan.decision is not None or not todo.all():
         wanted = segments_for_patches(plan.opened.damage(plan.level), todo_patches, plan.options.patch)
     pixels = slide_array(
-        plan.opened, plan.level, (plan.chunks[0][0], plan.chunks[1][0]), plan.options.device, damaged="fill", wanted=wanted
+        plan.opened, plan.level, (plan.chunks[0][0], plan.chunks[1][0]), plan.options.device, damaged="report", wanted=wanted
     )
     tile_chunks = plan.tile_chunks
     inputs = (
@@ -362,7 +369,9 @@ def _finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
     """Choose the threshold, write the masks, blank non-tissue latents, mark complete."""
     tile_var = group["tile_variance"][...]
     patch_var = group["patch_variance"][...]
-    excluded = plan.excluded  # what the store's read_error holds (written when it was created)
+    # damaged tiles (from the scan, written when the store was created) and tiles whose
+    # decoding failed (written by their chunk tasks)
+    excluded = group["read_error"][...] | plan.excluded
     options = plan.options
     if options.threshold == "auto":
         threshold, method = auto_threshold(tile_var)

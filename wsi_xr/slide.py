@@ -20,7 +20,7 @@ from dask.base import tokenize
 
 from wsi_xr._timing import stage
 from wsi_xr.errors import InvalidArgumentError
-from wsi_xr.readers import DAMAGED_POLICIES, GPU_BACKENDS, LevelInfo, OpenedSlide, SlideInfo, decide_backend, open_file, read_window
+from wsi_xr.readers import DAMAGED_POLICIES, GPU_BACKENDS, DecodedWindow, LevelInfo, OpenedSlide, SlideInfo, decide_backend, open_file, read_window
 
 __all__ = [
     "ChunkSpec",
@@ -77,6 +77,8 @@ class _LevelWindowReader:
                 self.opened.key, self.level, y0, x0, y1 - y0, x1 - x0,
                 device=self.device, damaged=self.damaged, damage=damage, wanted=self.wanted, info=self.opened.info,
             )
+        if isinstance(pixels, DecodedWindow):  # damaged="report": the block carries where decoding failed
+            return DecodedWindow(pixels.pixels[:, :, cs], pixels.failed, pixels.messages)
         return pixels[:, :, cs]
 
 
@@ -167,7 +169,10 @@ def slide_array(
     """The lazy Dask array ``(y, x, 3)`` uint8 of one level of an opened slide.
 
     Building it reads no pixels. Each block is one reader call (or, with ``wanted``, one
-    call per rectangle of wanted TIFF tiles); edge blocks are exact. ``wanted`` (bool
+    call per rectangle of wanted TIFF tiles); edge blocks are exact. With
+    ``damaged="report"`` each block is a :class:`~wsi_xr.readers.DecodedWindow` (pixels and
+    the tiles whose decoding failed), for map_blocks functions that unpack it
+    (:func:`~wsi_xr.readers.unpack_window`), as the tissue mask and the pipeline do. ``wanted`` (bool
     over the level's TIFF tile grid, see :meth:`OpenedSlide.damage`) marks the tiles to
     decode: the others come back as zeros (the tissue mask passes the coarse pass's
     "may hold tissue" here, and never scores the zeros).
@@ -285,6 +290,11 @@ def slide_dataarray(
     damaged: str = "raise",
 ) -> xr.DataArray:
     """:func:`open_slide` for an already opened (or probed) file (see there for the parameters)."""
+    if damaged == "report":
+        raise InvalidArgumentError(
+            "damaged='report' makes blocks that carry decode failures, for graph builders (wsi_xr.slide.slide_array); "
+            "an image array takes damaged='raise' or 'fill'."
+        )
     opened = source if isinstance(source, OpenedSlide) else OpenedSlide(source, decide_backend(source, backend))
     if backend not in ("auto", opened.backend):
         opened = open_file(opened, backend)

@@ -309,6 +309,26 @@ def _plain(value: Any, where: str) -> Any:
     )
 
 
+def is_weights_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a file ``torch.save`` wrote: a zip archive holding ``<name>/data.pkl``, or a legacy pickle.
+
+    (A .docx is a zip archive too: the layout tells them apart.)
+    """
+    import zipfile
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head.startswith(b"\x80"):
+            return True
+        if not head.startswith(b"PK\x03\x04"):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def save_vae(model: VAE2, path: str | os.PathLike[str], *, metadata: Mapping[str, Any] | None = None) -> Path:
     """Write ``model``'s weights (reference checkpoint layout) plus wsi_xr metadata to ``path``.
 
@@ -326,9 +346,7 @@ def save_vae(model: VAE2, path: str | os.PathLike[str], *, metadata: Mapping[str
     if target.is_dir():
         raise InvalidArgumentError(f"cannot save weights to '{target}': it is a directory; pass a file name (.pt)")
     if target.is_file():  # replace only a weights file
-        from wsi_xr.outputs import looks_like
-
-        if not looks_like(target, "weights"):
+        if not is_weights_file(target):
             raise InvalidArgumentError(f"cannot save weights to '{target}': it exists and is not a weights file; choose another path")
     training = _plain(dict(metadata or {}), "metadata")
     module = getattr(model, "module", model)  # accept an nn.DataParallel wrapper too

@@ -17,6 +17,7 @@ from wsi_xr.readers.opened import OpenedSlide, open_file
 from wsi_xr.readers.probe import LevelInfo, SlideInfo, check_path, probe
 from wsi_xr.readers.windows import (
     DAMAGED_POLICIES,
+    DecodedWindow,
     clear_caches,
     damaged_segments,
     get_reader,
@@ -25,6 +26,7 @@ from wsi_xr.readers.windows import (
     open_reader,
     read_window,
     trace_reads,
+    unpack_window,
     window_rectangles,
 )
 
@@ -34,6 +36,7 @@ __all__ = [
     "DAMAGED_POLICIES",
     "GPU_BACKENDS",
     "BackendChoice",
+    "DecodedWindow",
     "HandleCache",
     "LevelInfo",
     "OpenedSlide",
@@ -61,5 +64,6 @@ __all__ = [
     "reset_read_stats",
     "scan_level",
     "trace_reads",
+    "unpack_window",
     "window_rectangles",
 ]

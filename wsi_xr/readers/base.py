@@ -26,6 +26,22 @@ class ReaderKey:
     backend: str
 
 
+class DecoderComplaint(Exception):
+    """The decoder reported a problem (by printing, not raising) while it decoded a window.
+
+    Raised by a reader's ``read`` with the ``pixels`` it got (some may be wrong), the
+    decoder's ``message``, and whether the message is surely this call's (``alone``: no
+    other decode ran at the same time). Never leaves wsi_xr: :func:`wsi_xr.readers.read_window`
+    finds the tiles that fail when decoded one at a time.
+    """
+
+    def __init__(self, message: str, pixels: np.ndarray, alone: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.pixels = pixels
+        self.alone = alone
+
+
 class Reader(Protocol):
     """One open slide file, able to decode windows of any level."""
 

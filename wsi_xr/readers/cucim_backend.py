@@ -23,6 +23,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from wsi_xr.readers.base import DecoderComplaint
+from wsi_xr.readers.cstdio import c_output, decoder_error
 from wsi_xr.readers.probe import SlideInfo
 
 
@@ -37,7 +39,8 @@ class CuCIMReader:
         if not info.cucim_safe:
             raise ValueError(f"{info.path}: not safe for cuCIM: {info.cucim_unsafe_reason}")
         self.info = info
-        self._image = CuImage(info.path)
+        with c_output():  # e.g. "[Warning] Loading image(...) with a slow-path": logged, not printed
+            self._image = CuImage(info.path)
         self._downsamples = tuple(float(d) for d in self._image.resolutions["level_downsamples"])
         self._stripped = frozenset(lv.index for lv in info.levels if not lv.tiled)
         self._strip_lock = threading.Lock()
@@ -49,11 +52,30 @@ class CuCIMReader:
         # downsample, so the smallest location that maps to (x, y) is ceil(x * ds).
         ds = self._downsamples[level]
         location = (math.ceil(x * ds), math.ceil(y * ds))
-        if level in self._stripped:
-            with self._strip_lock:
-                return np.array(self._image.read_region(location, (width, height), level=level))[..., :3]
-        region = self._image.read_region(location, (width, height), level=level)
-        return np.asarray(region)[..., :3]
+        with c_output() as captured:
+            if level in self._stripped:
+                with self._strip_lock:
+                    pixels = np.array(self._image.read_region(location, (width, height), level=level))[..., :3]
+            else:
+                pixels = np.asarray(self._image.read_region(location, (width, height), level=level))[..., :3]
+        if captured.text and decoder_error(captured.text):
+            raise DecoderComplaint(captured.text, pixels, captured.alone)
+        return pixels
+
+    def decode_failures(self, level: int, windows: list[tuple[int, int, int, int]]) -> list[tuple[int, str]]:
+        """Decode each window alone, with no other decode running: ``(index, message)`` of those the decoder complains about.
+
+        Used to find which file tiles of a window made the decoder print an error (each
+        window is one file tile); slow, and only run after a complaint.
+        """
+        failures = []
+        ds = self._downsamples[level]
+        for index, (y, x, height, width) in enumerate(windows):
+            with c_output(exclusive=True) as captured:
+                self._image.read_region((math.ceil(x * ds), math.ceil(y * ds)), (width, height), level=level)
+            if captured.text and decoder_error(captured.text):
+                failures.append((index, captured.text))
+        return failures
 
     def close(self) -> None:
         """Drop the CuImage (cuCIM closes the file when it is collected)."""

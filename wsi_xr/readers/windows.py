@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -17,12 +18,13 @@ import numpy as np
 from wsi_xr._logging import third_party_logs
 from wsi_xr.errors import InvalidArgumentError, SlideReadError, WsiXrError
 from wsi_xr.readers.backends import reader_class
-from wsi_xr.readers.base import HandleCache, Reader, ReaderKey, decoded_pixels, record_read
+from wsi_xr.readers.base import DecoderComplaint, HandleCache, Reader, ReaderKey, decoded_pixels, record_read
 from wsi_xr.readers.integrity import SegmentGrid, scan_level
 from wsi_xr.readers.probe import LevelInfo, SlideInfo, probe
 
 __all__ = [
     "DAMAGED_POLICIES",
+    "DecodedWindow",
     "clear_caches",
     "damaged_segments",
     "get_reader",
@@ -31,11 +33,36 @@ __all__ = [
     "open_reader",
     "read_window",
     "trace_reads",
+    "unpack_window",
     "window_rectangles",
 ]
 
-#: Accepted values of ``damaged=``: raise on damaged tiles, or fill them with zeros.
-DAMAGED_POLICIES = ("raise", "fill")
+#: Accepted values of ``damaged=``: raise on damaged tiles, fill them with zeros, or fill
+#: them and report where the decoder failed (:class:`DecodedWindow`).
+DAMAGED_POLICIES = ("raise", "fill", "report")
+
+
+@dataclass(frozen=True)
+class DecodedWindow:
+    """A window read with ``damaged="report"``: its pixels and where decoding failed.
+
+    ``failed`` holds ``(y, x, height, width)`` rectangles in the window's own pixels: file
+    tiles that passed the structural scan, yet the decoder reported an error while decoding
+    them (their pixels are zero here, never the wrong pixels it returned). ``messages`` are
+    the decoder's words. Structurally damaged tiles are not listed: the caller has them from
+    the damage grid.
+    """
+
+    pixels: Any
+    failed: tuple[tuple[int, int, int, int], ...] = ()
+    messages: tuple[str, ...] = ()
+
+
+def unpack_window(block: Any) -> tuple[Any, tuple[tuple[int, int, int, int], ...]]:
+    """``(pixels, failed rectangles)`` of a block read with ``damaged="report"`` (or of plain pixels)."""
+    if isinstance(block, DecodedWindow):
+        return block.pixels, block.failed
+    return block, ()
 
 #: Open readers of this process (one per file version and backend).
 handle_cache = HandleCache()
@@ -230,7 +257,11 @@ def read_window(
     damaged
         Damaged TIFF tiles never reach the decoder: ``"raise"`` fails with
         :class:`SlideReadError` naming them; ``"fill"`` leaves their pixels zero (the
-        caller flags them, as the tissue mask does in ``read_error``).
+        caller flags them, as the tissue mask does in ``read_error``); ``"report"`` fills
+        them too and returns a :class:`DecodedWindow` saying which tiles the decoder
+        reported errors in. A tile that passes the structural scan but makes the decoder
+        report an error (damaged entropy-coded data, which cuCIM prints about instead of
+        raising) is treated the same way: never returned with the pixels the decoder made up.
     damage
         The level's damage grid, when the caller already has it (no scan here);
         otherwise this process's cached scan.
@@ -268,9 +299,10 @@ def read_window(
     if hasattr(reader, "read_with_damage"):  # a batched GPU decoder: one call for the whole grid
         reader.use_damage(level, grid)  # the client's scan: the reader does not scan again
         return _read_batched(reader, key, lv, y, x, height, width, decode)
+    failures: list[tuple[int, int, int, int, str]] = []  # level pixels (y, x, h, w) and the decoder's message
     try:
         if decode.all():
-            pixels = _decode(reader, lv, y, x, height, width)
+            pixels = _decode_checked(reader, key, lv, grid, y, x, height, width, failures)
         else:
             pixels = np.zeros((height, width, 3), dtype=np.uint8)
             i0, j0 = y // grid.seg_h, x // grid.seg_w
@@ -278,7 +310,7 @@ def read_window(
                 top, left = max(y, (i0 + row) * grid.seg_h), max(x, (j0 + col) * grid.seg_w)
                 bottom = min(y + height, (i0 + row + rows) * grid.seg_h)
                 right = min(x + width, (j0 + col + cols) * grid.seg_w)
-                part = _decode(reader, lv, top, left, bottom - top, right - left)
+                part = _decode_checked(reader, key, lv, grid, top, left, bottom - top, right - left, failures)
                 pixels[top - y : bottom - y, left - x : right - x] = part
     except WsiXrError:
         raise
@@ -292,8 +324,57 @@ def read_window(
             f"{key.path}: {key.backend} returned {pixels.shape} {pixels.dtype} for a "
             f"{height}x{width} window of level {level}; expected uint8 RGB."
         )
+    if failures and damaged == "raise":
+        fy, fx, _, _, message = failures[0]
+        raise SlideReadError(
+            f"{key.path}: level {level}: the decoder reported errors in {len(failures)} tile(s) of window y={y} x={x} "
+            f"{height}x{width} (first: the file tile at y={fy} x={fx}: {message.splitlines()[-1].strip()!r}). Their "
+            "pixels cannot be trusted; wsi_xr.tissue_mask and `wsi-xr run` report such tiles in `read_error`, or "
+            "re-export the slide from its source."
+        )
     if device == "cuda" and isinstance(pixels, np.ndarray):  # CPU decode, then one host-to-device copy
         import cupy
 
         pixels = cupy.asarray(pixels)
+    if damaged == "report":
+        failed = tuple((fy - y, fx - x, fh, fw) for fy, fx, fh, fw, _ in failures)
+        return DecodedWindow(pixels, failed, tuple(message for *_, message in failures))
     return pixels
+
+
+def _decode_checked(
+    reader: Reader, key: ReaderKey, lv: LevelInfo, grid: SegmentGrid, y: int, x: int, height: int, width: int,
+    failures: list[tuple[int, int, int, int, str]],
+) -> np.ndarray:
+    """Decode a window; where the decoder complains, find the file tiles it complains about and zero them.
+
+    Each file tile of the window is decoded again, alone, with no other decode running
+    (:meth:`CuCIMReader.decode_failures`); those that make the decoder report an error are
+    added to ``failures`` (level pixels, clipped to the window) and zeroed. A complaint
+    that no single tile reproduces is this window's if no other decode ran beside it: then
+    the window cannot be trusted as a whole (:class:`SlideReadError`); otherwise it came
+    from another thread's window, which finds it itself.
+    """
+    try:
+        return _decode(reader, lv, y, x, height, width)
+    except DecoderComplaint as complaint:
+        pixels = np.array(complaint.pixels, copy=True)
+        tiles = []
+        for row in range(y // grid.seg_h, -(-(y + height) // grid.seg_h)):
+            for col in range(x // grid.seg_w, -(-(x + width) // grid.seg_w)):
+                top, left = row * grid.seg_h, col * grid.seg_w
+                tiles.append((top, left, min(grid.seg_h, lv.height - top), min(grid.seg_w, lv.width - left)))
+        found = reader.decode_failures(lv.index, tiles)  # type: ignore[attr-defined]
+        if not found and complaint.alone:
+            raise SlideReadError(
+                f"{key.path}: the decoder reported an error while decoding level {lv.index} window y={y} x={x} "
+                f"{height}x{width} ({complaint.message.splitlines()[-1].strip()!r}), but no single tile of it does; "
+                "its pixels cannot be trusted. Re-export the slide from its source."
+            ) from None
+        for index, message in found:
+            top, left, tile_h, tile_w = tiles[index]
+            t0, l0 = max(top, y), max(left, x)
+            t1, l1 = min(top + tile_h, y + height), min(left + tile_w, x + width)
+            pixels[t0 - y : t1 - y, l0 - x : l1 - x] = 0
+            failures.append((t0, l0, t1 - t0, l1 - l0, message))
+        return pixels

@@ -23,7 +23,7 @@ from dask.base import tokenize
 
 from wsi_xr._timing import stage
 from wsi_xr.errors import InvalidArgumentError
-from wsi_xr.readers import SegmentGrid, window_rectangles
+from wsi_xr.readers import SegmentGrid, unpack_window, window_rectangles
 from wsi_xr.slide import opened_slide_of, slide_array
 from wsi_xr.tissue.coarse import coarse_decision
 from wsi_xr.tissue.kernels import array_namespace, block_statistics, statistics_from_moments, tile_moments, to_numpy
@@ -32,6 +32,7 @@ from wsi_xr.tissue.threshold import auto_threshold
 __all__ = [
     "blocks_any",
     "damaged_tile_grid",
+    "decode_failed_tiles",
     "masked_statistics",
     "patch_chunks",
     "pen_attrs",
@@ -126,14 +127,29 @@ def pen_flags(pixels: Any, tile: int, tile_variance: np.ndarray) -> np.ndarray:
     return to_numpy(pen_tiles(pixels, tile)).astype(bool) & np.isfinite(tile_variance)
 
 
+def decode_failed_tiles(failed: tuple[tuple[int, int, int, int], ...], tile: int, shape: tuple[int, int]) -> np.ndarray:
+    """Bool ``shape`` tile grid of a block: tiles with a pixel in one of the ``failed`` rectangles (block pixels)."""
+    out = np.zeros(shape, dtype=bool)
+    for y, x, h, w in failed:
+        out[y // tile : -(-(y + h) // tile), x // tile : -(-(x + w) // tile)] = True
+    return out
+
+
 def _block_statistics_task(
-    pixels: Any, excluded: np.ndarray, read_patches: np.ndarray, *, tile: int, patch: int, reject_pen: bool
+    block: Any, excluded: np.ndarray, read_patches: np.ndarray, *, tile: int, patch: int, reject_pen: bool
 ) -> np.ndarray:
-    """One block -> float64 ``(tiles_y, tiles_x, 3)``: tile variance, its patch's variance, pen (0/1)."""
+    """One block -> float64 ``(tiles_y, tiles_x, 4)``: tile variance, its patch's variance, pen (0/1), decode failed (0/1).
+
+    ``block`` is read with ``damaged="report"``: tiles the decoder reported errors in are
+    excluded like structurally damaged ones (no statistic, never tissue) and flagged.
+    """
+    pixels, failed = unpack_window(block)
+    excluded = np.asarray(excluded)[..., 0]
+    decode_failed = decode_failed_tiles(failed, tile, excluded.shape)
     with stage("statistics"):
-        tile_var, patch_var = masked_statistics(pixels, np.asarray(excluded)[..., 0], np.asarray(read_patches)[..., 0], tile=tile, patch=patch)
+        tile_var, patch_var = masked_statistics(pixels, excluded | decode_failed, np.asarray(read_patches)[..., 0], tile=tile, patch=patch)
         pen = pen_flags(pixels, tile, tile_var) if reject_pen and tile_var.size else np.zeros(tile_var.shape, dtype=bool)
-    return np.stack([tile_var, patch_var, pen.astype(np.float64)], axis=-1)
+    return np.stack([tile_var, patch_var, pen.astype(np.float64), decode_failed.astype(np.float64)], axis=-1)
 
 
 def pen_attrs() -> dict[str, Any]:
@@ -154,20 +170,25 @@ def two_stage_rule(tile_variance: Any, patch_variance_of_tile: Any, excluded: An
 
 
 # Statistics blocks (see _block_statistics_task): [..., 0] tile variance, [..., 1] its
-# patch's variance, [..., 2] pen (0/1).
+# patch's variance, [..., 2] pen (0/1), [..., 3] decode failed (0/1).
 
 
 def _tile_variance_block(stats: np.ndarray) -> np.ndarray:
     return stats[..., 0].astype(np.float32)
 
 
+def _read_error_block(stats: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+    """Structurally damaged tiles (from the scan) and tiles whose decoding failed."""
+    return excluded | (stats[..., 3] > 0)
+
+
 def _pen_mask_block(stats: np.ndarray, excluded: np.ndarray) -> np.ndarray:
-    return (stats[..., 2] > 0) & ~excluded
+    return (stats[..., 2] > 0) & ~_read_error_block(stats, excluded)
 
 
 def _tile_mask_block(stats: np.ndarray, excluded: np.ndarray, threshold: Any, *, reject_pen: bool) -> np.ndarray:
     """The two-stage rule on one statistics block (and pen removal when asked)."""
-    keep = two_stage_rule(stats[..., 0], stats[..., 1], excluded, float(threshold))
+    keep = two_stage_rule(stats[..., 0], stats[..., 1], _read_error_block(stats, excluded), float(threshold))
     return keep & ~_pen_mask_block(stats, excluded) if reject_pen else keep
 
 
@@ -286,7 +307,7 @@ def tissue_mask(
             coarse_level, read_patches, wanted = decision.coarse_level, decision.patches, decision.segments
         segments_total = int(grid.damaged.size)
         segments_decoded = int((~grid.damaged if wanted is None else wanted & ~grid.damaged).sum())
-        data = slide_array(opened, level, (data.chunks[0][0], data.chunks[1][0]), device, damaged="fill", wanted=wanted)
+        data = slide_array(opened, level, (data.chunks[0][0], data.chunks[1][0]), device, damaged="report", wanted=wanted)
     elif coarse not in ("auto", "none"):
         raise InvalidArgumentError(
             f"coarse={coarse!r} needs an image straight from wsi_xr.open_slide (this one was modified)."
@@ -306,7 +327,7 @@ def tissue_mask(
         data,
         excluded_input,
         read_patches_input,
-        chunks=tile_chunks + ((3,),),
+        chunks=tile_chunks + ((4,),),
         dtype=np.float64,
         meta=np.empty((0, 0, 0), dtype=np.float64),
         tile=tile,
@@ -338,8 +359,8 @@ def tissue_mask(
         value = float(threshold)
         method = "given"
         threshold_arg = (value, None)
-    read_error = xr.DataArray(excluded, dims=("tile_y", "tile_x"))
     tiles = {"rows": tile_chunks[0], "width": ntx}
+    read_error = per_row(_read_error_block, excluded_blocks, "ij", dtype=bool, **tiles)
     tile_mask = per_row(_tile_mask_block, excluded_blocks, "ij", *threshold_arg, dtype=bool, reject_pen=bool(reject_pen), **tiles)
     variables: dict[str, Any] = {}
     if reject_pen:
@@ -377,7 +398,7 @@ def tissue_mask(
             **variables,
             "tile_variance": (("tile_y", "tile_x"), tile_variance),
             "patch_mask": (("patch_y", "patch_x"), patch_mask),
-            "read_error": read_error,
+            "read_error": (("tile_y", "tile_x"), read_error),
             "threshold": ((), value),
         },
         coords=coords,

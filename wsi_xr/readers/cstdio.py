@@ -1,0 +1,195 @@
+"""What C libraries print while wsi_xr calls them: captured, logged, and used as evidence.
+
+cuCIM's C++ code reports problems by printing, not by raising: ``[Warning] Loading image
+(...) with a slow-path`` on stderr when it opens a stripped TIFF, and ``ERROR in line 205
+while decompressing JPEG image: Corrupt JPEG data ...`` on stdout when libjpeg-turbo finds
+damaged entropy-coded data in a tile, whose pixels it then returns wrong, without an
+exception. A library must not print, and a damaged tile must never be served, so every
+cuCIM call of wsi_xr runs inside :func:`c_output`:
+
+- C's ``stdout`` and ``stderr`` streams (the ``FILE *`` globals of the C library, which
+  ``printf`` and ``fprintf(stderr, ...)`` write to) point to unlinked temporary files for as
+  long as any wsi_xr call is inside the block. Python's own ``sys.stdout``/``sys.stderr``
+  (file descriptors 1 and 2) are left alone, so prints, progress bars and logging of the
+  caller and of other threads are unaffected. The streams are put back when the last call
+  leaves.
+- Each call gets the text printed while it ran (with several threads in cuCIM at once, a
+  call may also see another call's text: a suspicion, which the caller resolves by
+  decoding again alone, see :func:`c_output` ``exclusive``).
+- Every captured text is logged once to the ``wsi_xr.thirdparty`` logger at INFO (shown by
+  ``wsi-xr -v``).
+
+This works with glibc, where ``stdout``/``stderr`` are variables a program may assign.
+Elsewhere (no such symbols), nothing is captured and cuCIM prints as it does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+log = logging.getLogger("wsi_xr.thirdparty")
+
+__all__ = ["Captured", "c_output", "decoder_error"]
+
+
+@dataclass
+class Captured:
+    """The C-level text printed while one call ran (filled in when its block ends).
+
+    ``alone`` is True when no other wsi_xr call was inside :func:`c_output` at any moment
+    of this one: then the text is this call's own.
+    """
+
+    stdout: str = ""
+    stderr: str = ""
+    alone: bool = True
+
+    @property
+    def text(self) -> str:
+        return (self.stdout + self.stderr).strip()
+
+
+def decoder_error(text: str) -> bool:
+    """Whether captured decoder output reports a failure (libjpeg-turbo, libtiff, cuCIM errors and warnings about data)."""
+    lowered = text.lower()
+    return any(word in lowered for word in ("error", "corrupt", "premature", "invalid", "bogus", "not enough data", "failed"))
+
+
+class _SharedExclusive:
+    """Many shared holders, or one exclusive holder (a writer-preferring readers-writer lock)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+
+    @contextlib.contextmanager
+    def hold(self, exclusive: bool) -> Iterator[None]:
+        with self._cond:
+            if exclusive:
+                self._waiting_exclusive += 1
+                self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+                self._waiting_exclusive -= 1
+                self._exclusive = True
+            else:
+                self._cond.wait_for(lambda: not self._exclusive and self._waiting_exclusive == 0)
+                self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                if exclusive:
+                    self._exclusive = False
+                else:
+                    self._shared -= 1
+                self._cond.notify_all()
+
+
+class _Streams:
+    """The process's C ``stdout``/``stderr`` streams, pointed at temporary files while in use."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.available = False
+        try:
+            self.libc = ctypes.CDLL(None)
+            self.globals = [ctypes.c_void_p.in_dll(self.libc, name) for name in ("stdout", "stderr")]
+            self.libc.tmpfile.restype = ctypes.c_void_p
+            self.libc.fflush.argtypes = [ctypes.c_void_p]
+            self.libc.fileno.argtypes = [ctypes.c_void_p]
+            self.libc.fclose.argtypes = [ctypes.c_void_p]
+            self.available = True
+        except (OSError, ValueError, AttributeError):  # not glibc: nothing to capture with
+            pass
+        self.saved: list[int | None] = [None, None]
+        self.files: list[int] = []
+        self.logged = [0, 0]
+        self.entries = 0  # calls that have entered so far: a call is alone if none entered during it
+
+    def _flush(self) -> list[int]:
+        """Flush the temporary files; their sizes."""
+        sizes = []
+        for handle in self.files:
+            self.libc.fflush(handle)
+            sizes.append(os.fstat(self.libc.fileno(handle)).st_size)
+        return sizes
+
+    def _read(self, index: int, start: int, stop: int) -> str:
+        if stop <= start:
+            return ""
+        data = os.pread(self.libc.fileno(self.files[index]), stop - start, start)
+        return data.decode("utf-8", "replace")
+
+    def enter(self) -> tuple[list[int], int, bool]:
+        """Start capturing for one call: (file sizes at its start, entries so far, whether it is alone now)."""
+        with self.lock:
+            if self.users == 0:
+                handles = [self.libc.tmpfile() for _ in range(2)]
+                if not all(handles):
+                    for handle in handles:
+                        if handle:
+                            self.libc.fclose(handle)
+                    return [], self.entries, False
+                for variable in self.globals:
+                    self.libc.fflush(variable.value)  # what was printed before goes where it was going
+                self.files = handles
+                self.saved = [variable.value for variable in self.globals]
+                for variable, handle in zip(self.globals, handles):
+                    variable.value = handle
+                self.logged = [0, 0]
+            self.users += 1
+            self.entries += 1
+            return self._flush(), self.entries, self.users == 1
+
+    def leave(self, start: list[int], entries: int, alone: bool, captured: Captured) -> None:
+        with self.lock:
+            captured.alone = alone and self.entries == entries and self.users == 1
+            stop = self._flush() if self.files else []
+            if start and stop:
+                captured.stdout, captured.stderr = (self._read(i, start[i], stop[i]) for i in range(2))
+                for i in range(2):  # log each piece of text once, whichever call saw it
+                    fresh = self._read(i, self.logged[i], stop[i])
+                    for line in fresh.splitlines():
+                        if line.strip():
+                            log.info("cucim: %s", line.strip())
+                    self.logged[i] = stop[i]
+            self.users -= 1
+            if self.users == 0 and self.files:
+                for variable, old in zip(self.globals, self.saved):
+                    variable.value = old
+                for handle in self.files:
+                    self.libc.fclose(handle)
+                self.files = []
+
+
+_streams = _Streams()
+_access = _SharedExclusive()
+
+
+@contextlib.contextmanager
+def c_output(*, exclusive: bool = False) -> Iterator[Captured]:
+    """Capture what C code prints during the block (see the module docstring).
+
+    ``exclusive=True`` waits until no other wsi_xr call is inside such a block and keeps
+    them out until it ends: the text captured is then this block's alone (used to find
+    which tile a decoder complained about). The returned :class:`Captured` is filled in
+    when the block ends.
+    """
+    captured = Captured()
+    with _access.hold(exclusive):
+        if not _streams.available:
+            yield captured
+            return
+        start, entries, alone = _streams.enter()
+        try:
+            yield captured
+        finally:
+            _streams.leave(start, entries, alone, captured)
