@@ -8,8 +8,8 @@ exception. A library must not print, and a damaged tile must never be served, so
 cuCIM call of wsi_xr runs inside :func:`c_output`:
 
 - C's ``stdout`` and ``stderr`` streams (the ``FILE *`` globals of the C library, which
-  ``printf`` and ``fprintf(stderr, ...)`` write to) point to unlinked temporary files for as
-  long as any wsi_xr call is inside the block. Python's own ``sys.stdout``/``sys.stderr``
+  ``printf`` and ``fprintf(stderr, ...)`` write to) point to two unlinked temporary files
+  (opened once, kept open) for as long as any wsi_xr call is inside the block. Python's own ``sys.stdout``/``sys.stderr``
   (file descriptors 1 and 2) are left alone, so prints, progress bars and logging of the
   caller and of other threads are unaffected. The streams are put back when the last call
   leaves.
@@ -93,7 +93,12 @@ class _SharedExclusive:
 
 
 class _Streams:
-    """The process's C ``stdout``/``stderr`` streams, pointed at temporary files while in use."""
+    """The process's C ``stdout``/``stderr`` streams, pointed at temporary files while in use.
+
+    The two temporary files (unlinked: nothing is left on disk) are opened on first use and
+    stay open for the life of the process: another thread may have read the stream pointer
+    just before it is put back, and must never write to a closed stream.
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -111,8 +116,20 @@ class _Streams:
             pass
         self.saved: list[int | None] = [None, None]
         self.files: list[int] = []
-        self.logged = [0, 0]
+        self.logged = [0, 0]  # how much of each file has been logged
         self.entries = 0  # calls that have entered so far: a call is alone if none entered during it
+
+    def _open_files(self) -> bool:
+        if self.files:
+            return True
+        handles = [self.libc.tmpfile() for _ in range(2)]
+        if not all(handles):
+            for handle in handles:
+                if handle:
+                    self.libc.fclose(handle)
+            return False
+        self.files = handles
+        return True
 
     def _flush(self) -> list[int]:
         """Flush the temporary files; their sizes."""
@@ -128,46 +145,37 @@ class _Streams:
         data = os.pread(self.libc.fileno(self.files[index]), stop - start, start)
         return data.decode("utf-8", "replace")
 
-    def enter(self) -> tuple[list[int], int, bool]:
-        """Start capturing for one call: (file sizes at its start, entries so far, whether it is alone now)."""
+    def enter(self) -> tuple[list[int], int, bool] | None:
+        """Start capturing for one call: (file sizes at its start, entries so far, whether it is alone
+        now), or None when nothing can be captured (no temporary file)."""
         with self.lock:
             if self.users == 0:
-                handles = [self.libc.tmpfile() for _ in range(2)]
-                if not all(handles):
-                    for handle in handles:
-                        if handle:
-                            self.libc.fclose(handle)
-                    return [], self.entries, False
+                if not self._open_files():
+                    return None
                 for variable in self.globals:
                     self.libc.fflush(variable.value)  # what was printed before goes where it was going
-                self.files = handles
                 self.saved = [variable.value for variable in self.globals]
-                for variable, handle in zip(self.globals, handles):
+                for variable, handle in zip(self.globals, self.files):
                     variable.value = handle
-                self.logged = [0, 0]
             self.users += 1
             self.entries += 1
             return self._flush(), self.entries, self.users == 1
 
-    def leave(self, start: list[int], entries: int, alone: bool, captured: Captured) -> None:
+    def leave(self, token: tuple[list[int], int, bool], captured: Captured) -> None:
+        start, entries, alone = token
         with self.lock:
             captured.alone = alone and self.entries == entries and self.users == 1
-            stop = self._flush() if self.files else []
-            if start and stop:
-                captured.stdout, captured.stderr = (self._read(i, start[i], stop[i]) for i in range(2))
-                for i in range(2):  # log each piece of text once, whichever call saw it
-                    fresh = self._read(i, self.logged[i], stop[i])
-                    for line in fresh.splitlines():
-                        if line.strip():
-                            log.info("cucim: %s", line.strip())
-                    self.logged[i] = stop[i]
+            stop = self._flush()
+            captured.stdout, captured.stderr = (self._read(i, start[i], stop[i]) for i in range(2))
+            for i in range(2):  # log each piece of text once, whichever call saw it
+                for line in self._read(i, self.logged[i], stop[i]).splitlines():
+                    if line.strip():
+                        log.info("cucim: %s", line.strip())
+                self.logged[i] = stop[i]
             self.users -= 1
-            if self.users == 0 and self.files:
+            if self.users == 0:
                 for variable, old in zip(self.globals, self.saved):
                     variable.value = old
-                for handle in self.files:
-                    self.libc.fclose(handle)
-                self.files = []
 
 
 _streams = _Streams()
@@ -188,8 +196,11 @@ def c_output(*, exclusive: bool = False) -> Iterator[Captured]:
         if not _streams.available:
             yield captured
             return
-        start, entries, alone = _streams.enter()
+        token = _streams.enter()
+        if token is None:
+            yield captured
+            return
         try:
             yield captured
         finally:
-            _streams.leave(start, entries, alone, captured)
+            _streams.leave(token, captured)
