@@ -58,6 +58,10 @@ def test_unreachable_scheduler_names_the_address(cmu: Path, weights: Path, tmp_p
     assert done.returncode == 2
     assert "Dask scheduler at tcp://127.0.0.1:9" in done.stderr and "is running" in done.stderr, done.stderr
     assert "free space" not in done.stderr and "Traceback" not in done.stderr
+    from wsi_xr.cluster import check_scheduler_address
+
+    for address in ("tcp://10.0.0.5:8786", "10.0.0.5:8786", "ucx://node1:8786"):  # distributed's forms
+        check_scheduler_address(address)
     bad = _run("run", cmu, tmp_path / "o.zarr", "--weights", weights, "--scheduler", "localhost")
     assert bad.returncode == 2 and "PROTOCOL://HOST:PORT" in bad.stderr, bad.stderr
     assert not (tmp_path / "o.zarr").exists()

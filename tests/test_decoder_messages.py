@@ -137,3 +137,34 @@ def test_capture_leaves_python_output_and_c_output_outside_reads_alone(
     libc.fflush(None)
     out, _ = capfd.readouterr()
     assert "python-side progress" in out and "c-side line" in out
+
+
+def test_a_notice_naming_a_path_is_not_a_decoder_error(tmp_path: Path) -> None:
+    """cuCIM's slow-path warning names the file; a path with "failed" in it is not a failure."""
+    folder = tmp_path / "failed_scans"
+    folder.mkdir()
+    slide = folder / "invalid-error.tif"
+    pixels = np.random.default_rng(0).integers(0, 255, (700, 900, 3), dtype=np.uint8)
+    tifffile.imwrite(slide, pixels, photometric="rgb")  # stripped, uncompressed: cuCIM's slow path
+    clear_caches()
+    image = wsi_xr.open_slide(slide, backend="cucim")
+    with dask.config.set(scheduler="sync"):  # one read at a time: every complaint would be "alone"
+        np.testing.assert_array_equal(image.values, pixels)
+        mask = wsi_xr.tissue_mask(wsi_xr.open_slide(slide, backend="cucim"), threshold=50).compute()
+    assert not mask.read_error.values.any()
+
+
+def test_a_store_started_without_decoder_checks_is_not_resumed(flipped: tuple[Path, Path], weights: Path, tmp_path: Path) -> None:
+    """A half-done 0.2.0 store: its finished chunks were scored without the decoder check."""
+    import json
+
+    clean, _ = flipped
+    store = tmp_path / "old.zarr"
+    wsi_xr.process_slide(clean, store, weights=weights, chunks=512, progress=False)
+    meta = json.loads((store / "zarr.json").read_text())
+    del meta["attributes"]["wsi_xr_run"]["read_checks"]  # what 0.2.0 wrote
+    (store / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(wsi_xr.StoreError, match="did not check for decoder errors"):
+        wsi_xr.process_slide(clean, store, weights=weights, chunks=512, progress=False)
+    redone = wsi_xr.process_slide(clean, store, weights=weights, chunks=512, overwrite=True, progress=False)
+    assert redone.attrs["wsi_xr_run"]["read_checks"] >= 1

@@ -7,6 +7,7 @@ word, and so did ``wsi-xr mask``.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import xarray as xr
 
 import wsi_xr
@@ -138,3 +140,86 @@ def test_file_outputs_never_replace_another_kind_of_file(command: list[str], syn
     done = subprocess.run(CLI + args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "not a" in done.stderr, done.stderr
     assert target.read_bytes() == THESIS
+
+
+def test_hidden_folders_stray_chunk_files_and_lookalike_groups_are_foreign(synth_slide: Path, tmp_path: Path) -> None:
+    """Review finds on the first version: a user's hidden folder, a file under an array's
+    chunk folder, and another tool's group with a ``slides`` attribute were taken for wsi_xr's."""
+    from wsi_xr.store import foreign_content
+
+    mask = wsi_xr.tissue_mask(wsi_xr.open_slide(synth_slide), threshold=50).compute()
+    store = write_zarr(mask, tmp_path / "st.zarr")
+    assert foreign_content(store) is None
+    (store / ".my_notes").mkdir()
+    (store / ".my_notes" / "thesis.txt").write_text("mine")
+    with pytest.raises(wsi_xr.StoreError, match=".my_notes"):
+        write_zarr(mask, store, overwrite=True)
+    assert (store / ".my_notes" / "thesis.txt").read_text() == "mine"
+    shutil.rmtree(store / ".my_notes")
+    stray = store / "tile_mask" / "c" / "extra"
+    stray.mkdir(parents=True)
+    (stray / "user.txt").write_text("mine")
+    with pytest.raises(wsi_xr.StoreError, match="extra"):
+        write_zarr(mask, store, overwrite=True)
+    assert (stray / "user.txt").exists()
+    other = tmp_path / "other.zarr"
+    xr.Dataset({"a": ("x", np.arange(3))}, attrs={"slides": ["mine"]}).to_zarr(other, zarr_format=3)
+    assert foreign_content(other) is not None
+
+
+def test_a_running_store_is_never_replaced_by_a_mask(synth_slide: Path, tmp_path: Path) -> None:
+    import os
+
+    from wsi_xr.store import StoreLock
+
+    mask = wsi_xr.tissue_mask(wsi_xr.open_slide(synth_slide), threshold=50).compute()
+    store = write_zarr(mask, tmp_path / "busy.zarr")
+    lock = tmp_path / ".busy.zarr.lock"
+    import socket
+
+    lock.write_text(f"{os.getppid()} {socket.gethostname()}")  # a live process holds it
+    with pytest.raises(wsi_xr.StoreError, match="in use by another wsi_xr run"):
+        write_zarr(mask, store, overwrite=True)
+    lock.unlink()
+    with StoreLock(store):
+        pass
+
+
+def test_an_interrupted_replacement_puts_the_old_store_back(tmp_path: Path) -> None:
+    from wsi_xr.store import swap_in
+
+    old = tmp_path / "out.zarr"
+    old.mkdir()
+    (old / "zarr.json").write_text("{}")
+    with pytest.raises(FileNotFoundError):
+        swap_in(tmp_path / "missing-new-store", old)  # the second rename fails
+    assert (old / "zarr.json").read_text() == "{}" and not list(tmp_path.glob(".out.zarr.replaced-*"))
+
+
+def test_only_files_wsi_xr_wrote_are_replaced(synth_slide: Path, weights: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from wsi_xr.outputs import check_output_file
+    from wsi_xr.synth import write_synthetic_slide
+
+    real = tmp_path / "CMU-1.svs"
+    shutil.copy(synth_slide, real)  # stands for a real slide: a TIFF wsi_xr's synth did not write
+    tifffile.imwrite(real, np.zeros((64, 64, 3), np.uint8), photometric="rgb", description="Aperio Image Library")
+    with pytest.raises(wsi_xr.StoreError, match="not a tiff file that wsi_xr wrote"):
+        write_synthetic_slide(real, 300, 300)
+    write_synthetic_slide(tmp_path / "s.tif", 300, 300)
+    write_synthetic_slide(tmp_path / "s.tif", 300, 300, seed=2)  # a synthetic slide: replaced
+    users_table = tmp_path / "table.parquet"
+    pd.DataFrame({"patient": [1, 2]}).to_parquet(users_table)
+    with pytest.raises(wsi_xr.StoreError, match="not a parquet file that wsi_xr wrote"):
+        check_output_file(users_table, "parquet")
+    old_rows = tmp_path / "rows-0.2.0.parquet"  # written by 0.2.0: no marker, its columns
+    pd.DataFrame({"x": [0], "y": [0], **{f"latent_{i}": [0.0] for i in range(32)}}).to_parquet(old_rows)
+    check_output_file(old_rows, "parquet")
+    users_model = tmp_path / "model.pt"
+    import torch
+
+    torch.save({"state_dict": {}}, users_model)  # someone's checkpoint, not written by wsi_xr
+    with pytest.raises(wsi_xr.StoreError, match="not a weights file that wsi_xr wrote"):
+        check_output_file(users_model, "weights")
+    check_output_file(weights, "weights")  # save_vae's file: replaceable

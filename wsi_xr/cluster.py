@@ -17,12 +17,13 @@ log = logging.getLogger("wsi_xr")
 
 
 def check_scheduler_address(scheduler: str) -> None:
-    """Raise :class:`ClusterError` unless ``scheduler`` is ``"threads"`` or looks like ``PROTOCOL://HOST:PORT``."""
+    """Raise :class:`ClusterError` unless ``scheduler`` is ``"threads"``, ``PROTOCOL://HOST:PORT`` or
+    ``HOST:PORT`` (distributed then assumes tcp)."""
     if scheduler == "threads":
         return
-    protocol, sep, rest = scheduler.partition("://")
+    protocol, sep, rest = scheduler.rpartition("://")
     host, colon, port = rest.rpartition(":")
-    if not sep or not protocol or not host or not colon or not port.isdigit():
+    if (sep and not protocol) or not host or not colon or not port.isdigit():
         raise ClusterError(
             f"--scheduler {scheduler!r}: give the address of a Dask scheduler as PROTOCOL://HOST:PORT "
             "(e.g. tcp://10.0.0.5:8786, as `dask scheduler` prints it), or 'threads' for the local threaded scheduler."

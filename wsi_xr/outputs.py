@@ -31,18 +31,27 @@ def check_parent(out: Path) -> None:
         raise StoreError(f"{out}: the folder {parent} is not writable ({err.strerror}); choose another output path.") from err
 
 
-#: First bytes of the files wsi_xr writes, by kind: an existing file is replaced only when it is of that kind.
+#: First bytes of the files wsi_xr writes, by kind.
 FILE_SIGNATURES: dict[str, tuple[bytes, ...]] = {
     "parquet": (b"PAR1",),
     "png": (b"\x89PNG\r\n\x1a\n",),
     "weights": (b"PK\x03\x04", b"\x80"),  # torch.save: a zip archive (or a legacy pickle)
-    "json": (b"{", b"["),
+    "json": (b"{",),
     "tiff": (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"),
 }
+#: The Software text wsi_xr puts in its PNG figures.
+PNG_SOFTWARE = "wsi_xr"
 
 
 def looks_like(path: Path, kind: str) -> bool:
-    """Whether the existing file ``path`` is a ``kind`` file by its first bytes (a weights file: by its layout too)."""
+    """Whether the existing file ``path`` is a ``kind`` file that wsi_xr wrote.
+
+    Recognised by content, never by name: a Parquet file of tile rows (wsi_xr's schema
+    metadata, or the columns ``x, y, latent_0...`` of earlier versions), a PNG whose
+    Software text is wsi_xr's (or matplotlib's, as 0.2.0 wrote), a weights file with wsi_xr's
+    metadata block, an ``eval-vae`` JSON report, a synthetic slide (its description says so).
+    A real slide, a user's own model or figure or table is never replaced.
+    """
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
@@ -52,25 +61,63 @@ def looks_like(path: Path, kind: str) -> bool:
         head = head.lstrip()
     if not head.startswith(FILE_SIGNATURES[kind]):
         return False
-    if kind == "weights":
-        from wsi_xr.models.weights import is_weights_file
+    try:
+        return _RECOGNISE[kind](path)
+    except Exception:  # unreadable or not what it seemed: not ours
+        return False
 
-        return is_weights_file(path)
-    return True
+
+def _parquet_is_ours(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    if schema.metadata and b"wsi_xr" in schema.metadata:
+        return True
+    names = [n for n in schema.names if n != "slide"]
+    return names[:3] == ["x", "y", "latent_0"] and all(n.startswith("latent_") for n in names[2:])
+
+
+def _png_is_ours(path: Path) -> bool:
+    data = Path(path).read_bytes()[:65536]
+    return b"Software\x00" + PNG_SOFTWARE.encode() in data or b"Software\x00Matplotlib" in data or b"Software\x00matplotlib" in data
+
+
+def _weights_are_ours(path: Path) -> bool:
+    from wsi_xr.models.weights import is_weights_file, read_metadata
+
+    return is_weights_file(path) and bool(read_metadata(path))
+
+
+def _json_is_ours(path: Path) -> bool:
+    import json
+
+    doc = json.loads(Path(path).read_text())
+    return isinstance(doc, dict) and "weights" in doc and "overall" in doc
+
+
+def _tiff_is_ours(path: Path) -> bool:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        return str(tif.pages[0].description).startswith("wsi_xr synthetic slide")
+
+
+_RECOGNISE = {"parquet": _parquet_is_ours, "png": _png_is_ours, "weights": _weights_are_ours, "json": _json_is_ours, "tiff": _tiff_is_ours}
 
 
 def check_output_file(path: str | os.PathLike[str], kind: str) -> Path:
-    """Check an output file path: new, or an existing file of ``kind`` (see :data:`FILE_SIGNATURES`).
+    """Check an output file path: new, or an existing ``kind`` file that wsi_xr wrote (:func:`looks_like`).
 
-    A folder is never replaced by a file, and a file of another kind (a document at the
-    path of a figure, say) is never overwritten. The parent folder must be writable.
+    A folder is never replaced by a file, and any other file (a document at the path of a
+    figure, a real slide at the path of a synthetic one) is never overwritten. The parent
+    folder must be writable.
     """
     out = Path(path)
     if out.is_dir():
         raise StoreError(f"{out}: is a folder; wsi_xr writes a {kind} file here and never replaces a folder. Give a file path.")
     if out.exists() and not looks_like(out, kind):
         raise StoreError(
-            f"{out}: exists and is not a {kind} file; wsi_xr replaces only files of the kind it writes. "
+            f"{out}: exists and is not a {kind} file that wsi_xr wrote; wsi_xr replaces only its own outputs. "
             "Choose another output path."
         )
     check_parent(out)

@@ -81,6 +81,10 @@ __all__ = [
 
 log = logging.getLogger("wsi_xr")
 
+#: Version of the checks every read makes (1: tiles the decoder complained about are read
+#: errors). A store started with fewer checks is not resumed: its chunks were not checked.
+READ_CHECKS = 1
+
 #: The lowest threshold "auto" can choose: tiles above it are encoded as candidates.
 CANDIDATE_FLOOR = THRESHOLD_RANGE[0]
 
@@ -232,6 +236,7 @@ def run_fingerprint(opened: OpenedSlide, options: RunOptions, chunks: tuple[tupl
         "weights_sha256": options.ref.sha256,
         "precision": options.precision,
         "reject_pen": options.reject_pen,
+        "read_checks": READ_CHECKS,
     }
 
 

@@ -24,6 +24,14 @@ TISSUE_COLOUR, READ_ERROR_COLOUR, PEN_COLOUR = "#1b9e77", "#d7191c", "#7570b3"
 SKIPPED_COLOUR = "#bdbdbd"
 
 
+def _software() -> str:
+    """The PNG Software text: marks the figure as wsi_xr's (so a rerun may replace it, and nothing else)."""
+    from wsi_xr import __version__
+    from wsi_xr.outputs import PNG_SOFTWARE
+
+    return f"{PNG_SOFTWARE} {__version__}"
+
+
 def thumbnail(slide: str | os.PathLike[str], max_side: int = THUMBNAIL_SIDE) -> xr.DataArray:
     """A small RGB image of the slide with level-0 coordinates, read from the best level.
 
@@ -104,7 +112,7 @@ def plot_mask_overlay(mask: xr.Dataset, slide: str | os.PathLike[str], out: str 
     fig.suptitle(Path(str(slide)).name)
     fig.tight_layout()
     out = check_output_file(out, "png")  # a PNG replaces a PNG, never a folder or another file
-    fig.savefig(out)
+    fig.savefig(out, metadata={"Software": _software()})
     plt.close(fig)
     return out
 
@@ -153,7 +161,7 @@ def plot_latent_map(ds: xr.Dataset, out: str | os.PathLike[str], slide: str | os
         ax.set_xlabel("x (level-0 px)")
     fig.tight_layout()
     out = check_output_file(out, "png")  # a PNG replaces a PNG, never a folder or another file
-    fig.savefig(out)
+    fig.savefig(out, metadata={"Software": _software()})
     plt.close(fig)
     return out
 
@@ -202,6 +210,6 @@ def plot_reconstructions(
     fig.suptitle(f"{Path(str(slide)).name}: tissue tiles and reconstructions from the 32 latents ({Path(str(weights)).name if weights else 'default weights'})", fontsize=8)
     fig.tight_layout()
     out = check_output_file(out, "png")  # a PNG replaces a PNG, never a folder or another file
-    fig.savefig(out)
+    fig.savefig(out, metadata={"Software": _software()})
     plt.close(fig)
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -45,6 +46,7 @@ def check_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
             )
         if not overwrite:
             raise StoreError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it.")
+        StoreLock(out).check()  # a run writing this store right now
     check_parent(out)
     return out
 
@@ -73,15 +75,12 @@ def write_zarr(ds: xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             ds.to_zarr(partial, mode="w-", zarr_format=3, consolidated=True)
-        if out.exists():  # checked above: a store wsi_xr wrote, or an empty folder
-            trash = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
-            os.rename(out, trash)
-            os.rename(partial, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(partial, out)
+        with StoreLock(out):  # never under a run that is writing this store
+            if out.exists() and foreign_content(out) is not None:  # changed since the check
+                raise StoreError(f"{out}: holds data that wsi_xr did not write ({foreign_content(out)}); nothing was replaced.")
+            swap_in(partial, out)
     except OSError as err:
-        raise StoreError(f"{out}: could not write the store ({err}); nothing was kept.") from err
+        raise StoreError(f"{out}: could not write the store ({err}); a store that was there is unchanged.") from err
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
@@ -208,13 +207,29 @@ MASK_ATTR = "wsi_xr_mask"
 _ARRAY_ENTRIES = {"zarr.json", "c"}
 
 
-def _is_our_group(attrs: dict[str, Any] | None) -> bool:
+#: Hidden entries wsi_xr itself leaves inside a cohort store: half-built and replaced slide groups.
+_OUR_TEMPORARY = re.compile(r"^\..+\.(creating|replaced|partial)-[0-9a-f]{8}$")
+
+
+def _is_our_group(folder: Path, attrs: dict[str, Any] | None) -> bool:
     if attrs is None:
         return False
     if RUN_ATTR in attrs or COHORT_ATTR in attrs or MASK_ATTR in attrs:
         return True
-    # mask stores written before the marker (0.1.0, 0.2.0): the mask's own attributes
-    return {"tile", "patch", "threshold_method", "patches_total"} <= set(attrs) or "slides" in attrs
+    if {"tile", "patch", "threshold_method", "patches_total"} <= set(attrs):
+        return True  # a mask store written before the marker (0.1.0, 0.2.0): the mask's own attributes
+    if "slides" in attrs:  # a 0.1.0 cohort: slide groups with run fingerprints
+        return any(RUN_ATTR in (_zarr_attrs(child) or {}) for child in folder.iterdir() if child.is_dir())
+    return False
+
+
+def _chunk_keys_only(folder: Path) -> str | None:
+    """The first entry under an array's ``c/`` folder that is not a chunk key (digits), or None."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            if not name.isdigit():
+                return str(Path(root) / name)
+    return None
 
 
 def foreign_content(folder: Path) -> str | None:
@@ -230,7 +245,7 @@ def foreign_content(folder: Path) -> str | None:
     if not _holds_anything(folder):
         return None
     attrs = _zarr_attrs(folder)
-    if not _is_our_group(attrs):
+    if not _is_our_group(folder, attrs):
         first = sorted(p.name for p in folder.iterdir())[0]
         return f"{folder / first}" if attrs is None else f"{folder / 'zarr.json'}: a Zarr group that is not a wsi_xr store"
     for child in sorted(folder.iterdir()):
@@ -238,13 +253,20 @@ def foreign_content(folder: Path) -> str | None:
             continue
         if not child.is_dir():
             return str(child)
-        if child.name.startswith("."):
-            continue  # wsi_xr's temporaries (half-built groups, replaced stores)
+        if _OUR_TEMPORARY.match(child.name):
+            inner = foreign_content(child) if _zarr_attrs(child) is not None else None
+            if inner is not None:
+                return inner
+            continue  # wsi_xr's own half-built or replaced group
         meta = _zarr_node(child)
         if meta == "array":
             extra = sorted(set(p.name for p in child.iterdir()) - _ARRAY_ENTRIES)
             if extra:
                 return str(child / extra[0])
+            if (child / "c").is_dir():  # a 0-d array's one chunk is the file "c"
+                stray = _chunk_keys_only(child / "c")
+                if stray is not None:
+                    return stray
         elif meta == "group":
             inner = foreign_content(child)
             if inner is not None:
@@ -348,6 +370,25 @@ def _temp_name(target: Path) -> Path:
     return target.parent / f".{target.name}.creating-{uuid.uuid4().hex[:8]}"
 
 
+def swap_in(new: Path, target: Path) -> None:
+    """Put the folder ``new`` at ``target`` (atomic rename); a store already there is replaced.
+
+    The old store is renamed aside first and deleted only once ``new`` is in place; if the
+    second rename fails or is interrupted (Ctrl-C, SIGTERM), the old store is put back.
+    """
+    if not target.exists():
+        os.rename(new, target)
+        return
+    trash = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
+    os.rename(target, trash)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(trash, target)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def remove_stale_temporaries(target: Path) -> None:
     """Delete half-built groups that a killed run left beside ``target`` (hold the lock first)."""
     for stale in target.parent.glob(f".{target.name}.creating-*"):
@@ -368,13 +409,7 @@ def _build_then_rename(target: Path, build: Any) -> None:
         failpoint("create-begin")
         build(group)
         failpoint("create-rename")
-        if target.exists():  # an empty folder (checked by the caller) or a store being replaced
-            trash = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
-            os.rename(target, trash)
-            os.rename(temp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(temp, target)
+        swap_in(temp, target)
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
@@ -430,6 +465,12 @@ def check_slide_target(store: Path, group_name: str | None, fingerprint: dict[st
         if "layout" not in existing:
             raise _old_layout_error(store)
         differ = _fingerprint_differences(existing, fingerprint)
+        if differ == ["read_checks"]:
+            raise StoreError(
+                f"{where}: was started by an earlier wsi_xr (0.2.0) whose reads did not check for decoder errors, "
+                "so its finished chunks may hold tiles scored and encoded from damaged data. Pass --overwrite "
+                "(overwrite=True) to recompute it."
+            )
         if differ:
             raise StoreError(
                 f"{where}: was made from a different slide or with different parameters ({', '.join(differ)} "
@@ -623,6 +664,13 @@ def tile_rows(ds: xr.Dataset, slide: str | None = None) -> "Any":
     return frame
 
 
+def _parquet_marker() -> bytes:
+    """The Parquet schema metadata that marks a file as wsi_xr's tile rows."""
+    from wsi_xr import __version__
+
+    return json.dumps({"version": __version__, "rows": "one per tissue tile"}).encode()
+
+
 def write_tile_parquet(frames: Iterator[Any], out: str | os.PathLike[str]) -> int:
     """Stream DataFrames (same columns) into one Parquet file, one row group each.
 
@@ -639,6 +687,7 @@ def write_tile_parquet(frames: Iterator[Any], out: str | os.PathLike[str]) -> in
     try:
         for frame in frames:
             table = pa.Table.from_pandas(frame, preserve_index=False)
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"wsi_xr": _parquet_marker()})
             if writer is None:
                 writer = pq.ParquetWriter(partial, table.schema)
             writer.write_table(table)

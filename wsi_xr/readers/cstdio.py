@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -55,10 +56,24 @@ class Captured:
         return (self.stdout + self.stderr).strip()
 
 
+#: Quoted text (a file path in a message) is not evidence: a slide in ``failed_scans/`` is not a failure.
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+#: Words of a decoder reporting bad data (libjpeg-turbo, libtiff, cuCIM's own errors).
+_FAILURE = re.compile(r"\b(error|corrupt|premature|invalid|bogus|not enough data|failed|unsupported)\b", re.IGNORECASE)
+
+
 def decoder_error(text: str) -> bool:
-    """Whether captured decoder output reports a failure (libjpeg-turbo, libtiff, cuCIM errors and warnings about data)."""
-    lowered = text.lower()
-    return any(word in lowered for word in ("error", "corrupt", "premature", "invalid", "bogus", "not enough data", "failed"))
+    """Whether captured decoder output reports a failure.
+
+    Each line is judged with its quoted parts (paths) removed; cuCIM's notices (lines
+    starting ``[Warning]`` or ``[Info]``, e.g. the slow-path warning for stripped TIFFs)
+    are not failures.
+    """
+    for line in text.splitlines():
+        line = _QUOTED.sub("", line).strip()
+        if line and not line.startswith(("[Warning]", "[Info]")) and _FAILURE.search(line):
+            return True
+    return False
 
 
 class _SharedExclusive:
