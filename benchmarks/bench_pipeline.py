@@ -46,7 +46,7 @@ def run_case(case: str, slide: str, weights: str | None, repeat: int) -> dict:
             return {"seconds": seconds}
         if case == "pipeline":
             store = Path(tempfile.mkdtemp()) / "p.zarr"
-            seconds = _time(lambda: wsi_xr.process_slide(slide, store, weights=weights, chunks=2048, coarse="none", overwrite=True, progress=False), repeat)
+            seconds = _time(lambda: wsi_xr.process_slide(slide, store, weights=weights, chunks=2048, coarse="none", overwrite=True, progress=False, torch_threads="auto"), repeat)
             ds = xr.open_zarr(store)
             start = time.perf_counter()
             copy = Path(tempfile.mkdtemp()) / "copy.zarr"

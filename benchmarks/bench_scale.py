@@ -139,7 +139,8 @@ def case_pipeline(slide: str, precision: str, tree: str | None, out: str, weight
     import dask
 
     wsi_xr = _import_wsi_xr(tree)
-    extra = {} if tree else {"precision": precision, "batch_size": batch_size}
+    # this tree: torch threads as `wsi-xr run` sets them (0.2.0 set them itself, in every task's process)
+    extra = {} if tree else {"precision": precision, "batch_size": batch_size, "torch_threads": "auto"}
     if not tree:
         from wsi_xr._timing import reset_stage_seconds
 

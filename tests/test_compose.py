@@ -130,7 +130,7 @@ def test_two_stores_with_the_same_folder_name_on_one_client(
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, Client(cluster) as client:
         for store in stores:
             store.parent.mkdir()
-        runs = [_prepare(slide, store, None, options, False, "auto") for slide, store in zip(two_slides, stores)]
+        runs = [_prepare(slide, store, None, options, False, "auto", client) for slide, store in zip(two_slides, stores)]
         _run_all(runs, client, progress=False)
     for store, reference in zip(stores, alone):
         ds = xr.open_zarr(store, consolidated=False)

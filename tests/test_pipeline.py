@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -209,7 +210,9 @@ def test_distributed_cluster_by_address(synth_slide: Path, weights: Path, tmp_pa
         port = s.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    worker_tmp = tmp_path / "worker-tmp"  # the workers' temp folder is not the client's
+    worker_tmp.mkdir()
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False", "TMPDIR": str(worker_tmp)}
     scheduler = subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = []
     try:
@@ -230,6 +233,15 @@ def test_distributed_cluster_by_address(synth_slide: Path, weights: Path, tmp_pa
             np.testing.assert_array_equal(remote[name].values, local[name].values, err_msg=name)
         tolerance = latent_tolerance(synth_slide, weights, local.tile_mask.values)
         assert_latents_agree(remote.latent.values, local.latent.values, tolerance, "latents of a remote cluster's run")
+        # A model object travels as bytes: the workers never see a path, and no file is left behind.
+        model = load_vae(weights)
+        client_tmp = set(Path(tempfile.gettempdir()).iterdir())
+        with Client(address, timeout=60) as client:
+            from_object = process_slide(synth_slide, tmp_path / "object.zarr", weights=model, chunks=512, client=client).compute()
+        assert from_object.attrs["weights"] is None and from_object.attrs["weights_sha256"]
+        assert_latents_agree(from_object.latent.values, local.latent.values, tolerance, "latents of a model object on a remote cluster")
+        assert set(Path(tempfile.gettempdir()).iterdir()) == client_tmp, "a temp file was left behind"
+        assert not list(worker_tmp.rglob("*.pt"))
     finally:
         for proc in workers + [scheduler]:
             proc.terminate()

@@ -101,15 +101,67 @@ def test_tiles_accessor(synth_slide: Path) -> None:
         image.wsi.tiles(0)
 
 
-def test_xarray_backend_gives_same_objects(synth_slide: Path) -> None:
+def test_xarray_backend_follows_xarrays_conventions(synth_slide: Path) -> None:
+    from wsi_xr.readers import clear_caches, trace_reads
+
     direct = wsi_xr.open_slide(synth_slide)
-    via_engine = xr.open_dataarray(synth_slide, engine="wsi_xr")
-    assert via_engine.identical(direct)
-    assert via_engine.data.name == direct.data.name  # same deterministic graph
-    level2 = xr.open_dataarray(synth_slide, engine="wsi_xr", level=2)
-    assert level2.identical(wsi_xr.open_slide(synth_slide, level=2))
-    tree = xr.open_datatree(synth_slide, engine="wsi_xr")
-    assert tree.identical(wsi_xr.open_pyramid(synth_slide))
+    lazy = xr.open_dataarray(synth_slide, engine="wsi_xr")  # no chunks=: xarray's lazy indexing, no Dask
+    assert not isinstance(lazy.variable._data, dask.array.Array) and lazy.name == "image"
+    assert lazy.attrs == direct.attrs and lazy.encoding["source"] == direct.encoding["source"]
+    xr.testing.assert_identical(lazy.coords.to_dataset(), direct.coords.to_dataset())
+    clear_caches()
+    with trace_reads() as calls:
+        window = lazy.isel(y=slice(1000, 1300, 2), x=slice(2000, 2100)).values
+    assert calls == [(0, 1000, 2000, 299, 100)]  # one read of the covering window, nothing else
+    np.testing.assert_array_equal(window, tifffile.imread(synth_slide, level=0)[1000:1300:2, 2000:2100])
+    np.testing.assert_array_equal(lazy.isel(y=7, x=slice(30, 10, -3)).values, direct.isel(y=7, x=slice(30, 10, -3)).values)
+    chunked = xr.open_dataarray(synth_slide, engine="wsi_xr", chunks={})  # the file's preferred chunks
+    assert chunked.chunks == direct.chunks and chunked.encoding["preferred_chunks"]["y"] == direct.chunks[0][0]
+    xr.testing.assert_identical(chunked.isel(y=slice(0, 700), x=slice(900, 1300)).compute(), direct.isel(y=slice(0, 700), x=slice(900, 1300)).compute())
+    assert xr.open_dataarray(synth_slide, engine="wsi_xr", chunks={"y": 4096, "x": 2048}).chunks[:2] == ((2600,), (2048, 952))
+    level2 = xr.open_dataarray(synth_slide, engine="wsi_xr", level=2, chunks={})
+    xr.testing.assert_identical(level2.compute(), wsi_xr.open_slide(synth_slide, level=2).compute())
+    dropped = xr.open_dataset(synth_slide, engine="wsi_xr", drop_variables=["image"])
+    assert list(dropped.data_vars) == [] and dropped.sizes["y"] == 2600
+    tree = xr.open_datatree(synth_slide, engine="wsi_xr", chunks={})
+    pyramid = wsi_xr.open_pyramid(synth_slide)
+    assert list(tree.children) == list(pyramid.children) and tree.attrs == pyramid.attrs
+    xr.testing.assert_identical(tree["level_1"].image.compute(), pyramid["level_1"].image.compute())
+
+
+def test_backend_guesses_every_format_the_probe_reads(tmp_path: Path) -> None:
+    from wsi_xr.xarray_backend import WsiXrBackendEntrypoint
+
+    entry = WsiXrBackendEntrypoint()
+    for name in ("a.svs", "b.NDPI", "c.mrxs", "d.scn", "e.bif", "f.vms", "g.ome.tif", "h.qptiff"):
+        assert entry.guess_can_open(tmp_path / name), name
+    assert not entry.guess_can_open(tmp_path / "notes.txt") and not entry.guess_can_open(42)
+    dicom = tmp_path / "dicom-slide"
+    dicom.mkdir()
+    (dicom / "level-0.dcm").write_bytes(b"")
+    assert entry.guess_can_open(dicom) and not entry.guess_can_open(tmp_path)
+
+
+def test_the_same_slide_opened_either_way_gives_the_same_mask_from_the_same_reads(tmp_path: Path) -> None:
+    """75c0752: masked after xr.open_dataset(..., chunks={}) it read every patch (coarse_level -1)."""
+    from wsi_xr.readers import clear_caches, trace_reads
+    from wsi_xr.synth import write_synthetic_slide
+
+    slide = tmp_path / "s4096.tif"
+    write_synthetic_slide(slide, 4096, 4096, seed=9, tissue_fraction=0.2)
+    results = []
+    for image in (wsi_xr.open_slide(slide), xr.open_dataset(slide, engine="wsi_xr", chunks={})["image"]):
+        clear_caches()
+        with trace_reads() as calls:
+            mask = wsi_xr.tissue_mask(image).compute()
+        results.append((mask, sorted(calls)))
+    (first, first_reads), (second, second_reads) = results
+    xr.testing.assert_identical(first, second)
+    assert first.attrs["coarse_level"] > 0 and first.attrs["patches_read"] < first.attrs["patches_total"]
+    assert first.attrs["file_tiles_total"] > 0
+    assert first_reads == second_reads
+    modified = xr.open_dataset(slide, engine="wsi_xr", chunks={})["image"].isel(y=slice(0, 2048))  # not the file: read as given
+    assert wsi_xr.tissue_mask(modified).attrs["coarse_level"] == -1
 
 
 def test_invalid_arguments(synth_slide: Path) -> None:

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import dask
 import numpy as np
@@ -154,7 +154,7 @@ def _one_run(stage: str, slide: str, chunk: int, backend: str, client: Any, weig
         return tasks, int(computed.tile_mask.sum())
     from wsi_xr.pipeline import process_slide
 
-    ds = process_slide(slide, store, weights=weights, chunks=chunk, backend=backend, coarse="none", client=client, overwrite=True, progress=False)
+    ds = process_slide(slide, store, weights=weights, chunks=chunk, backend=backend, coarse="none", client=client, overwrite=True, progress=False, torch_threads="auto")
     blocks = open_slide(slide, chunks=chunk).data.npartitions
     return 2 * blocks, int(ds.attrs["tissue_tiles"])  # one read + one fused chunk task per block
 
@@ -169,9 +169,18 @@ def run_benchmark(
     repeat: int = 3,
     weights: Any = None,
     workdir: str | os.PathLike[str] | None = None,
-    progress: bool = True,
+    progress: bool = False,
+    on_result: Callable[[BenchResult], None] | None = None,
 ) -> BenchReport:
-    """Measure every combination; see the module docstring for what is recorded."""
+    """Measure every combination; see the module docstring for what is recorded.
+
+    ``on_result`` is called with each result as soon as it is measured (the CLI prints a
+    table row); ``progress=True`` prints those rows when no callback is given.
+    """
+    if on_result is None and progress:
+        def on_result(result: BenchResult) -> None:
+            print(format_row(result), flush=True)
+
     import tempfile
 
     for stage in stages:
@@ -182,7 +191,17 @@ def run_benchmark(
     info = probe(slide)
     tile_h, tile_w = info.tile_size
     report = BenchReport(str(slide), info.width, info.height, [tile_h, tile_w], context=_context())
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="wsi_xr-bench-"))
+    with contextlib.ExitStack() as cleanup:
+        if workdir is None:  # a scratch folder that is gone afterwards
+            workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="wsi_xr-bench-"))
+        _run_cases(report, Path(workdir), slide, chunks, stages, backends, schedulers, repeat, weights, info, on_result)
+    return report
+
+
+def _run_cases(
+    report: BenchReport, work: Path, slide: Any, chunks: Sequence[int], stages: Sequence[str], backends: Sequence[str],
+    schedulers: Sequence[str], repeat: int, weights: Any, info: Any, on_result: Callable[[BenchResult], None] | None,
+) -> None:
     for scheduler in schedulers:
         with _scheduler(scheduler) as client:
             pids = [os.getpid()]
@@ -193,9 +212,8 @@ def run_benchmark(
                     for chunk in chunks:
                         result = _measure(stage, str(slide), chunk, backend, scheduler, client, pids, repeat, weights, work / "bench.zarr", info)
                         report.results.append(result)
-                        if progress:
-                            print(format_row(result), flush=True)
-    return report
+                        if on_result is not None:
+                            on_result(result)
 
 
 def _measure(stage: str, slide: str, chunk: int, backend: str, scheduler: str, client: Any, pids: list[int], repeat: int, weights: Any, store: Path, info: Any) -> BenchResult:
@@ -262,12 +280,10 @@ def format_row(r: BenchResult) -> str:
 
 def plot_report(report: BenchReport, out: str | os.PathLike[str]) -> Path:
     """Throughput vs chunk size, one line per stage/backend/scheduler; misaligned chunks hollow."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    ax = fig.subplots()
     lines: dict[tuple[str, str, str], list[BenchResult]] = {}
     for r in report.results:
         if not r.error:
@@ -286,7 +302,9 @@ def plot_report(report: BenchReport, out: str | os.PathLike[str]) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out)
-    plt.close(fig)
+    from wsi_xr.outputs import check_output_file
+    from wsi_xr.plot import _software
+
+    out = check_output_file(out, "png")
+    fig.savefig(out, metadata={"Software": _software()})
     return out

@@ -198,6 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "device": _device(args.device),
         "precision": args.precision,
         "reject_pen": args.reject_pen,
+        "torch_threads": "auto",  # cores / concurrent tasks: no oversubscription
     }
     # every argument, weights file, slide and the output are checked before a cluster starts
     if args.scheduler:
@@ -208,7 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     target = check_run_target(out, list(zip(opened, groups)), checked, overwrite=args.overwrite)
     if target.chunks_resumed:
         print(f"resuming: {target.chunks_resumed} of {target.chunks_total} chunks already done", file=sys.stderr)
-    options = {**settings, "weights": args.weights, "overwrite": args.overwrite, "progress": not args.quiet}
+    options = {**settings, "weights": checked.model, "overwrite": args.overwrite, "progress": not args.quiet}  # checked once
     start = time.perf_counter()
     processes = args.workers is not None and args.workers > 1
     try:
@@ -379,19 +380,28 @@ def _csv(kind: type) -> Any:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Benchmark chunkings, backends and schedulers on a slide (or a synthetic one)."""
-    from wsi_xr.bench import HEADER, plot_report, run_benchmark
+    """Benchmark chunkings, backends and schedulers on a slide (or a synthetic one, deleted afterwards)."""
+    import tempfile
+
+    from wsi_xr.bench import HEADER, format_row, plot_report, run_benchmark
+    from wsi_xr.outputs import check_output_file
     from wsi_xr.synth import write_synthetic_slide
 
-    slide = args.slide
-    if slide is None:
-        import tempfile
-
-        slide = str(Path(tempfile.mkdtemp(prefix="wsi_xr-bench-")) / f"synthetic-{args.size}.tif")
-        write_synthetic_slide(slide, args.size, args.size, seed=0)
-        print(f"benchmarking a synthetic {args.size} x {args.size} slide: {slide}")
-    print(HEADER)
-    report = run_benchmark(slide, chunks=args.chunks, stages=args.stage, backends=args.backend, schedulers=args.scheduler, repeat=args.repeat, weights=args.weights)
+    if args.out:
+        check_output_file(args.out, "json")
+    if args.plot:
+        check_output_file(args.plot, "png")
+    with tempfile.TemporaryDirectory(prefix="wsi_xr-bench-") as scratch:
+        slide = args.slide
+        if slide is None:
+            slide = str(Path(scratch) / f"synthetic-{args.size}.tif")
+            write_synthetic_slide(slide, args.size, args.size, seed=0)
+            print(f"benchmarking a synthetic {args.size} x {args.size} slide (deleted afterwards)")
+        print(HEADER)
+        report = run_benchmark(
+            slide, chunks=args.chunks, stages=args.stage, backends=args.backend, schedulers=args.scheduler, repeat=args.repeat,
+            weights=args.weights, workdir=scratch, on_result=lambda result: print(format_row(result), flush=True),
+        )
     if args.out:
         Path(args.out).write_text(report.to_json())
         print(f"wrote {args.out}")
@@ -418,7 +428,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"synthetic slide  {slide}  ({args.size} x {args.size}, {time.perf_counter() - start:.1f} s)")
     cmd_info(argparse.Namespace(slide=str(slide), json=False))
     store = out / "result.zarr"
-    ds = process_slide(slide, store, overwrite=True, progress=True, precision=args.precision)
+    ds = process_slide(slide, store, overwrite=True, progress=True, precision=args.precision, torch_threads="auto")
     rows = write_parquet(store, out / "tiles.parquet")
     overlay = plot_mask_overlay(ds, slide, out / "mask-overlay.png")
     latent_map = plot_latent_map(ds, out / "latent-map.png", slide=slide)

@@ -1,19 +1,22 @@
 """Blockwise VAE encoding of tissue tiles into a latent cube.
 
-Tasks never carry a model: they carry a :class:`ModelRef` (weights file path, its
-SHA-256 and a device) and each worker process loads the model once into a small cache.
-Torch's thread pool is sized so that Dask's worker threads do not oversubscribe the
-cores. CuPy chunks go to torch through DLPack, without a host copy.
+Tasks never carry a model object: they carry a :class:`ModelRef` (the weights' SHA-256,
+device, precision) and receive the weights' bytes through one Dask key per model
+(:meth:`Model.graph_input`), so a worker on any machine gets them once and loads the
+model once into a small cache. Torch threads are opt-in per task (``torch_threads``;
+``"auto"``: cores / concurrent tasks, so Dask's threads do not oversubscribe the cores).
+CuPy chunks go to torch through DLPack, without a host copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
 import threading
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import dask.array as da
 import numpy as np
@@ -23,7 +26,19 @@ from dask.base import tokenize
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.tissue.kernels import array_namespace
 
-__all__ = ["PRECISIONS", "ModelRef", "check_precision", "encode", "encode_block", "model_ref"]
+__all__ = [
+    "PRECISIONS",
+    "Model",
+    "ModelRef",
+    "check_precision",
+    "check_torch_threads",
+    "encode",
+    "encode_block",
+    "model_ref",
+    "prepare_model",
+    "resolve_torch_threads",
+    "torch_threads_scope",
+]
 
 #: Accepted ``precision=`` values: exact float32 (default), or bfloat16 autocast (opt-in).
 PRECISIONS = ("fp32", "bf16")
@@ -31,9 +46,13 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass(frozen=True)
 class ModelRef:
-    """What a task needs to load the model in its own process."""
+    """What identifies a model in a task: its weights' SHA-256, the device and precision.
 
-    path: str
+    ``path`` records where the weights came from (provenance; None for a model object);
+    tasks do not read it, they get the bytes (:class:`Model`).
+    """
+
+    path: str | None
     sha256: str
     device: str = "cpu"
     precision: str = "fp32"
@@ -79,42 +98,68 @@ def check_precision(precision: str, device: str = "cpu") -> None:
         )
 
 
-def model_ref(model: Any = None, *, device: str = "cpu", precision: str = "fp32") -> ModelRef:
-    """A :class:`ModelRef` for a weights path, ``None`` (the shipped default) or a VAE2.
+@dataclass(frozen=True, eq=False)
+class Model:
+    """A model checked in the client, ready to travel: its :class:`ModelRef` and the bytes of its weights.
 
-    A model object is saved once to a temporary weights file named by its hash, so
-    tasks can load it by path.
+    Tasks get the bytes through one Dask key named by their SHA-256
+    (:meth:`graph_input`), so each worker receives them once, whatever machine it runs on:
+    no file path that only the client can see, no temporary file.
     """
-    from wsi_xr.models import VAE2, default_weights_path, save_vae, weights_hash
 
+    ref: ModelRef
+    data: bytes = field(repr=False)
+
+    def graph_input(self, client: Any = None) -> Any:
+        """The weights as one Dask key, an argument for map_blocks: with a ``distributed.Client``,
+        scattered once to the cluster (by content hash, so the same weights are sent once);
+        otherwise ``wsi-weights-<sha256>`` in the graph itself (the threaded scheduler copies nothing)."""
+        if client is not None:
+            return client.scatter(self.data, hash=True)
+        import dask
+
+        return dask.delayed(self.data, name=f"wsi-weights-{self.ref.sha256}", pure=True)
+
+
+def prepare_model(model: Any = None, *, device: str = "cpu", precision: str = "fp32") -> Model:
+    """A :class:`Model` for a weights path, ``None`` (the shipped default) or a VAE2 object.
+
+    A path is loaded once here, in the client, so a bad file fails with a clear error
+    before any work; a model object is serialised to the bytes :func:`~wsi_xr.models.save_vae`
+    would write. ``ref.path`` records where the weights came from (None for an object).
+    """
+    import hashlib
+
+    from wsi_xr.models import VAE2, default_weights_path, load_vae, vae_bytes
+
+    if isinstance(model, Model):  # checked already: only the device and precision may change
+        return Model(ModelRef(model.ref.path, model.ref.sha256, device, precision), model.data)
     if isinstance(model, VAE2):
-        folder = Path(tempfile.gettempdir()) / "wsi_xr-models"
-        folder.mkdir(exist_ok=True)
-        scratch = folder / f"model-{os.getpid()}-{id(model)}.pt"
-        save_vae(model, scratch)
-        sha = weights_hash(scratch)
-        path = folder / f"{sha}.pt"
-        os.replace(scratch, path)
-        return ModelRef(str(path), sha, device, precision)
-    path = Path(model) if model is not None else default_weights_path()
-    from wsi_xr.models import load_vae
-
-    load_vae(path, device="cpu")  # validate here, in the client, with a clear error
-    return ModelRef(str(Path(path).resolve()), weights_hash(path), device, precision)
+        data, path = vae_bytes(model), None
+    else:
+        source = Path(model) if model is not None else default_weights_path()
+        load_vae(source, device="cpu")  # validate here, in the client, with a clear error
+        data, path = source.read_bytes(), str(source.resolve())
+    return Model(ModelRef(path, hashlib.sha256(data).hexdigest(), device, precision), data)
 
 
-_models: dict[ModelRef, Any] = {}
+def model_ref(model: Any = None, *, device: str = "cpu", precision: str = "fp32") -> ModelRef:
+    """The :class:`ModelRef` of :func:`prepare_model` (kept for callers of 0.2.0)."""
+    return prepare_model(model, device=device, precision=precision).ref
+
+
+#: Models loaded in this process, by :class:`ModelRef`: a few, least recently used dropped.
+_models: OrderedDict[ModelRef, Any] = OrderedDict()
 _models_lock = threading.Lock()
-_threads_set = False
+MODEL_CACHE_SIZE = 4
 
 
-def _set_torch_threads() -> None:
-    """Give torch ``cores // concurrent tasks`` threads, once per process."""
-    global _threads_set
-    if _threads_set:
-        return
-    import torch
-
+def resolve_torch_threads(torch_threads: int | str | None) -> int | None:
+    """The torch thread count for one encoding task: None (leave torch alone), an int, or
+    ``"auto"``: the cores divided by the tasks that run at once here (the Dask worker's
+    threads, or dask's ``num_workers``, else one task per core)."""
+    if torch_threads is None or isinstance(torch_threads, int):
+        return torch_threads
     concurrent = None
     try:
         from distributed import get_worker
@@ -124,8 +169,35 @@ def _set_torch_threads() -> None:
         import dask
 
         concurrent = dask.config.get("num_workers", None) or os.cpu_count()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(concurrent or 1))))
-    _threads_set = True
+    return max(1, (os.cpu_count() or 1) // max(1, int(concurrent or 1)))
+
+
+@contextlib.contextmanager
+def torch_threads_scope(threads: int | None) -> Iterator[None]:
+    """Run torch with ``threads`` threads in this thread for the block, then put the setting back.
+
+    Opt-in (None: nothing changes). Torch's thread count is per calling thread for its
+    OpenMP regions, so each Dask task sets and restores its own.
+    """
+    if threads is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def check_torch_threads(torch_threads: Any) -> None:
+    """Raise :class:`InvalidArgumentError` unless ``torch_threads`` is None, ``"auto"`` or an int >= 1."""
+    if torch_threads is None or torch_threads == "auto":
+        return
+    if not isinstance(torch_threads, int) or isinstance(torch_threads, bool) or torch_threads < 1:
+        raise InvalidArgumentError(f"torch_threads={torch_threads!r}: use None (leave torch alone), 'auto' or an integer >= 1.")
 
 
 #: Keep the model's weights in channels-last memory for inference, like its input: as fast
@@ -139,22 +211,40 @@ def torch_channels_last() -> Any:
     return torch.channels_last
 
 
-def worker_model(ref: ModelRef) -> Any:
-    """The model for ``ref``, loaded once per process (eval mode)."""
+def worker_model(ref: ModelRef, data: bytes | None = None) -> Any:
+    """The model for ``ref``, loaded once per process (eval mode) from ``data`` (its weights'
+    bytes) or, without them, from ``ref.path``; a few are kept (:data:`MODEL_CACHE_SIZE`)."""
     with _models_lock:
         model = _models.get(ref)
-        if model is None:
-            from wsi_xr.models import load_vae
+        if model is not None:
+            _models.move_to_end(ref)
+            return model
+        from wsi_xr.models import load_vae, load_vae_bytes
 
-            _set_torch_threads()
+        if data is not None:
+            model = load_vae_bytes(data, device=ref.device, label=f"weights {ref.sha256[:12]}")
+        elif ref.path is not None:
             model = load_vae(ref.path, device=ref.device)
-            if INFERENCE_CHANNELS_LAST:
-                model = model.to(memory_format=torch_channels_last())
-            _models[ref] = model
+        else:
+            raise InvalidArgumentError("a model given as an object needs its bytes (prepare_model(...).data).")
+        if INFERENCE_CHANNELS_LAST:
+            model = model.to(memory_format=torch_channels_last())
+        _models[ref] = model
+        while len(_models) > MODEL_CACHE_SIZE:
+            _models.popitem(last=False)
         return model
 
 
-def encode_block(pixels: Any, tissue: np.ndarray, ref: ModelRef, *, tile: int = 64, batch_size: int | None = None) -> np.ndarray:
+def encode_block(
+    pixels: Any,
+    tissue: np.ndarray,
+    ref: ModelRef,
+    *,
+    tile: int = 64,
+    batch_size: int | None = None,
+    weights: bytes | None = None,
+    torch_threads: int | str | None = None,
+) -> np.ndarray:
     """Latents ``(tiles_y, tiles_x, feature)`` float32 of one block; NaN where ``tissue`` is False.
 
     Only the tissue tiles go through the encoder (``mu``, eval mode), in batches.
@@ -170,20 +260,23 @@ def encode_block(pixels: Any, tissue: np.ndarray, ref: ModelRef, *, tile: int = 
     xp = array_namespace(pixels)
     grid = xp.reshape(pixels[: nty * tile, : ntx * tile, :3], (nty, tile, ntx, tile, 3))
     tiles = grid.transpose(0, 2, 1, 3, 4)[xp.asarray(rows), xp.asarray(cols)]  # NumPy or CuPy
-    model = worker_model(ref)
-    if xp is np:
-        latents = encode_tiles(model, tiles, batch_size=batch_size, precision=ref.precision)
-    else:
-        import torch
+    model = worker_model(ref, weights)
+    with torch_threads_scope(resolve_torch_threads(torch_threads)):
+        if xp is np:
+            latents = encode_tiles(model, tiles, batch_size=batch_size, precision=ref.precision)
+        else:
+            import torch
 
-        tensor = torch.from_dlpack(xp.ascontiguousarray(tiles))
-        latents = encode_tiles(model, tensor, batch_size=batch_size, precision=ref.precision).cpu().numpy()
+            tensor = torch.from_dlpack(xp.ascontiguousarray(tiles))
+            latents = encode_tiles(model, tensor, batch_size=batch_size, precision=ref.precision).cpu().numpy()
     out[rows, cols] = latents
     return out
 
 
-def _encode_task(pixels: Any, tissue: np.ndarray, *, ref: ModelRef, tile: int, batch_size: int | None) -> np.ndarray:
-    return encode_block(pixels, np.asarray(tissue)[..., 0], ref, tile=tile, batch_size=batch_size)
+def _encode_task(
+    pixels: Any, tissue: np.ndarray, weights: bytes, *, ref: ModelRef, tile: int, batch_size: int | None, torch_threads: int | str | None
+) -> np.ndarray:
+    return encode_block(pixels, np.asarray(tissue)[..., 0], ref, tile=tile, batch_size=batch_size, weights=weights, torch_threads=torch_threads)
 
 
 def encode(
@@ -194,6 +287,7 @@ def encode(
     batch_size: int | None = None,
     device: str = "cpu",
     precision: str = "fp32",
+    torch_threads: int | str | None = None,
 ) -> xr.DataArray:
     """The latent cube of the tissue tiles of ``image``, lazily, with ``map_blocks``.
 
@@ -207,6 +301,10 @@ def encode(
         Weights file path, a :class:`~wsi_xr.models.VAE2`, or None for the shipped default.
     precision
         ``"fp32"`` (exact) or ``"bf16"`` (opt-in autocast; recorded in ``attrs``).
+    torch_threads
+        Torch threads per encoding task: None (default: torch's own setting), an int, or
+        ``"auto"`` (cores / concurrent Dask tasks, what ``wsi-xr run`` uses). Set and put
+        back per task.
 
     Returns
     -------
@@ -226,21 +324,25 @@ def encode(
     tissue = mask["tile_mask"].data
     tissue = tissue.rechunk(tile_chunks) if isinstance(tissue, da.Array) else da.from_array(np.asarray(tissue), chunks=tile_chunks)
     check_precision(precision, device)
-    ref = model_ref(model, device=device, precision=precision)
+    check_torch_threads(torch_threads)
+    prepared = prepare_model(model, device=device, precision=precision)
+    ref = prepared.ref
     tissue = tissue[..., None]
     # Named from a token of the pixels, the tissue tiles, the model (its weights' hash), the
     # device, precision and batch: two encodings never share a key in one dask.compute.
-    token = tokenize(data.name, tissue.name, ref, tile, batch_size)
+    token = tokenize(data.name, tissue.name, ref, tile, batch_size, torch_threads)
     latents = da.map_blocks(
         _encode_task,
         data,
         tissue,
+        prepared.graph_input(),
         chunks=tile_chunks + ((LATENT_SIZE,),),
         dtype=np.float32,
         meta=np.empty((0, 0, 0), dtype=np.float32),
         ref=ref,
         tile=tile,
         batch_size=batch_size,
+        torch_threads=torch_threads,
         name=f"wsi-encode-{token}",
     )
     return xr.DataArray(

@@ -49,7 +49,7 @@ def looks_like(path: Path, kind: str) -> bool:
     Recognised by content, never by name: a Parquet file of tile rows (wsi_xr's schema
     metadata, or the columns ``x, y, latent_0...`` of earlier versions), a PNG whose
     Software text is wsi_xr's (or matplotlib's, as 0.2.0 wrote), a weights file with wsi_xr's
-    metadata block, an ``eval-vae`` JSON report, a synthetic slide (its description says so).
+    metadata block, an ``eval-vae`` or ``bench`` JSON report, a synthetic slide (its description says so).
     A real slide, a user's own model or figure or table is never replaced.
     """
     try:
@@ -92,7 +92,9 @@ def _json_is_ours(path: Path) -> bool:
     import json
 
     doc = json.loads(Path(path).read_text())
-    return isinstance(doc, dict) and "weights" in doc and "overall" in doc
+    if not isinstance(doc, dict):
+        return False
+    return {"weights", "overall"} <= set(doc) or {"slide", "results", "context"} <= set(doc)  # eval-vae, bench
 
 
 def _tiff_is_ours(path: Path) -> bool:

@@ -36,7 +36,7 @@ from dask.base import tokenize
 
 from wsi_xr._failpoints import failpoint
 from wsi_xr._timing import stage
-from wsi_xr.encode import ModelRef, check_precision, encode_block, model_ref
+from wsi_xr.encode import Model, ModelRef, check_precision, check_torch_threads, encode_block, prepare_model
 from wsi_xr.errors import InvalidArgumentError, SlideReadError, StoreError
 from wsi_xr.readers import GPU_BACKENDS, OpenedSlide, open_file, unpack_window
 from wsi_xr.slide import ChunkSpec, SlideSource, default_chunk_size, level_coords, slide_array
@@ -103,7 +103,13 @@ class RunOptions:
     device: str = "cpu"
     precision: str = "fp32"
     reject_pen: bool = False
-    ref: ModelRef | None = None
+    torch_threads: int | str | None = None
+    model: Model | None = None
+
+    @property
+    def ref(self) -> ModelRef | None:
+        """The model's identity (weights hash, device, precision), once validated."""
+        return None if self.model is None else self.model.ref
 
 
 def validate_run_options(weights: Any = None, **settings: Any) -> RunOptions:
@@ -133,8 +139,9 @@ def validate_run_options(weights: Any = None, **settings: Any) -> RunOptions:
     if not isinstance(options.reject_pen, bool):
         raise InvalidArgumentError(f"reject_pen={options.reject_pen!r}: use True or False.")
     check_precision(options.precision, options.device)
-    ref = model_ref(weights, device=options.device, precision=options.precision)
-    return RunOptions(**{**options.__dict__, "ref": ref})
+    check_torch_threads(options.torch_threads)
+    model = prepare_model(weights, device=options.device, precision=options.precision)
+    return RunOptions(**{**options.__dict__, "model": model})
 
 
 @dataclass
@@ -270,6 +277,7 @@ class ChunkJob:
     ref: ModelRef
     batch_size: int | None
     reject_pen: bool
+    torch_threads: int | str | None = None
 
 
 def _chunk_task(
@@ -277,6 +285,7 @@ def _chunk_task(
     excluded: np.ndarray,
     read_patches: np.ndarray,
     todo: np.ndarray,
+    weights: bytes,
     *,
     job: ChunkJob,
     block_info: dict | None = None,
@@ -309,7 +318,9 @@ def _chunk_task(
         if pen is not None:
             candidates &= ~pen
         with stage("encode"):
-            latents = encode_block(pixels, candidates, job.ref, tile=tile, batch_size=job.batch_size)
+            latents = encode_block(
+                pixels, candidates, job.ref, tile=tile, batch_size=job.batch_size, weights=weights, torch_threads=job.torch_threads
+            )
         with stage("write"):
             if pen is not None:
                 g["pen_mask"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = pen
@@ -323,7 +334,7 @@ def _chunk_task(
     return np.full((1, 1, 1), count, dtype=np.int64)
 
 
-def _chunk_graph(plan: RunPlan, job: ChunkJob, done: np.ndarray) -> da.Array:
+def _chunk_graph(plan: RunPlan, job: ChunkJob, done: np.ndarray, weights: Any) -> da.Array:
     """The lazy per-chunk tasks of one slide (chunks already done read nothing)."""
     todo = ~done
     todo_patches = plan.read_patches & np.repeat(np.repeat(todo, plan.patch_chunks[0], axis=0), plan.patch_chunks[1], axis=1)
@@ -346,6 +357,7 @@ def _chunk_graph(plan: RunPlan, job: ChunkJob, done: np.ndarray) -> da.Array:
     return da.map_blocks(
         _chunk_task,
         *inputs,
+        weights,  # the weights' bytes: one key (Model.graph_input), sent once to each worker
         chunks=((1,) * len(tile_chunks[0]), (1,) * len(tile_chunks[1]), (1,)),
         dtype=np.int64,
         meta=np.empty((0, 0, 0), dtype=np.int64),
@@ -532,7 +544,10 @@ class _SlideRun:
     start: float
 
 
-def _prepare(source: SlideSource, store_path: Path, group_name: str | None, options: RunOptions, overwrite: bool, backend: str) -> _SlideRun:
+def _prepare(
+    source: SlideSource, store_path: Path, group_name: str | None, options: RunOptions, overwrite: bool, backend: str,
+    client: Any = None,
+) -> _SlideRun:
     start = time.perf_counter()
     opened = open_file(source, backend)
     plan = _plan(opened, options)
@@ -542,9 +557,10 @@ def _prepare(source: SlideSource, store_path: Path, group_name: str | None, opti
     job = ChunkJob(
         str(store_path.resolve()), group_name, options.tile, options.patch,
         _candidate_floor(options),
-        options.ref, options.batch_size, options.reject_pen,
+        options.ref, options.batch_size, options.reject_pen, options.torch_threads,
     )
-    tasks = _chunk_graph(plan, job, done) if not done.all() else None
+    assert options.model is not None
+    tasks = _chunk_graph(plan, job, done, options.model.graph_input(client)) if not done.all() else None
     return _SlideRun(plan, group, group_name, tasks, start)
 
 
@@ -616,9 +632,10 @@ def process_slide(
     device: str = "cpu",
     precision: str = "fp32",
     reject_pen: bool = False,
+    torch_threads: int | str | None = None,
     client: Any = None,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool = False,
 ) -> xr.Dataset:
     """Mask and encode one slide into ``store`` (or its ``group``); resume if interrupted.
 
@@ -632,10 +649,20 @@ def process_slide(
     precision
         ``"fp32"`` (exact, default) or ``"bf16"`` (autocast: faster where the CPU/GPU
         supports bfloat16; recorded in attrs; error documented in the README).
+    weights
+        A weights file, a :class:`~wsi_xr.models.VAE2`, a :class:`~wsi_xr.encode.Model`
+        (:func:`~wsi_xr.encode.prepare_model`: checked once, reused), or None for the
+        shipped default. Workers receive the weights' bytes through the graph.
     reject_pen
         Remove tiles covered by pen ink from ``tile_mask`` (adds ``pen_mask``).
+    torch_threads
+        Torch threads per encoding task: None (default: torch's own setting), an int, or
+        ``"auto"`` (cores / concurrent Dask tasks: what ``wsi-xr run`` uses, measured
+        fastest on a CPU). Set and put back per task; not part of the results.
     client
         A ``distributed.Client`` (None: dask's threaded scheduler).
+    progress
+        Show a progress bar (off by default: a library call is silent).
 
     Returns the stored Dataset (opened lazily from the store): ``tile_mask``,
     ``tile_variance``, ``patch_mask``, ``patch_variance``, ``read_error``, ``latent
@@ -644,13 +671,13 @@ def process_slide(
     """
     options = validate_run_options(
         weights, tile=tile, patch=patch, threshold=threshold, coarse=coarse, chunks=chunks, level=level,
-        batch_size=batch_size, device=device, precision=precision, reject_pen=reject_pen,
+        batch_size=batch_size, device=device, precision=precision, reject_pen=reject_pen, torch_threads=torch_threads,
     )
     opened = open_file(path, backend)
     store_path = check_run_target(store, [(opened, group)], options, overwrite=overwrite).path
     with StoreLock(store_path):
         try:
-            run = _prepare(opened, store_path, group, options, overwrite, backend)
+            run = _prepare(opened, store_path, group, options, overwrite, backend, client)
             _run_all([run], client, progress)
             consolidate(store_path)
         except OSError as err:
@@ -679,7 +706,7 @@ def process_slides(
     backend: str = "auto",
     client: Any = None,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool = False,
     **settings: Any,
 ) -> xr.DataTree:
     """A cohort: each slide into its own group (named by file stem, made unique) of one store.
@@ -697,7 +724,7 @@ def process_slides(
     store_path = check_run_target(store, list(zip(opened, names)), options, overwrite=overwrite).path
     with StoreLock(store_path):
         try:
-            runs = [_prepare(o, store_path, name, options, overwrite, backend) for o, name in zip(opened, names)]
+            runs = [_prepare(o, store_path, name, options, overwrite, backend, client) for o, name in zip(opened, names)]
             _run_all(runs, client, progress)
             root = zarr.open_group(store_path, mode="r+", zarr_format=3, use_consolidated=False)
             root.attrs["slides"] = {name: o.path for name, o in zip(names, opened)}

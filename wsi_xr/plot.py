@@ -71,10 +71,7 @@ def plot_mask_overlay(mask: xr.Dataset, slide: str | os.PathLike[str], out: str 
     When ``mask`` has a ``pen_mask (tile_y, tile_x)`` variable (pen-mark rejection),
     its tiles are drawn in a third colour (purple) with their own legend entry.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -84,7 +81,8 @@ def plot_mask_overlay(mask: xr.Dataset, slide: str | os.PathLike[str], out: str 
     y_edges = np.append(mask.tile_y.values, mask.tile_y.values[-1] + tile) if mask.sizes["tile_y"] else np.array([0])
     height = int(thumb.y[-1]) + 1
     width = int(thumb.x[-1]) + 1
-    fig, axes = plt.subplots(1, 2, figsize=(12, 6 * height / max(width, 1) + 0.8), dpi=110)
+    fig = Figure(figsize=(12, 6 * height / max(width, 1) + 0.8), dpi=110)
+    axes = fig.subplots(1, 2)
     for ax in axes:
         ax.imshow(thumb.values, extent=(0, width, height, 0), interpolation="nearest")
         ax.set_xlabel("x (level-0 px)")
@@ -113,7 +111,6 @@ def plot_mask_overlay(mask: xr.Dataset, slide: str | os.PathLike[str], out: str 
     fig.tight_layout()
     out = check_output_file(out, "png")  # a PNG replaces a PNG, never a folder or another file
     fig.savefig(out, metadata={"Software": _software()})
-    plt.close(fig)
     return out
 
 
@@ -138,10 +135,7 @@ def latent_rgb(latent: np.ndarray, tissue: np.ndarray) -> np.ndarray:
 
 def plot_latent_map(ds: xr.Dataset, out: str | os.PathLike[str], slide: str | os.PathLike[str] | None = None) -> Path:
     """Write a PNG: the latent cube's first 3 principal components as RGB on the tile grid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
 
     tissue = np.asarray(ds.tile_mask.values, dtype=bool)
     rgb = latent_rgb(np.asarray(ds.latent.values), tissue)
@@ -150,7 +144,8 @@ def plot_latent_map(ds: xr.Dataset, out: str | os.PathLike[str], slide: str | os
     width = int(ds.tile_x.values[-1]) + tile if ds.sizes["tile_x"] else 1
     height = int(ds.tile_y.values[-1]) + tile if ds.sizes["tile_y"] else 1
     panels = 2 if slide is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 6 * height / max(width, 1) + 0.8), dpi=110, squeeze=False)
+    fig = Figure(figsize=(6 * panels, 6 * height / max(width, 1) + 0.8), dpi=110)
+    axes = fig.subplots(1, panels, squeeze=False)
     if slide is not None:
         thumb = thumbnail(slide)
         axes[0, 0].imshow(thumb.values, extent=(0, int(thumb.x[-1]) + 1, int(thumb.y[-1]) + 1, 0))
@@ -162,7 +157,6 @@ def plot_latent_map(ds: xr.Dataset, out: str | os.PathLike[str], slide: str | os
     fig.tight_layout()
     out = check_output_file(out, "png")  # a PNG replaces a PNG, never a folder or another file
     fig.savefig(out, metadata={"Software": _software()})
-    plt.close(fig)
     return out
 
 
@@ -181,10 +175,7 @@ def plot_reconstructions(
     ``region`` (a :class:`wsi_xr.sampling.Region`) draws the tiles from inside that level-0
     block only (e.g. a block the weights were never trained on).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
     import torch
 
     from wsi_xr.models import load_vae, tiles_to_tensor
@@ -199,7 +190,8 @@ def plot_reconstructions(
         recon = model.decode(mu).permute(0, 2, 3, 1).numpy()
     down = downsample_reconstruct(tiles, 3)
     rows = [("tile", tiles), ("VAE (32)", np.clip(recon, 0, 1)), ("down 3x3x3 (27)", down)]
-    fig, axes = plt.subplots(len(rows), len(tiles), figsize=(1.3 * len(tiles), 1.45 * len(rows) + 0.3), dpi=110, squeeze=False)
+    fig = Figure(figsize=(1.3 * len(tiles), 1.45 * len(rows) + 0.3), dpi=110)
+    axes = fig.subplots(len(rows), len(tiles), squeeze=False)
     for i in range(len(tiles)):
         for r, (_, images) in enumerate(rows):
             axes[r, i].imshow(images[i])
@@ -211,5 +203,4 @@ def plot_reconstructions(
     fig.tight_layout()
     out = check_output_file(out, "png")  # a PNG replaces a PNG, never a folder or another file
     fig.savefig(out, metadata={"Software": _software()})
-    plt.close(fig)
     return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections import OrderedDict
 from typing import Any
 
 import dask.array as da
@@ -20,16 +19,20 @@ from dask.base import tokenize
 
 from wsi_xr._timing import stage
 from wsi_xr.errors import InvalidArgumentError
+from xarray.backends import BackendArray
+
 from wsi_xr.readers import DAMAGED_POLICIES, GPU_BACKENDS, DecodedWindow, LevelInfo, OpenedSlide, SlideInfo, decide_backend, open_file, read_window
 
 __all__ = [
     "ChunkSpec",
+    "SlideBackendArray",
     "SlideSource",
     "default_chunk_size",
     "open_pyramid",
     "open_slide",
     "opened_slide_of",
     "slide_array",
+    "slide_attrs",
     "slide_dataarray",
 ]
 
@@ -90,28 +93,106 @@ def _zeros(device: str, shape: tuple[int, ...]) -> Any:
     return np.broadcast_to(np.zeros((1, 1, 1), dtype=np.uint8), shape)
 
 
-#: The :class:`OpenedSlide` behind each lazy image this process built, by Dask name.
-_opened_by_name: "OrderedDict[str, OpenedSlide]" = OrderedDict()
-_OPENED_CAPACITY = 256
+class SlideBackendArray(BackendArray):
+    """One level of a slide for xarray's lazy indexing (``engine="wsi_xr"``).
+
+    Basic indexing (slices, with steps, and integers) reads the window that covers the
+    selection, once, with the same reader as :func:`open_slide`'s blocks. xarray wraps it
+    (``LazilyIndexedArray``, or a Dask array with ``encoding["preferred_chunks"]`` when
+    opened with ``chunks=``). Holds the :class:`OpenedSlide` (a path and decisions, never a
+    handle), so it pickles.
+    """
+
+    def __init__(self, opened: OpenedSlide, level: int) -> None:
+        lv = opened.info.levels[level]
+        self.reader = _LevelWindowReader(opened, lv, "cpu", "raise")
+        self.shape = (lv.height, lv.width, 3)
+        self.dtype = np.dtype(np.uint8)
+
+    @property
+    def opened(self) -> OpenedSlide:
+        return self.reader.opened
+
+    @property
+    def level(self) -> int:
+        return self.reader.level
+
+    def __getitem__(self, key: Any) -> Any:
+        from xarray.core import indexing
+
+        return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.BASIC, self._read)
+
+    def _read(self, key: tuple[Any, ...]) -> np.ndarray:
+        windows: list[tuple[int, int]] = []
+        picks: list[Any] = []
+        for k, size in zip(key, self.shape):
+            if isinstance(k, (int, np.integer)):
+                i = int(k) + size if k < 0 else int(k)
+                windows.append((i, i + 1))
+                picks.append(0)
+                continue
+            positions = range(*k.indices(size))
+            if len(positions) == 0:
+                windows.append((0, 0))
+                picks.append(slice(None))
+                continue
+            lo, hi = min(positions[0], positions[-1]), max(positions[0], positions[-1]) + 1
+            windows.append((lo, hi))
+            first, last = positions[0] - lo, positions[-1] - lo  # relative to the window
+            picks.append(slice(first, last + 1 if k.indices(size)[2] > 0 else (last - 1 if last > 0 else None), k.indices(size)[2]))
+        (y0, y1), (x0, x1) = windows[0], windows[1]
+        if y1 <= y0 or x1 <= x0:
+            pixels = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+        else:
+            pixels = np.asarray(self.reader[(slice(y0, y1), slice(x0, x1), slice(None))])
+        return pixels[tuple(picks)]
 
 
-def _remember(name: str, opened: OpenedSlide) -> None:
-    _opened_by_name[name] = opened
-    _opened_by_name.move_to_end(name)
-    while len(_opened_by_name) > _OPENED_CAPACITY:
-        _opened_by_name.popitem(last=False)
+def _unwrap_source(value: Any, depth: int = 8) -> tuple[OpenedSlide, int] | None:
+    """The opened slide and level behind a value of a Dask graph, through xarray's wrappers, if any."""
+    for _ in range(depth):
+        if isinstance(value, _LevelWindowReader):
+            return (value.opened, value.level) if value.wanted is None and value.damaged in ("raise", "fill") else None
+        if isinstance(value, SlideBackendArray):
+            return value.opened, value.level
+        key = getattr(value, "key", None)  # xarray's LazilyIndexedArray: only an unindexed one
+        if key is not None and not all(isinstance(k, slice) and k == slice(None) for k in getattr(key, "tuple", ())):
+            return None
+        value = getattr(value, "array", None)
+        if value is None:
+            return None
+    return None
+
+
+def _level_shape(opened: OpenedSlide, level: int) -> tuple[int, int, int]:
+    lv = opened.info.levels[level]
+    return (lv.height, lv.width, 3)
 
 
 def opened_slide_of(image: xr.DataArray) -> OpenedSlide | None:
-    """The :class:`OpenedSlide` an unmodified :func:`open_slide` array reads from, else None.
+    """The :class:`OpenedSlide` an unmodified slide array reads from, else None.
 
-    Lets :func:`wsi_xr.tissue_mask` reuse the probe, backend decision and damage scans
-    instead of re-deciding them.
+    Found in the array itself, not in any table: its Dask graph holds the reader (which
+    holds the opened slide), for :func:`open_slide`'s arrays and for
+    ``xr.open_dataarray(path, engine="wsi_xr", chunks=...)`` alike. "Unmodified" means
+    the graph is the read and nothing else (any selection or arithmetic adds a layer) and
+    the level is the one the attributes name. Lets :func:`wsi_xr.tissue_mask` reuse the
+    probe, backend decision and damage scans, and read only what it needs.
     """
     data = image.data
     if not isinstance(data, da.Array):
         return None
-    return _opened_by_name.get(data.name)
+    layers = data.dask.layers
+    if len(layers) != 2 or data.name not in layers:
+        return None
+    for name, layer in layers.items():
+        if name == data.name:
+            continue
+        for value in layer.values():
+            found = _unwrap_source(value)
+            if found is not None and found[1] == image.attrs.get("level") and tuple(data.shape) == _level_shape(found[0], found[1]):
+                return found[0]
+    return None
 
 
 def default_chunk_size(level: LevelInfo, multiple: int = CHUNK_MULTIPLE) -> int:
@@ -210,7 +291,6 @@ def slide_array(
         asarray=False,
         fancy=False,
     )
-    _remember(name, opened)
     return array
 
 
@@ -298,27 +378,29 @@ def slide_dataarray(
     opened = source if isinstance(source, OpenedSlide) else OpenedSlide(source, decide_backend(source, backend))
     if backend not in ("auto", opened.backend):
         opened = open_file(opened, backend)
-    info = opened.info
     data = slide_array(opened, level, chunks, device, damaged)  # validates level and device
+    array = xr.DataArray(data, dims=("y", "x", "c"), coords=level_coords(opened.info, level), name="image")
+    array.attrs = slide_attrs(opened, level, damaged=damaged)
+    array.encoding["source"] = opened.info.path
+    return array
+
+
+def slide_attrs(opened: OpenedSlide, level: int, *, damaged: str = "raise") -> dict[str, Any]:
+    """The attributes of one level's image array (the same for :func:`open_slide` and ``engine="wsi_xr"``)."""
+    info = opened.info
     lv = info.levels[level]
-    return xr.DataArray(
-        data,
-        dims=("y", "x", "c"),
-        coords=level_coords(info, level),
-        name="image",
-        attrs={
-            "source": info.path,
-            "vendor": info.vendor,
-            "format": info.format,
-            "backend": opened.backend,
-            "level": level,
-            "downsample": lv.downsample,
-            "mpp": info.mpp,
-            "level_mpp": None if info.mpp is None else info.mpp * lv.downsample,
-            "tile_size": [lv.tile_height, lv.tile_width],
-            "compression": lv.compression_name,
-            "file_size": info.file_size,
-            "mtime_ns": info.mtime_ns,
-            "damaged": damaged,
-        },
-    )
+    return {
+        "source": info.path,
+        "vendor": info.vendor,
+        "format": info.format,
+        "backend": opened.backend,
+        "level": level,
+        "downsample": lv.downsample,
+        "mpp": info.mpp,
+        "level_mpp": None if info.mpp is None else info.mpp * lv.downsample,
+        "tile_size": [lv.tile_height, lv.tile_width],
+        "compression": lv.compression_name,
+        "file_size": info.file_size,
+        "mtime_ns": info.mtime_ns,
+        "damaged": damaged,
+    }

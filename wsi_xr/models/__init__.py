@@ -35,8 +35,10 @@ from wsi_xr.models.vae import (
 from wsi_xr.models.weights import (
     default_weights_path,
     load_vae,
+    load_vae_bytes,
     read_metadata,
     save_vae,
+    vae_bytes,
     weights_hash,
 )
 
@@ -61,12 +63,14 @@ __all__ = [
     "default_weights_path",
     "encode_tiles",
     "load_vae",
+    "load_vae_bytes",
     "read_metadata",
     "reconstruction_errors",
     "save_vae",
     "tiles_to_tensor",
     "torch_device",
     "train_vae",
+    "vae_bytes",
     "vae_loss",
     "weights_hash",
 ]

@@ -244,7 +244,27 @@ def load_vae(path: str | os.PathLike[str] | None = None, *, device: str | torch.
     """
     dev = torch_device(device)
     p = _resolve(path)
-    tensors = _extract_state_dict(_read_checkpoint(p), p)
+    return _build_model(_extract_state_dict(_read_checkpoint(p), p), p, dev)
+
+
+def load_vae_bytes(data: bytes, *, device: str | torch.device = "cpu", label: str = "weights in memory") -> VAE2:
+    """:func:`load_vae` from the bytes of a weights file (as :func:`vae_bytes` or reading a file gives them).
+
+    This is how a model travels to Dask workers: as bytes in the graph, never as a path
+    that only the client can see. ``label`` names the weights in error messages.
+    """
+    dev = torch_device(device)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WeightsError(f"{label}: not a readable PyTorch weights file ({_torch_detail(err)})") from err
+    return _build_model(_extract_state_dict(obj, Path(label)), Path(label), dev)
+
+
+def _build_model(tensors: dict[str, torch.Tensor], p: Path, dev: torch.device) -> VAE2:
+    """A VAE2 holding ``tensors``, in eval mode on ``dev`` (``p`` names them in errors)."""
     model = VAE2()
     _check_against(model, tensors, p)
     try:
@@ -329,25 +349,8 @@ def is_weights_file(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def save_vae(model: VAE2, path: str | os.PathLike[str], *, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write ``model``'s weights (reference checkpoint layout) plus wsi_xr metadata to ``path``.
-
-    The state dict is saved with ``module.``-prefixed keys, as the reference notebook's
-    ``nn.DataParallel`` checkpoints are, so the file loads in either code base. The
-    ``"wsi_xr"`` block records the tile size, latent size, channels, the wsi_xr version
-    and, under ``"training"``, whatever the caller passes as ``metadata`` (slides, epochs,
-    validation loss, seed, ...; JSON-like values only). The file is written atomically
-    (a temporary file in the same folder, then :func:`os.replace`), and identical weights
-    and metadata give byte-identical files.
-
-    Returns the path written.
-    """
-    target = Path(os.fspath(path)).expanduser()
-    if target.is_dir():
-        raise InvalidArgumentError(f"cannot save weights to '{target}': it is a directory; pass a file name (.pt)")
-    if target.is_file():  # replace only a weights file
-        if not is_weights_file(target):
-            raise InvalidArgumentError(f"cannot save weights to '{target}': it exists and is not a weights file; choose another path")
+def vae_bytes(model: VAE2, *, metadata: Mapping[str, Any] | None = None) -> bytes:
+    """The bytes :func:`save_vae` writes for ``model`` and ``metadata`` (identical inputs, identical bytes)."""
     training = _plain(dict(metadata or {}), "metadata")
     module = getattr(model, "module", model)  # accept an nn.DataParallel wrapper too
     state = {
@@ -364,11 +367,34 @@ def save_vae(model: VAE2, path: str | os.PathLike[str], *, metadata: Mapping[str
     }
     buffer = io.BytesIO()  # the archive's inner folder name comes from the file name: keep it fixed
     torch.save({"state_dict": state, "wsi_xr": meta}, buffer)
+    return buffer.getvalue()
+
+
+def save_vae(model: VAE2, path: str | os.PathLike[str], *, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model``'s weights (reference checkpoint layout) plus wsi_xr metadata to ``path``.
+
+    The state dict is saved with ``module.``-prefixed keys, as the reference notebook's
+    ``nn.DataParallel`` checkpoints are, so the file loads in either code base. The
+    ``"wsi_xr"`` block records the tile size, latent size, channels, the wsi_xr version
+    and, under ``"training"``, whatever the caller passes as ``metadata`` (slides, epochs,
+    validation loss, seed, ...; JSON-like values only). The file is written atomically
+    (a temporary file in the same folder, then :func:`os.replace`), and identical weights
+    and metadata give byte-identical files: :func:`vae_bytes`.
+
+    Returns the path written.
+    """
+    target = Path(os.fspath(path)).expanduser()
+    if target.is_dir():
+        raise InvalidArgumentError(f"cannot save weights to '{target}': it is a directory; pass a file name (.pt)")
+    if target.is_file():  # replace only a weights file
+        if not is_weights_file(target):
+            raise InvalidArgumentError(f"cannot save weights to '{target}': it exists and is not a weights file; choose another path")
+    data = vae_bytes(model, metadata=metadata)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(buffer.getbuffer())
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; weights are meant to be shared

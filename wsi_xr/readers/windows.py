@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -129,8 +130,10 @@ def level_damage(info: SlideInfo, level: int) -> SegmentGrid:
     return SegmentGrid(seg_h, seg_w, damaged, {})
 
 
-_grids: dict[tuple[str, int, int, int], SegmentGrid] = {}
+#: Damage scans of this process, by file version and level: a bounded cache (least recently used dropped).
+_grids: OrderedDict[tuple[str, int, int, int], SegmentGrid] = OrderedDict()
 _grids_lock = threading.Lock()
+GRID_CACHE_SIZE = 64
 
 
 def damaged_segments(key: ReaderKey, level: int) -> SegmentGrid:
@@ -142,10 +145,14 @@ def damaged_segments(key: ReaderKey, level: int) -> SegmentGrid:
     cache_key = (key.path, key.file_size, key.mtime_ns, level)
     with _grids_lock:
         grid = _grids.get(cache_key)
+        if grid is not None:
+            _grids.move_to_end(cache_key)
     if grid is None:
         grid = level_damage(probe(key.path), level)
         with _grids_lock:
             _grids[cache_key] = grid
+            while len(_grids) > GRID_CACHE_SIZE:
+                _grids.popitem(last=False)
     return grid
 
 
