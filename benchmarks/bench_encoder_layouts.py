@@ -29,7 +29,7 @@ LAYOUTS = ("nchw", "channels-last input", "channels-last input+weights")
 
 
 def _tiles(n: int) -> np.ndarray:
-    from wsi_xr.synth import SynthSpec, render_region
+    from wsi_xr.datasets.synth import SynthSpec, render_region
 
     region = render_region(SynthSpec(2048, 2048, seed=5, tissue_fraction=0.6), 0, 0, 1024, 1024)[..., :3]
     unique = region.reshape(16, 64, 16, 64, 3).transpose(0, 2, 1, 3, 4).reshape(-1, 64, 64, 3)

@@ -32,7 +32,7 @@ THRESHOLD = 60.0
 
 
 def _slide(size: int, folder: Path) -> Path:
-    from wsi_xr.synth import write_synthetic_slide
+    from wsi_xr.datasets.synth import write_synthetic_slide
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"integrity-synth-{size}.tif"

@@ -18,7 +18,7 @@ RESULTS = HERE / "results"
 
 def synthetic_slide(size: int, tissue_fraction: float = 0.3, seed: int = 0) -> Path:
     """A synthetic slide, generated once and kept in benchmarks/.cache (git-ignored)."""
-    from wsi_xr.synth import write_synthetic_slide
+    from wsi_xr.datasets.synth import write_synthetic_slide
 
     CACHE.mkdir(parents=True, exist_ok=True)
     path = CACHE / f"synth-{size}-f{tissue_fraction:g}-s{seed}.tif"

@@ -35,7 +35,7 @@ def cmu() -> Path:
 @pytest.fixture(scope="session")
 def synth_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3000 x 2600 synthetic pyramidal slide (256-px JPEG tiles, partial edge tiles)."""
-    from wsi_xr.synth import write_synthetic_slide
+    from wsi_xr.datasets.synth import write_synthetic_slide
 
     path = tmp_path_factory.mktemp("synth") / "synth-3000x2600.tif"
     write_synthetic_slide(path, 3000, 2600, seed=7)
@@ -45,7 +45,7 @@ def synth_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def large_synth_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 16384 x 16384 synthetic slide, for laziness checks (never fully read in tests)."""
-    from wsi_xr.synth import write_synthetic_slide
+    from wsi_xr.datasets.synth import write_synthetic_slide
 
     path = tmp_path_factory.mktemp("synth") / "synth-16k.tif"
     write_synthetic_slide(path, 16384, 16384, seed=3, jpeg_quality=60)

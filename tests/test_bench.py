@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from wsi_xr.bench import BenchResult, run_benchmark
-from wsi_xr.synth import write_synthetic_slide
+from wsi_xr.datasets.synth import write_synthetic_slide
 
 
 @pytest.fixture(scope="module")

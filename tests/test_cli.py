@@ -140,7 +140,7 @@ def test_bench_exits_non_zero_when_every_case_fails(synth_slide: Path, tmp_path:
 
 def test_bench_shows_dask_cluster_logs_only_with_verbose(tmp_path: Path) -> None:
     """75c0752: ~20 lines of distributed INFO ("Nanny asking worker to close", ...) after a bench with processes."""
-    from wsi_xr.synth import write_synthetic_slide
+    from wsi_xr.datasets.synth import write_synthetic_slide
 
     slide = tmp_path / "b.tif"
     write_synthetic_slide(slide, 1024, 1024, seed=2)

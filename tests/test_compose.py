@@ -18,7 +18,7 @@ import xarray as xr
 
 import wsi_xr
 from wsi_xr.models import VAE2, save_vae
-from wsi_xr.synth import write_synthetic_slide
+from wsi_xr.datasets.synth import write_synthetic_slide
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,8 @@ def test_two_stores_with_the_same_folder_name_on_one_client(
     """Two pipeline runs into ``a/out.zarr`` and ``b/out.zarr``, their chunks in one computation."""
     from distributed import Client, LocalCluster
 
-    from wsi_xr.pipeline import _prepare, _run_all, validate_run_options
+    from wsi_xr.pipeline import validate_run_options
+    from wsi_xr.pipeline.run import _prepare, _run_all
 
     options = validate_run_options(two_models[0], chunks=1024)
     alone = [

@@ -23,7 +23,7 @@ import xarray as xr
 
 import wsi_xr
 from wsi_xr.readers import clear_caches
-from wsi_xr.synth import write_synthetic_slide
+from wsi_xr.datasets.synth import write_synthetic_slide
 
 CLI = [sys.executable, "-m", "wsi_xr.cli"]
 #: The damaged file tile: row 1, column 1 of the 256-px tile grid (level-0 pixels 256-511).

@@ -18,7 +18,7 @@ from wsi_xr.encode import check_precision, model_ref, worker_model
 from wsi_xr.models import encode_tiles, load_vae
 from wsi_xr.pipeline import process_slide
 from wsi_xr.models.rounding import fp32_mu_bound
-from wsi_xr.synth import render_region, SynthSpec
+from wsi_xr.datasets.synth import render_region, SynthSpec
 
 from tests.numerics import assert_float32_exact, assert_within_bound
 

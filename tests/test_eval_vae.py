@@ -327,7 +327,7 @@ def test_default_weights_metadata_records_the_run() -> None:
 
 
 def test_default_weights_beat_downsampling_on_a_held_out_synthetic_slide(default_model: VAE2, tmp_path: Path) -> None:
-    from wsi_xr.synth import write_synthetic_slide
+    from wsi_xr.datasets.synth import write_synthetic_slide
 
     slide = tmp_path / "synth-300.tif"
     write_synthetic_slide(slide, 2048, 2048, seed=300)  # seed 300: never trained on

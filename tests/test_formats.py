@@ -136,7 +136,7 @@ def write_ndpi(levels: list[np.ndarray], path: Path, mpp: float = 0.5) -> None:
 @pytest.fixture(scope="module")
 def synth_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2048 x 1536 synthetic slide (JPEG 256-px tiles, generic pyramidal TIFF)."""
-    from wsi_xr.synth import write_synthetic_slide
+    from wsi_xr.datasets.synth import write_synthetic_slide
 
     path = tmp_path_factory.mktemp("formats") / "synth-2048x1536.tif"
     write_synthetic_slide(path, 2048, 1536, seed=21)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import wsi_xr
-from wsi_xr.synth import write_synthetic_slide
+from wsi_xr.datasets.synth import write_synthetic_slide
 from wsi_xr.tissue import block_statistics, tissue_mask
 
 cupy = pytest.importorskip("cupy")

@@ -34,7 +34,7 @@ from wsi_xr.readers.tiff_tiles import (
     jpeg_table_segments,
     place_tiles,
 )
-from wsi_xr.synth import write_synthetic_slide
+from wsi_xr.datasets.synth import write_synthetic_slide
 
 from .conftest import data_file
 

@@ -200,7 +200,7 @@ def test_only_files_wsi_xr_wrote_are_replaced(synth_slide: Path, weights: Path, 
     import pandas as pd
 
     from wsi_xr.outputs import check_output_file
-    from wsi_xr.synth import write_synthetic_slide
+    from wsi_xr.datasets.synth import write_synthetic_slide
 
     real = tmp_path / "CMU-1.svs"
     shutil.copy(synth_slide, real)  # stands for a real slide: a TIFF wsi_xr's synth did not write
@@ -223,3 +223,19 @@ def test_only_files_wsi_xr_wrote_are_replaced(synth_slide: Path, weights: Path, 
     with pytest.raises(wsi_xr.StoreError, match="not a weights file that wsi_xr wrote"):
         check_output_file(users_model, "weights")
     check_output_file(weights, "weights")  # save_vae's file: replaceable
+
+
+def test_zarrs_half_written_files_are_not_foreign(synth_slide: Path, tmp_path: Path) -> None:
+    """A run killed while zarr wrote a chunk leaves ``<key>.<uuid>.partial``: the rerun must still resume."""
+    import uuid
+
+    from wsi_xr.store import foreign_content
+
+    mask = wsi_xr.tissue_mask(wsi_xr.open_slide(synth_slide), threshold=50).compute()
+    store = write_zarr(mask, tmp_path / "st.zarr")
+    chunk_folder = next(p.parent for p in (store / "tile_mask" / "c").rglob("*") if p.is_file())
+    (chunk_folder / f"7.{uuid.uuid4().hex}.partial").write_bytes(b"half")
+    (store / "tile_mask" / f"zarr.{uuid.uuid4().hex}.partial").write_text("{")
+    assert foreign_content(store) is None
+    (chunk_folder / "7.partial").write_bytes(b"not zarr's name")
+    assert foreign_content(store) is not None

@@ -18,8 +18,8 @@ import xarray as xr
 import wsi_xr
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.plot import PEN_COLOUR, overlay_classes, plot_mask_overlay
-from wsi_xr.synth import SynthSpec, ink_tile_fraction, render_region, tile_tissue_fraction, write_synthetic_slide
-from wsi_xr.synth_ink import INK_OD, ink_mask_region, ink_od_region, make_strokes
+from wsi_xr.datasets.synth import SynthSpec, ink_tile_fraction, render_region, tile_tissue_fraction, write_synthetic_slide
+from wsi_xr.datasets.ink import INK_OD, ink_mask_region, ink_od_region, make_strokes
 from wsi_xr.tissue.kernels import block_statistics
 from wsi_xr.tissue.pen import DEFAULT_PEN_RULE, PenRule, ink_fractions, ink_pixels, pen_tiles
 from wsi_xr.tissue.threshold import auto_threshold

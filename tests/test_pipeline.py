@@ -25,7 +25,7 @@ import wsi_xr
 from wsi_xr.models import encode_tiles, load_vae
 from wsi_xr.pipeline import process_slide, process_slides, to_dataframe, write_parquet
 from wsi_xr.readers import read_stats, reset_read_stats
-from wsi_xr.synth import write_synthetic_slide
+from wsi_xr.datasets.synth import write_synthetic_slide
 
 from tests.numerics import assert_latents_agree, assert_mu_is_float32_exact, latent_tolerance
 
@@ -111,7 +111,7 @@ def test_whole_number_thresholds_encode_every_tissue_tile(synth_slide: Path, wei
 
 def test_maybe_encoded_survives_float32_rounding() -> None:
     """The tasks compare float64 variances with the floor; finalising sees them as float32."""
-    from wsi_xr.pipeline import _maybe_encoded
+    from wsi_xr.pipeline import maybe_encoded as _maybe_encoded
     from wsi_xr.tissue.mask import two_stage_rule
 
     for floor, above in ((10.0, 10 + 4e-7), (10.1, 10.1 + 1e-7)):  # each stored as float32(floor)

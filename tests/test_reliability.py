@@ -419,7 +419,7 @@ def vae_weights(weights: Path) -> Path:
 
 
 def test_fuzzed_slides_never_crash_and_never_lie(tmp_path: Path, vae_weights: Path) -> None:
-    from wsi_xr.synth import write_synthetic_slide
+    from wsi_xr.datasets.synth import write_synthetic_slide
 
     synth = tmp_path / "synth.tif"
     write_synthetic_slide(synth, 1024, 768, seed=11, progress=False)
@@ -704,7 +704,7 @@ RUN_OPTIONS = {"chunks": 256, "coarse": "none", "threshold": THRESHOLD, "progres
 @pytest.fixture(scope="module")
 def run_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3072 x 3072 synthetic slide: 144 chunks of 256 px, long enough to interrupt."""
-    from wsi_xr.synth import write_synthetic_slide
+    from wsi_xr.datasets.synth import write_synthetic_slide
 
     path = tmp_path_factory.mktemp("fault") / "fault-3072.tif"
     write_synthetic_slide(path, 3072, 3072, seed=21, tissue_fraction=0.5, progress=False)

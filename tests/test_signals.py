@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import xarray as xr
 
-from wsi_xr.synth import write_synthetic_slide
+from wsi_xr.datasets.synth import write_synthetic_slide
 
 CLI = [sys.executable, "-m", "wsi_xr.cli"]
 

@@ -145,7 +145,7 @@ def test_backend_guesses_every_format_the_probe_reads(tmp_path: Path) -> None:
 def test_the_same_slide_opened_either_way_gives_the_same_mask_from_the_same_reads(tmp_path: Path) -> None:
     """75c0752: masked after xr.open_dataset(..., chunks={}) it read every patch (coarse_level -1)."""
     from wsi_xr.readers import clear_caches, trace_reads
-    from wsi_xr.synth import write_synthetic_slide
+    from wsi_xr.datasets.synth import write_synthetic_slide
 
     slide = tmp_path / "s4096.tif"
     write_synthetic_slide(slide, 4096, 4096, seed=9, tissue_fraction=0.2)

@@ -21,7 +21,7 @@ import zarr
 import wsi_xr
 from wsi_xr.pipeline import process_slide, process_slides, to_dataframe, write_parquet
 from wsi_xr.store import LAYOUT_VERSION, migrate_store
-from wsi_xr.synth import write_synthetic_slide
+from wsi_xr.datasets.synth import write_synthetic_slide
 
 from tests.numerics import assert_latents_agree, latent_tolerance
 

@@ -12,7 +12,7 @@ import pytest
 import tifffile
 
 from wsi_xr.errors import InvalidArgumentError
-from wsi_xr.synth import (
+from wsi_xr.datasets.synth import (
     SynthSpec,
     ink_strokes,
     ink_tile_fraction,
@@ -23,7 +23,7 @@ from wsi_xr.synth import (
     tissue_truth,
     write_synthetic_slide,
 )
-from wsi_xr.synth_ink import InkStroke, ink_mask_region, ink_od_region
+from wsi_xr.datasets.ink import InkStroke, ink_mask_region, ink_od_region
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def large(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SynthSpec, in
     path = tmp_path_factory.mktemp("synth") / "large.tif"
     code = (
         "import resource, sys\n"
-        "from wsi_xr.synth import write_synthetic_slide\n"
+        "from wsi_xr.datasets.synth import write_synthetic_slide\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "write_synthetic_slide(sys.argv[1], 16384, 16384, seed=11, tissue_fraction=0.3)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n"

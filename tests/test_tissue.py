@@ -16,7 +16,7 @@ from cucim import CuImage
 
 import wsi_xr
 from wsi_xr.readers import read_stats, reset_read_stats
-from wsi_xr.synth import SynthSpec, tile_truth, write_synthetic_slide
+from wsi_xr.datasets.synth import SynthSpec, tile_truth, write_synthetic_slide
 from wsi_xr.tissue import auto_threshold, block_statistics, tissue_mask
 
 

@@ -51,7 +51,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     """Write a synthetic H&E-like pyramidal slide."""
-    from wsi_xr.synth import write_synthetic_slide
+    from wsi_xr.datasets.synth import write_synthetic_slide
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -94,9 +94,9 @@ def cmd_mask(args: argparse.Namespace) -> int:
     from wsi_xr.cluster import check_scheduler_address, compute
     from wsi_xr.slide import open_slide
     from wsi_xr.store import check_output, write_zarr
-    from wsi_xr.tissue import resolve_threshold, tissue_mask, validate_mask_arguments
+    from wsi_xr.tissue import MaskParams, resolve_threshold, tissue_mask
 
-    validate_mask_arguments(args.tile, args.patch, args.threshold)
+    params = MaskParams(args.tile, args.patch, args.threshold, args.coarse, args.reject_pen)  # checks every setting
     check_output(args.out, overwrite=args.overwrite)
     if args.scheduler:
         check_scheduler_address(args.scheduler)
@@ -385,7 +385,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from wsi_xr.bench import HEADER, format_row, plot_report, run_benchmark
     from wsi_xr.outputs import check_output_file
-    from wsi_xr.synth import write_synthetic_slide
+    from wsi_xr.datasets.synth import write_synthetic_slide
 
     if args.out:
         check_output_file(args.out, "json")
@@ -418,7 +418,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Synthetic slide -> whole pipeline with the shipped weights -> store, Parquet, figures."""
     from wsi_xr.pipeline import process_slide, write_parquet
     from wsi_xr.plot import plot_latent_map, plot_mask_overlay
-    from wsi_xr.synth import write_synthetic_slide
+    from wsi_xr.datasets.synth import write_synthetic_slide
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -441,10 +441,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_mask_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tile", type=_positive_int, default=64, help="tile side in pixels (default 64)")
-    p.add_argument("--patch", type=_positive_int, default=256, help="patch side in pixels (default 256)")
-    p.add_argument("--threshold", type=_threshold, default="auto", help="variance threshold, or auto (default)")
-    p.add_argument("--coarse", type=_coarse, default="auto", help="auto, none, or the pyramid level for the coarse skip")
+    from wsi_xr.tissue.params import MaskParams  # the defaults live there
+
+    defaults = MaskParams()
+    p.add_argument("--tile", type=_positive_int, default=defaults.tile, help=f"tile side in pixels (default {defaults.tile})")
+    p.add_argument("--patch", type=_positive_int, default=defaults.patch, help=f"patch side in pixels (default {defaults.patch})")
+    p.add_argument("--threshold", type=_threshold, default=defaults.threshold, help=f"variance threshold, or auto (default {defaults.threshold})")
+    p.add_argument("--coarse", type=_coarse, default=defaults.coarse, help=f"auto, none, or the pyramid level for the coarse skip (default {defaults.coarse})")
     p.add_argument("--chunk", type=_positive_int, default=None, help="chunk side in pixels (multiple of --patch)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="CuPy chunks on the GPU (auto: when a GPU is present)")
     p.add_argument("--reject-pen", action="store_true", help="remove tiles covered by pen ink from the mask (adds pen_mask)")

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -223,11 +222,16 @@ def _is_our_group(folder: Path, attrs: dict[str, Any] | None) -> bool:
     return False
 
 
+#: A file zarr was writing when its process was killed (it writes ``<name>.<uuid>.partial``, then renames).
+_ZARR_PARTIAL = re.compile(r"^(\d+|zarr)\.[0-9a-f]{32}\.partial$")
+
+
 def _chunk_keys_only(folder: Path) -> str | None:
-    """The first entry under an array's ``c/`` folder that is not a chunk key (digits), or None."""
+    """The first entry under an array's ``c/`` folder that is not a chunk key (digits) or zarr's own
+    half-written chunk, or None."""
     for root, dirs, files in os.walk(folder):
         for name in dirs + files:
-            if not name.isdigit():
+            if not name.isdigit() and not _ZARR_PARTIAL.match(name):
                 return str(Path(root) / name)
     return None
 
@@ -249,7 +253,7 @@ def foreign_content(folder: Path) -> str | None:
         first = sorted(p.name for p in folder.iterdir())[0]
         return f"{folder / first}" if attrs is None else f"{folder / 'zarr.json'}: a Zarr group that is not a wsi_xr store"
     for child in sorted(folder.iterdir()):
-        if child.name == "zarr.json":
+        if child.name == "zarr.json" or _ZARR_PARTIAL.match(child.name):
             continue
         if not child.is_dir():
             return str(child)
@@ -260,7 +264,7 @@ def foreign_content(folder: Path) -> str | None:
             continue  # wsi_xr's own half-built or replaced group
         meta = _zarr_node(child)
         if meta == "array":
-            extra = sorted(set(p.name for p in child.iterdir()) - _ARRAY_ENTRIES)
+            extra = sorted(name for name in set(p.name for p in child.iterdir()) - _ARRAY_ENTRIES if not _ZARR_PARTIAL.match(name))
             if extra:
                 return str(child / extra[0])
             if (child / "c").is_dir():  # a 0-d array's one chunk is the file "c"

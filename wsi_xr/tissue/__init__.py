@@ -1,15 +1,34 @@
-"""Tissue detection: block-wise two-stage variance, coarse skip, automatic threshold."""
+"""Tissue detection: block-wise two-stage variance, coarse skip, automatic threshold.
 
+- :mod:`.params`: :class:`MaskParams`, the settings, their defaults and checks;
+- :mod:`.plan`: :func:`plan_mask`, the one plan (chunks, coarse decision, damaged tiles, provenance);
+- :mod:`.core`: the array-level core (a chunk's statistics, the two-stage rule, the threshold);
+- :mod:`.mask`: :func:`tissue_mask`, the lazy xarray wrapper;
+- :mod:`.kernels`, :mod:`.coarse`, :mod:`.pen`, :mod:`.threshold`: the kernels under them.
+"""
+
+from wsi_xr.tissue.core import ChunkStatistics, chunk_statistics, choose_threshold, two_stage_rule
 from wsi_xr.tissue.kernels import block_statistics, tile_moments
-from wsi_xr.tissue.mask import resolve_threshold, tissue_mask, validate_mask_arguments
+from wsi_xr.tissue.mask import resolve_threshold, tissue_mask
+from wsi_xr.tissue.params import MaskParams, validate_mask_arguments
+from wsi_xr.tissue.plan import MaskPlan, plain_plan, plan_chunks, plan_mask
 from wsi_xr.tissue.threshold import DEFAULT_THRESHOLD, auto_threshold
 
 __all__ = [
     "DEFAULT_THRESHOLD",
+    "ChunkStatistics",
+    "MaskParams",
+    "MaskPlan",
     "auto_threshold",
     "block_statistics",
-    "tile_moments",
+    "choose_threshold",
+    "chunk_statistics",
+    "plain_plan",
+    "plan_chunks",
+    "plan_mask",
     "resolve_threshold",
+    "tile_moments",
     "tissue_mask",
+    "two_stage_rule",
     "validate_mask_arguments",
 ]

@@ -21,7 +21,7 @@ the stained pixels of its tissue tiles. Marker inks break that pattern:
 * **cool ink** (blue, green, teal, violet): red is absorbed more than green,
   ``OD_R - OD_G >= cool`` (0.30). On CMU-1, 95 % of dense purple (haematoxylin)
   pixels have ``OD_R - OD_G <= +0.18`` (median -0.44); the blue marker of
-  :mod:`wsi_xr.synth_ink` sits at +0.55 per unit density, green at +0.95.
+  :mod:`wsi_xr.datasets.ink` sits at +0.55 per unit density, green at +0.95.
 * **warm ink** (yellow, orange, yellow-green): blue is absorbed more than green,
   ``OD_B - OD_G >= warm`` (0.25); H&E does not do this.
 * **red ink**: dense and saturated, red light passes while green *and* blue are both

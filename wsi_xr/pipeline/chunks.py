@@ -1,0 +1,172 @@
+"""One slide's plan and its chunk tasks: statistics, encoding and region writes from one read.
+
+Each chunk task calls the tissue core (:func:`wsi_xr.tissue.core.chunk_statistics`, the
+same function the lazy :func:`wsi_xr.tissue_mask` maps over its blocks) and the encoder core
+(:func:`wsi_xr.encode.encode_block`), then writes its Zarr regions and marks itself done.
+
+Why the tasks write (rather than ``da.store`` / ``to_zarr(region=...)``): resume needs a
+chunk's data and its ``chunk_done`` flag written by the same task, data first, so that a
+kill at any moment leaves either a finished chunk or one that is redone; and with
+``threshold="auto"`` the latents are written before the threshold is known (candidates
+above the lowest threshold "auto" can choose), then blanked by finalising. A graph that
+stores several arrays from one task is exactly this; ``da.store`` would store them as
+separate tasks and lose the ordering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+from dask.base import tokenize
+
+from wsi_xr._failpoints import failpoint
+from wsi_xr._timing import stage
+from wsi_xr.encode import ModelRef, encode_block
+from wsi_xr.pipeline.options import RunOptions, candidate_floor, run_fingerprint
+from wsi_xr.readers import OpenedSlide, unpack_window
+from wsi_xr.store import SlideLayout
+from wsi_xr.tissue.core import chunk_statistics, two_stage_rule
+from wsi_xr.tissue.plan import MaskPlan, plan_mask
+
+__all__ = ["ChunkJob", "RunPlan", "chunk_graph", "plan_run"]
+
+
+@dataclass
+class RunPlan:
+    """A slide's mask plan (:class:`~wsi_xr.tissue.MaskPlan`), the run's options and its fingerprint."""
+
+    mask: MaskPlan
+    options: RunOptions
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def opened(self) -> OpenedSlide:
+        assert self.mask.opened is not None
+        return self.mask.opened
+
+    @property
+    def level(self) -> int:
+        return self.options.level
+
+    def layout(self) -> SlideLayout:
+        """The store layout of this slide."""
+        from wsi_xr.models import LATENT_SIZE
+
+        coords = self.mask.coords()
+        tile_chunks, patch_chunks = self.mask.tile_chunks, self.mask.patch_chunks
+        return SlideLayout(
+            **coords,
+            tile_chunks=(tile_chunks[0][0], tile_chunks[1][0]),
+            patch_chunks=(patch_chunks[0][0], patch_chunks[1][0]),
+            n_features=LATENT_SIZE,
+            tile_flags=("pen_mask",) if self.options.reject_pen else (),
+        )
+
+
+def plan_run(opened: OpenedSlide, options: RunOptions) -> RunPlan:
+    """The run's plan of one slide: :func:`~wsi_xr.tissue.plan_mask` and the fingerprint."""
+    mask = plan_mask(opened, options.level, options.chunks, options.mask)
+    return RunPlan(mask, options, run_fingerprint(opened, options, mask.chunks))
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """What every chunk task needs besides its pixels (small: it travels with each task)."""
+
+    store: str
+    group: str | None
+    tile: int
+    patch: int
+    candidate_floor: float
+    ref: ModelRef
+    batch_size: int | None
+    reject_pen: bool
+    torch_threads: int | str | None = None
+
+    @classmethod
+    def of(cls, store: str, group: str | None, options: RunOptions) -> ChunkJob:
+        assert options.ref is not None
+        return cls(
+            store, group, options.tile, options.patch, candidate_floor(options), options.ref, options.batch_size,
+            options.reject_pen, options.torch_threads,
+        )
+
+
+def _chunk_task(
+    block: Any,
+    excluded: np.ndarray,
+    read_patches: np.ndarray,
+    todo: np.ndarray,
+    weights: bytes,
+    *,
+    job: ChunkJob,
+    block_info: dict | None = None,
+) -> np.ndarray:
+    """Statistics + encoding + region writes for one chunk; returns its candidate count."""
+    assert block_info is not None
+    i, j, _ = block_info[0]["chunk-location"]
+    if not bool(np.asarray(todo).reshape(-1)[0]):
+        return np.zeros((1, 1, 1), dtype=np.int64)  # written by an earlier run
+    (y0, y1), (x0, x1), _ = block_info[0]["array-location"]
+    tile, k = job.tile, job.patch // job.tile
+    ty0, tx0 = y0 // tile, x0 // tile
+    nty, ntx = (y1 - y0) // tile, (x1 - x0) // tile
+    root = zarr.open_group(job.store, mode="r+", zarr_format=3, use_consolidated=False)
+    g = root[job.group] if job.group else root
+    count = 0
+    read_patches = np.asarray(read_patches)[..., 0]
+    if read_patches.any() and nty and ntx:
+        excluded = np.asarray(excluded)[..., 0]
+        stats = chunk_statistics(block, excluded, read_patches, tile=tile, patch=job.patch, reject_pen=job.reject_pen)
+        if stats.decode_failed.any():  # tiles the decoder reported errors in: read errors, like damaged ones
+            excluded = excluded | stats.decode_failed
+            with stage("write"):
+                g["read_error"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = excluded
+        candidates = two_stage_rule(stats.tile_variance, stats.patch_variance, excluded, job.candidate_floor) & ~stats.pen
+        with stage("encode"):
+            pixels, _ = unpack_window(block)
+            latents = encode_block(
+                pixels, candidates, job.ref, tile=tile, batch_size=job.batch_size, weights=weights, torch_threads=job.torch_threads
+            )
+        with stage("write"):
+            if job.reject_pen:
+                g["pen_mask"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = stats.pen
+            patch_var = stats.patch_variance[::k, ::k].astype(np.float32)
+            g["tile_variance"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = stats.tile_variance.astype(np.float32)
+            g["patch_variance"][ty0 // k : ty0 // k + patch_var.shape[0], tx0 // k : tx0 // k + patch_var.shape[1]] = patch_var
+            g["latent"][ty0 : ty0 + nty, tx0 : tx0 + ntx, :] = latents
+        count = int(candidates.sum())
+    g["chunk_done"][i, j] = True  # only after the data: a kill before this redoes the chunk
+    failpoint("chunk-done")
+    return np.full((1, 1, 1), count, dtype=np.int64)
+
+
+def chunk_graph(plan: RunPlan, job: ChunkJob, done: np.ndarray, weights: Any) -> da.Array:
+    """The lazy per-chunk tasks of one slide (chunks already done read nothing)."""
+    mask = plan.mask
+    todo = ~done
+    todo_patches = mask.read_patches & np.repeat(np.repeat(todo, mask.patch_chunks[0], axis=0), mask.patch_chunks[1], axis=1)
+    tile_chunks = mask.tile_chunks
+    inputs = (
+        mask.pixels(plan.options.device, todo_patches),
+        da.from_array(mask.excluded[..., None], chunks=tile_chunks + ((1,),)),
+        da.from_array(todo_patches[..., None], chunks=mask.patch_chunks + ((1,),)),
+        da.from_array(todo[..., None], chunks=(1, 1, 1)),
+    )
+    # Named from a token of the inputs and the job (the store's absolute path and group,
+    # the model's hash, every setting): two slides, stores or settings never share a key.
+    token = tokenize(*(a.name for a in inputs), job)
+    return da.map_blocks(
+        _chunk_task,
+        *inputs,
+        weights,  # the weights' bytes: one key (Model.graph_input), sent once to each worker
+        chunks=((1,) * len(tile_chunks[0]), (1,) * len(tile_chunks[1]), (1,)),
+        dtype=np.int64,
+        meta=np.empty((0, 0, 0), dtype=np.int64),
+        job=job,
+        name=f"wsi-process-chunk-{job.group + '-' if job.group else ''}{token}",  # the slide's group: readable on the dashboard
+    )

@@ -1,0 +1,102 @@
+"""Finalising a slide's store: the threshold, the masks, blanking what is not tissue, provenance, ``complete``.
+
+The threshold is chosen and the two-stage rule applied by the tissue core
+(:func:`~wsi_xr.tissue.core.choose_threshold`, :func:`~wsi_xr.tissue.core.two_stage_rule`)
+on the stored variances; the provenance attributes are the mask plan's
+(:meth:`~wsi_xr.tissue.MaskPlan.attrs`) plus the run's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+
+from wsi_xr._failpoints import failpoint
+from wsi_xr.errors import StoreError
+from wsi_xr.pipeline.chunks import RunPlan
+from wsi_xr.pipeline.options import CANDIDATE_FLOOR, candidate_floor
+from wsi_xr.store import json_safe_attrs
+from wsi_xr.tissue.core import blocks_any, choose_threshold, two_stage_rule
+
+__all__ = ["finalize", "maybe_encoded"]
+
+
+def maybe_encoded(tile_var: np.ndarray, patch_of_tile: np.ndarray, excluded: np.ndarray, floor: float) -> np.ndarray:
+    """Every tile the chunk tasks may have encoded, judged from the stored float32 variances.
+
+    The tasks compared float64 variances with ``floor`` (``>``); rounding to float32 is
+    monotonic, so a value above ``floor`` is stored as at least ``float32(floor)``: ``>=``
+    that (a superset: tiles never encoded are NaN already, and blanking them is harmless).
+    """
+    below_floor32 = np.nextafter(np.float32(floor), np.float32(-np.inf))  # float32 compare: > this is >= float32(floor)
+    return two_stage_rule(tile_var.astype(np.float32, copy=False), patch_of_tile.astype(np.float32, copy=False), excluded, below_floor32)
+
+
+def finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
+    """Choose the threshold, write the masks, blank non-tissue latents, record provenance, mark complete."""
+    mask, options = plan.mask, plan.options
+    tile_var = group["tile_variance"][...]
+    patch_var = group["patch_variance"][...]
+    # damaged tiles (from the scan, written when the store was created) and tiles whose
+    # decoding failed (written by their chunk tasks)
+    excluded = group["read_error"][...] | mask.excluded
+    threshold, method = choose_threshold(tile_var, options.threshold)
+    k = options.mask.tiles_per_patch
+    nty, ntx = tile_var.shape
+    patch_of_tile = np.repeat(np.repeat(patch_var, k, axis=0), k, axis=1)[:nty, :ntx]
+    tile_mask = two_stage_rule(tile_var, patch_of_tile, excluded, threshold)
+    # The tiles the chunk tasks may have encoded (a resumed store's earlier chunks too:
+    # before 0.2.0 a whole-number threshold encoded from CANDIDATE_FLOOR up), less pen
+    # ink, which is never encoded.
+    floor = candidate_floor(options)
+    if not isinstance(options.threshold, float):
+        floor = min(floor, CANDIDATE_FLOOR)
+    encoded = maybe_encoded(tile_var, patch_of_tile, excluded, floor)
+    pen_tiles = 0
+    if options.reject_pen:
+        pen = group["pen_mask"][...]
+        pen_tiles = int((tile_mask & pen).sum())
+        tile_mask &= ~pen
+        encoded &= ~pen
+    with np.errstate(invalid="ignore"):
+        patch_mask = patch_var > threshold
+    group["patch_mask"][...] = patch_mask
+    group["tile_mask"][...] = tile_mask
+    failpoint("finalize-masks")
+    # Only latent chunks holding an encoded tile that is not tissue change: read and
+    # rewrite those alone (at 49152², 76 of 576 chunks), checking their tissue tiles'
+    # latents on the way. Other chunks are trusted to their `chunk_done` flag (set only
+    # after the chunk's latents were written); they are not read back.
+    latent = group["latent"]
+    tcy, tcx = latent.chunks[:2]  # one Zarr chunk per slide chunk: the plan's tile chunks
+    to_blank = encoded & ~tile_mask
+    for i, j in np.argwhere(blocks_any(to_blank, mask.tile_chunks)):
+        ty, tx = int(i) * tcy, int(j) * tcx
+        keep = tile_mask[ty : ty + tcy, tx : tx + tcx]
+        block = latent[ty : ty + tcy, tx : tx + tcx, :]
+        if np.isnan(block[keep]).any():
+            raise StoreError(f"{plan.opened.path}: latents missing for tissue tiles near tile ({ty}, {tx}); run again.")
+        block[to_blank[ty : ty + tcy, tx : tx + tcx]] = np.nan
+        latent[ty : ty + tcy, tx : tx + tcx, :] = block
+    failpoint("finalize-latents")
+    from wsi_xr import __version__
+
+    attrs = {
+        **mask.attrs(),
+        "threshold": float(threshold),
+        "threshold_method": method,
+        "weights": options.ref.path if options.ref else None,
+        "weights_sha256": options.ref.sha256 if options.ref else None,
+        "precision": options.precision,
+        "pen_tiles": pen_tiles,
+        "wsi_xr_version": __version__,
+        "tissue_tiles": int(tile_mask.sum()),
+        "read_errors": int(excluded.sum()),
+    }
+    group.attrs.update(json_safe_attrs(attrs))
+    failpoint("finalize-attrs")
+    group.attrs["complete"] = True  # last: a store is never complete with chunks missing
+    failpoint("finalize-complete")
+    return attrs

@@ -1,0 +1,122 @@
+"""A run's settings: checked once, before any work, and the fingerprint that defines its results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from wsi_xr.encode import Model, ModelRef, check_precision, check_torch_threads, prepare_model
+from wsi_xr.errors import InvalidArgumentError
+from wsi_xr.readers import GPU_BACKENDS, OpenedSlide
+from wsi_xr.slide import ChunkSpec
+from wsi_xr.tissue.params import MaskParams
+from wsi_xr.tissue.plan import Chunks, plan_chunks
+from wsi_xr.tissue.threshold import THRESHOLD_RANGE
+
+__all__ = [
+    "CANDIDATE_FLOOR",
+    "READ_CHECKS",
+    "RunOptions",
+    "candidate_floor",
+    "check_slide_options",
+    "run_fingerprint",
+    "validate_run_options",
+]
+
+#: Version of the checks every read makes (1: tiles the decoder complained about are read
+#: errors). A store started with fewer checks is not resumed: its chunks were not checked.
+READ_CHECKS = 1
+
+#: The lowest threshold "auto" can choose: tiles above it are encoded as candidates.
+CANDIDATE_FLOOR = THRESHOLD_RANGE[0]
+
+_MASK = MaskParams()  # the defaults live in MaskParams
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The settings of a run that do not depend on the slide (checked before any work).
+
+    The mask's settings (``tile`` ... ``reject_pen``) are a :class:`MaskParams`
+    (:attr:`mask`), which holds their defaults and checks; the others are the encoder's
+    and the reading's.
+    """
+
+    tile: int = _MASK.tile
+    patch: int = _MASK.patch
+    threshold: float | str = _MASK.threshold
+    coarse: str | int = _MASK.coarse
+    chunks: ChunkSpec = None
+    level: int = 0
+    batch_size: int | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    reject_pen: bool = _MASK.reject_pen
+    torch_threads: int | str | None = None
+    model: Model | None = None
+
+    @property
+    def mask(self) -> MaskParams:
+        """The mask's settings (checked when built)."""
+        return MaskParams(self.tile, self.patch, self.threshold, self.coarse, self.reject_pen)
+
+    @property
+    def ref(self) -> ModelRef | None:
+        """The model's identity (weights hash, device, precision), once validated."""
+        return None if self.model is None else self.model.ref
+
+
+def validate_run_options(weights: Any = None, **settings: Any) -> RunOptions:
+    """Check every slide-independent argument of a run, load-test the weights, return them.
+
+    Cheap (no pixels are read): the CLI calls it before starting a cluster. ``weights`` is a
+    path, a VAE2, a :class:`~wsi_xr.encode.Model` (checked already: reused) or None.
+    """
+    options = RunOptions(**settings)
+    params = options.mask  # checks tile, patch, threshold, coarse, reject_pen
+    if params.tile != 64:
+        raise InvalidArgumentError(f"tile={params.tile}: the VAE encodes 64x64 tiles; use tile=64 for the pipeline.")
+    if options.batch_size is not None and (not isinstance(options.batch_size, int) or isinstance(options.batch_size, bool) or options.batch_size < 1):
+        raise InvalidArgumentError(f"batch_size={options.batch_size}: must be an integer >= 1 (or None: the measured default).")
+    if options.device not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"device={options.device!r}: use 'cpu' or 'cuda'.")
+    check_precision(options.precision, options.device)
+    check_torch_threads(options.torch_threads)
+    model = prepare_model(weights, device=options.device, precision=options.precision)
+    return RunOptions(**{**options.__dict__, "model": model})
+
+
+def check_slide_options(opened: OpenedSlide, options: RunOptions) -> Chunks:
+    """The checks of a run's options that need the slide (cheap: no pixels are read).
+
+    Returns the slide's chunking (level pixels per chunk along y and x).
+    """
+    if options.device == "cpu" and opened.backend in GPU_BACKENDS:
+        raise InvalidArgumentError(f"{opened.info.path}: backend {opened.backend!r} needs device='cuda'.")
+    return plan_chunks(opened, options.level, options.chunks, options.mask)
+
+
+def run_fingerprint(opened: OpenedSlide, options: RunOptions, chunks: Chunks) -> dict[str, Any]:
+    """The parameters that define a run's results: a store made with others is not resumed."""
+    info = opened.info
+    assert options.ref is not None
+    return {
+        "source": info.path,
+        "file_size": info.file_size,
+        "mtime_ns": info.mtime_ns,
+        "level": options.level,
+        "tile": options.tile,
+        "patch": options.patch,
+        "threshold_setting": options.threshold,
+        "coarse": str(options.coarse),
+        "chunks": [list(chunks[0]), list(chunks[1])],
+        "weights_sha256": options.ref.sha256,
+        "precision": options.precision,
+        "reject_pen": options.reject_pen,
+        "read_checks": READ_CHECKS,
+    }
+
+
+def candidate_floor(options: RunOptions) -> float:
+    """The threshold the chunk tasks encode above: a given one, or the lowest "auto" can choose."""
+    return CANDIDATE_FLOOR if options.threshold == "auto" else float(options.threshold)
