@@ -107,9 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--min-repeats", type=int, default=3)
     parser.add_argument("--min-seconds", type=float, default=1.0, help="time each cell for at least this long")
-    parser.add_argument(
-        "--passes", type=int, default=1, help="run the whole grid this many times; the summary keeps each cell's best"
-    )
+    parser.add_argument("--passes", type=int, default=1, help="run the whole grid this many times; the summary keeps each cell's best")
     args = parser.parse_args(argv)
 
     passes = []

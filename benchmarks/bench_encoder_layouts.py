@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,8 +64,13 @@ def run(n_tiles: int, rounds: int, batches: list[int]) -> list[dict[str, Any]]:
     }
     torch.set_num_threads(2)
     reference = _encoder(models["nchw"], "nchw", "fp32", 256)(tiles)
-    cells = [(layout, precision, batch, threading) for precision in ("fp32", "bf16") for layout in LAYOUTS
-             for batch in batches for threading in ("2 threads x 1", "1 x 2 torch threads")]
+    cells = [
+        (layout, precision, batch, threading)
+        for precision in ("fp32", "bf16")
+        for layout in LAYOUTS
+        for batch in batches
+        for threading in ("2 threads x 1", "1 x 2 torch threads")
+    ]
     best: dict[tuple[str, str, int, str], dict[str, Any]] = {}
     for _ in range(rounds):
         for layout, precision, batch, threading in cells:
@@ -89,8 +95,12 @@ def run(n_tiles: int, rounds: int, batches: list[int]) -> list[dict[str, Any]]:
             key = (layout, precision, batch, threading)
             if key not in best or rate > best[key]["tiles_per_s"]:
                 best[key] = {
-                    "layout": layout, "precision": precision, "batch": batch, "threading": threading,
-                    "tiles_per_s": rate, "max_abs_diff_vs_eager_fp32": float((mu - reference).abs().max()),
+                    "layout": layout,
+                    "precision": precision,
+                    "batch": batch,
+                    "threading": threading,
+                    "tiles_per_s": rate,
+                    "max_abs_diff_vs_eager_fp32": float((mu - reference).abs().max()),
                 }
     return sorted(best.values(), key=lambda r: -r["tiles_per_s"])
 
@@ -102,8 +112,11 @@ def main() -> None:
     parser.add_argument("--batches", default="64,128,256")
     args = parser.parse_args()
     rows = run(args.tiles, args.rounds, [int(b) for b in args.batches.split(",")])
-    save("encoder_layouts", {"tiles": args.tiles, "rounds": args.rounds, "rows": rows},
-         markdown_table(rows, ["precision", "layout", "batch", "threading", "tiles_per_s", "max_abs_diff_vs_eager_fp32"]))
+    save(
+        "encoder_layouts",
+        {"tiles": args.tiles, "rounds": args.rounds, "rows": rows},
+        markdown_table(rows, ["precision", "layout", "batch", "threading", "tiles_per_s", "max_abs_diff_vs_eager_fp32"]),
+    )
 
 
 if __name__ == "__main__":

@@ -37,9 +37,10 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks.common import RESULTS, markdown_table, save, synthetic_slide, timed
 
@@ -87,11 +88,7 @@ def require_gpu() -> str:
 
 def windows(height: int, width: int, chunk: int) -> list[tuple[int, int, int, int]]:
     """``(y, x, h, w)`` windows of side ``chunk`` covering a level (smaller at the edges)."""
-    return [
-        (y, x, min(chunk, height - y), min(chunk, width - x))
-        for y in range(0, height, chunk)
-        for x in range(0, width, chunk)
-    ]
+    return [(y, x, min(chunk, height - y), min(chunk, width - x)) for y in range(0, height, chunk) for x in range(0, width, chunk)]
 
 
 def megapixels(size: int) -> float:
@@ -305,8 +302,7 @@ def pipeline(slide: Path, size: int, args: argparse.Namespace, backend: str, pre
 
     import wsi_xr
 
-    kwargs: dict[str, Any] = {"chunks": args.chunk, "device": "cuda", "coarse": args.coarse, "backend": backend,
-                              "overwrite": True, "progress": False}
+    kwargs: dict[str, Any] = {"chunks": args.chunk, "device": "cuda", "coarse": args.coarse, "backend": backend, "overwrite": True, "progress": False}
     if "precision" in inspect.signature(wsi_xr.process_slide).parameters:
         kwargs["precision"] = precision
     elif precision != "fp32":
@@ -321,8 +317,14 @@ def pipeline(slide: Path, size: int, args: argparse.Namespace, backend: str, pre
     with dask.config.set(scheduler="threads", num_workers=args.threads):
         seconds = timed(lambda: wsi_xr.process_slide(slide, store, **kwargs), args.repeat)["median_s"]
     tissue = int(xr.open_zarr(store).attrs["tissue_tiles"])
-    return {"backend": backend, "precision": precision, "seconds": seconds, "mp_per_s": megapixels(size) / seconds,
-            "tissue_tiles": tissue, "tissue_tiles_per_s": tissue / seconds}
+    return {
+        "backend": backend,
+        "precision": precision,
+        "seconds": seconds,
+        "mp_per_s": megapixels(size) / seconds,
+        "tissue_tiles": tissue,
+        "tissue_tiles_per_s": tissue / seconds,
+    }
 
 
 def bench_slide(size: int, args: argparse.Namespace, gpu: str) -> dict[str, Any]:
@@ -353,8 +355,14 @@ def bench_slide(size: int, args: argparse.Namespace, gpu: str) -> dict[str, Any]
         if row["stage"] == "encoder" and "tiles_per_s" in row and tissue:
             row["mp_per_s"] = row["tiles_per_s"] / (tissue / mp)
     result: dict[str, Any] = {
-        "slide": str(slide), "size": size, "megapixels": mp, "chunk": args.chunk, "threads": args.threads, "gpu": gpu,
-        "stages": stages, "pipeline": summarize(stages, runs, mp, tissue),
+        "slide": str(slide),
+        "size": size,
+        "megapixels": mp,
+        "chunk": args.chunk,
+        "threads": args.threads,
+        "gpu": gpu,
+        "stages": stages,
+        "pipeline": summarize(stages, runs, mp, tissue),
     }
     if args.report:
         first = next((r for r in runs if "error" not in r), None)

@@ -103,7 +103,12 @@ def main() -> None:
     slide = str(synthetic_slide(args.size, 0.3))
     common = ["--slide", slide, "--size", str(args.size), "--repeat", str(args.repeat)]
     rows = []
-    for label, case in (("(a) notebook: client.map, per-task CuImage, tile re-reads", "notebook"), ("(b) wsi_xr coarse=none", "none"), ("(c) wsi_xr coarse=auto", "auto"), ("(d) raw decode (cuCIM regions)", "raw")):
+    for label, case in (
+        ("(a) notebook: client.map, per-task CuImage, tile re-reads", "notebook"),
+        ("(b) wsi_xr coarse=none", "none"),
+        ("(c) wsi_xr coarse=auto", "auto"),
+        ("(d) raw decode (cuCIM regions)", "raw"),
+    ):
         result = isolated("benchmarks.bench_mask", case, *common)
         rows.append({"case": label, **result})
         print(rows[-1], file=sys.stderr)
@@ -120,7 +125,11 @@ def main() -> None:
     table += f"\n\n(b) is {speedup:.1f}x faster than (a) (target >= 10); (b) takes {vs_raw:.2f}x the raw decode time (target <= 1.25).\n\n"
     table += markdown_table(fractions, ["tissue fraction", "coarse", "seconds", "tissue_tiles", "peak_rss_mb"])
     table += f"\n\nSlide {args.size} x {args.size} synthetic, threshold {THRESHOLD}, {WORKERS} workers, chunks 2048."
-    save("mask", {"size": args.size, "workers": WORKERS, "rows": rows, "fractions": fractions, "speedup_vs_notebook": speedup, "vs_raw_decode": vs_raw}, table)
+    save(
+        "mask",
+        {"size": args.size, "workers": WORKERS, "rows": rows, "fractions": fractions, "speedup_vs_notebook": speedup, "vs_raw_decode": vs_raw},
+        table,
+    )
 
 
 if __name__ == "__main__":

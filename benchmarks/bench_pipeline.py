@@ -46,7 +46,12 @@ def run_case(case: str, slide: str, weights: str | None, repeat: int) -> dict:
             return {"seconds": seconds}
         if case == "pipeline":
             store = Path(tempfile.mkdtemp()) / "p.zarr"
-            seconds = _time(lambda: wsi_xr.process_slide(slide, store, weights=weights, chunks=2048, coarse="none", overwrite=True, progress=False, torch_threads="auto"), repeat)
+            seconds = _time(
+                lambda: wsi_xr.process_slide(
+                    slide, store, weights=weights, chunks=2048, coarse="none", overwrite=True, progress=False, torch_threads="auto"
+                ),
+                repeat,
+            )
             ds = xr.open_zarr(store)
             start = time.perf_counter()
             copy = Path(tempfile.mkdtemp()) / "copy.zarr"
@@ -112,7 +117,10 @@ def main() -> None:
         {"what": "peak RSS large / small (target <= 1.3)", "value": pipe_large["peak_rss_mb"] / pipe["peak_rss_mb"], "unit": "ratio"},
         {"what": f"pipeline {args.large}^2", "value": pipe_large["seconds"], "unit": "s"},
     ]
-    table = markdown_table(rows, ["what", "value", "unit"]) + f"\n\n{WORKERS} threads (dask threaded scheduler), chunks 2048, coarse skip off, synthetic slides with 30% tissue."
+    table = (
+        markdown_table(rows, ["what", "value", "unit"])
+        + f"\n\n{WORKERS} threads (dask threaded scheduler), chunks 2048, coarse skip off, synthetic slides with 30% tissue."
+    )
     save("pipeline", {"read": read, "mask": mask, "pipeline": pipe, "encoder": encoder, "pipeline_large": pipe_large, "shares": shares}, table)
 
 

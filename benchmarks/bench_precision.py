@@ -37,15 +37,17 @@ def measure(weights: str | None) -> list[dict[str, Any]]:
         fast = encode_tiles(model, tiles, precision="bf16")
         diff = np.abs(exact - fast)
         cosine = (exact * fast).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(fast, axis=1)
-        rows.append({
-            "tiles": name,
-            "n": len(tiles),
-            "mean_abs_mu": float(np.abs(exact).mean()),
-            "max_abs_diff": float(diff.max()),
-            "mean_abs_diff": float(diff.mean()),
-            "relative_error": float(np.linalg.norm(exact - fast) / np.linalg.norm(exact)),
-            "min_cosine": float(cosine.min()),
-        })
+        rows.append(
+            {
+                "tiles": name,
+                "n": len(tiles),
+                "mean_abs_mu": float(np.abs(exact).mean()),
+                "max_abs_diff": float(diff.max()),
+                "mean_abs_diff": float(diff.mean()),
+                "relative_error": float(np.linalg.norm(exact - fast) / np.linalg.norm(exact)),
+                "min_cosine": float(cosine.min()),
+            }
+        )
     return rows
 
 
@@ -54,8 +56,11 @@ def main() -> None:
     parser.add_argument("--weights", default=None)
     args = parser.parse_args()
     rows = measure(args.weights)
-    save("precision", {"weights": args.weights or "default", "rows": rows},
-         markdown_table(rows, ["tiles", "n", "mean_abs_mu", "max_abs_diff", "mean_abs_diff", "relative_error", "min_cosine"]))
+    save(
+        "precision",
+        {"weights": args.weights or "default", "rows": rows},
+        markdown_table(rows, ["tiles", "n", "mean_abs_mu", "max_abs_diff", "mean_abs_diff", "relative_error", "min_cosine"]),
+    )
 
 
 if __name__ == "__main__":

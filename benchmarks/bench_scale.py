@@ -278,26 +278,45 @@ def batch_sweep(slide: str, rounds: int, work: Path, weights: str) -> list[dict[
     for _ in range(rounds):
         for precision, batches in BATCH_SWEEP.items():
             for batch in batches:
-                p = isolated(MODULE, "pipeline", "--slide", slide, "--precision", precision, "--batch-size", str(batch),
-                             "--out", str(work / "batch.zarr"), "--weights", weights)
+                p = isolated(
+                    MODULE,
+                    "pipeline",
+                    "--slide",
+                    slide,
+                    "--precision",
+                    precision,
+                    "--batch-size",
+                    str(batch),
+                    "--out",
+                    str(work / "batch.zarr"),
+                    "--weights",
+                    weights,
+                )
                 seen.setdefault((precision, batch), []).append(p)
     rows = []
     for (precision, batch), runs in seen.items():
         per_thread = [r["tissue_tiles"] / r["stage_seconds"]["encode"] for r in runs]  # tissue tiles per encode thread-second
-        rows.append({
-            "precision": precision,
-            "batch": batch,
-            "encode_tiles_per_s_per_thread": float(np.median(per_thread)),
-            "range": [round(min(per_thread)), round(max(per_thread))],
-            "pipeline_s": float(np.median([r["seconds"] for r in runs])),
-        })
+        rows.append(
+            {
+                "precision": precision,
+                "batch": batch,
+                "encode_tiles_per_s_per_thread": float(np.median(per_thread)),
+                "range": [round(min(per_thread)), round(max(per_thread))],
+                "pipeline_s": float(np.median([r["seconds"] for r in runs])),
+            }
+        )
         print(f"batch {precision} {batch}: {rows[-1]}", flush=True)
     return rows
 
 
 def run(
-    sizes: list[int], fractions: list[float], previous: str | None, cohort: int, encoder_tiles: int,
-    batch_rounds: int = 3, batch_sweep_size: int = 16384,
+    sizes: list[int],
+    fractions: list[float],
+    previous: str | None,
+    cohort: int,
+    encoder_tiles: int,
+    batch_rounds: int = 3,
+    batch_sweep_size: int = 16384,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     from wsi_xr.models import default_weights_path
@@ -334,14 +353,16 @@ def run(
             p = isolated(MODULE, "pipeline", "--slide", slide, "--precision", precision, "--out", out, "--weights", weights)
             stages = p["stage_seconds"]
             busy = sum(stages.values())
-            row.update({
-                f"{precision}_s": p["seconds"],
-                f"{precision}_tiles_per_s": p["tissue_tiles"] / p["seconds"],
-                f"{precision}_mp_s": megapixels / p["seconds"],
-                f"{precision}_peak_rss_mb": p["peak_rss_mb"],
-                f"{precision}_overlap": busy / (WORKERS * p["seconds"]),
-                **{f"{precision}_share_{k}": v / busy for k, v in stages.items()},
-            })
+            row.update(
+                {
+                    f"{precision}_s": p["seconds"],
+                    f"{precision}_tiles_per_s": p["tissue_tiles"] / p["seconds"],
+                    f"{precision}_mp_s": megapixels / p["seconds"],
+                    f"{precision}_peak_rss_mb": p["peak_rss_mb"],
+                    f"{precision}_overlap": busy / (WORKERS * p["seconds"]),
+                    **{f"{precision}_share_{k}": v / busy for k, v in stages.items()},
+                }
+            )
             row["tissue_tiles"] = p["tissue_tiles"]
             row["file_tiles_decoded_fraction"] = p["file_tiles_decoded"] / p["file_tiles_total"]
             print(f"{size}² {precision}: {p['seconds']:.1f} s, {p['tissue_tiles'] / p['seconds']:.0f} tiles/s, stages {stages}", flush=True)
@@ -354,16 +375,18 @@ def run(
             out = str(work / f"{size}-previous.zarr")
             old = isolated(MODULE, "pipeline", "--slide", slide, "--precision", "fp32", "--tree", tree, "--out", out, "--weights", weights)
             same = isolated(MODULE, "compare", "--current", str(work / f"{size}-fp32.zarr"), "--previous", out)
-            row.update({
-                "previous_s": old["seconds"],
-                "previous_peak_rss_mb": old["peak_rss_mb"],
-                "speedup_fp32": old["seconds"] / row["fp32_s"],
-                "speedup_bf16": old["seconds"] / row["bf16_s"],
-                # no pipeline can beat encoding its tissue tiles at the matrix-product peak
-                "max_speedup_fp32": old["seconds"] * payload["encoder_ceiling_fp32_tiles_per_s"] / row["tissue_tiles"],
-                "max_speedup_bf16": old["seconds"] * payload["encoder_ceiling_bf16_tiles_per_s"] / row["tissue_tiles"],
-                **same,
-            })
+            row.update(
+                {
+                    "previous_s": old["seconds"],
+                    "previous_peak_rss_mb": old["peak_rss_mb"],
+                    "speedup_fp32": old["seconds"] / row["fp32_s"],
+                    "speedup_bf16": old["seconds"] / row["bf16_s"],
+                    # no pipeline can beat encoding its tissue tiles at the matrix-product peak
+                    "max_speedup_fp32": old["seconds"] * payload["encoder_ceiling_fp32_tiles_per_s"] / row["tissue_tiles"],
+                    "max_speedup_bf16": old["seconds"] * payload["encoder_ceiling_bf16_tiles_per_s"] / row["tissue_tiles"],
+                    **same,
+                }
+            )
             print(f"{size}² previous ({old['code']}): {old['seconds']:.1f} s; {same}", flush=True)
         rows.append(row)
     if len(rows) > 1:
@@ -374,18 +397,23 @@ def run(
         full = isolated(MODULE, "mask", "--slide", slide, "--coarse", "none")
         skip = isolated(MODULE, "mask", "--slide", slide, "--coarse", "auto")
         warm = isolated(MODULE, "mask_pair", "--slide", slide, "--rounds", str(MASK_ROUNDS))
-        coarse_rows.append({
-            "tissue_fraction": fraction,
-            "full_s": full["seconds"],
-            "coarse_s": skip["seconds"],
-            "ratio": skip["seconds"] / full["seconds"],
-            **{k: v for k, v in warm.items() if k != "peak_rss_mb"},
-            "tiff_tiles_decoded": skip["tiles_decoded"] / skip["tiles_total"],
-            "tissue_tiles_full": full["tissue_tiles"],
-            "tissue_tiles_coarse": skip["tissue_tiles"],
-        })
-        print(f"mask at {fraction:.0%} tissue: coarse/full = {skip['seconds'] / full['seconds']:.2f} cold, "
-              f"{warm['ratio_warm']:.2f} warm (median of {MASK_ROUNDS} pairs)", flush=True)
+        coarse_rows.append(
+            {
+                "tissue_fraction": fraction,
+                "full_s": full["seconds"],
+                "coarse_s": skip["seconds"],
+                "ratio": skip["seconds"] / full["seconds"],
+                **{k: v for k, v in warm.items() if k != "peak_rss_mb"},
+                "tiff_tiles_decoded": skip["tiles_decoded"] / skip["tiles_total"],
+                "tissue_tiles_full": full["tissue_tiles"],
+                "tissue_tiles_coarse": skip["tissue_tiles"],
+            }
+        )
+        print(
+            f"mask at {fraction:.0%} tissue: coarse/full = {skip['seconds'] / full['seconds']:.2f} cold, "
+            f"{warm['ratio_warm']:.2f} warm (median of {MASK_ROUNDS} pairs)",
+            flush=True,
+        )
     payload["coarse"] = coarse_rows
     if cohort:
         single = work / f"{sizes[0]}-fp32.zarr"
@@ -398,10 +426,27 @@ def run(
 
 
 def tables(payload: dict[str, Any]) -> str:
-    columns = ["size", "tissue_tiles", "decode_mp_s", "fp32_s", "fp32_tiles_per_s", "fp32_mp_s", "bf16_s", "bf16_tiles_per_s",
-               "previous_s", "speedup_fp32", "speedup_bf16", "max_speedup_fp32", "max_speedup_bf16",
-               "max_abs_latent_difference", "same_mask",
-               "fp32_peak_rss_mb", "previous_peak_rss_mb", "fp32_overlap", "fp32_vs_decode_plus_encode_limits"]
+    columns = [
+        "size",
+        "tissue_tiles",
+        "decode_mp_s",
+        "fp32_s",
+        "fp32_tiles_per_s",
+        "fp32_mp_s",
+        "bf16_s",
+        "bf16_tiles_per_s",
+        "previous_s",
+        "speedup_fp32",
+        "speedup_bf16",
+        "max_speedup_fp32",
+        "max_speedup_bf16",
+        "max_abs_latent_difference",
+        "same_mask",
+        "fp32_peak_rss_mb",
+        "previous_peak_rss_mb",
+        "fp32_overlap",
+        "fp32_vs_decode_plus_encode_limits",
+    ]
     shares = ["size"] + sorted({k for r in payload["rows"] for k in r if "_share_" in k})
     text = [
         f"Encoder alone ({payload['workers']} threads): fp32 {payload['encoder_fp32_tiles_per_s']:.0f} tiles/s, "
@@ -421,22 +466,48 @@ def tables(payload: dict[str, Any]) -> str:
         "",
         "Coarse skip vs tissue fraction (16384², mask only, threshold 100):",
         "",
-        markdown_table(payload["coarse"], ["tissue_fraction", "full_s", "coarse_s", "ratio", "full_warm_s", "coarse_warm_s", "ratio_warm",
-                                           "ratio_warm_spread",
-                                           "ratio_task_seconds", "tiff_tiles_decoded", "tissue_tiles_full", "tissue_tiles_coarse"]),
+        markdown_table(
+            payload["coarse"],
+            [
+                "tissue_fraction",
+                "full_s",
+                "coarse_s",
+                "ratio",
+                "full_warm_s",
+                "coarse_warm_s",
+                "ratio_warm",
+                "ratio_warm_spread",
+                "ratio_task_seconds",
+                "tiff_tiles_decoded",
+                "tissue_tiles_full",
+                "tissue_tiles_coarse",
+            ],
+        ),
     ]
     if "batch_in_pipeline" in payload:
-        text += ["", "Encoder batch in the pipeline (30% tissue; tissue tiles per encode thread-second, median of the rounds):", "",
-                 markdown_table(payload["batch_in_pipeline"], ["precision", "batch", "encode_tiles_per_s_per_thread", "range", "pipeline_s"]),
-                 "", "Encoder alone by batch (tiles/s, 2 threads): " + "; ".join(
-                     f"{p} " + ", ".join(f"{b}: {v:.0f}" for b, v in payload[f"encoder_{p}_by_batch"].items()) for p in BATCH_SWEEP)]
+        text += [
+            "",
+            "Encoder batch in the pipeline (30% tissue; tissue tiles per encode thread-second, median of the rounds):",
+            "",
+            markdown_table(payload["batch_in_pipeline"], ["precision", "batch", "encode_tiles_per_s_per_thread", "range", "pipeline_s"]),
+            "",
+            "Encoder alone by batch (tiles/s, 2 threads): "
+            + "; ".join(f"{p} " + ", ".join(f"{b}: {v:.0f}" for b, v in payload[f"encoder_{p}_by_batch"].items()) for p in BATCH_SWEEP),
+        ]
     if "rss_ratio_largest_vs_smallest" in payload:
         text += ["", f"Peak RSS, largest / smallest slide (fp32): {payload['rss_ratio_largest_vs_smallest']:.2f}"]
     if "parquet" in payload:
         p = payload["parquet"]
-        text += ["", "Parquet of a cohort (traced peak memory of write_parquet): " + ", ".join(
-            f"{k.replace('slides_', '')} slide(s) {v['traced_peak_mb']:.1f} MB ({v['rows']} rows)" for k, v in p.items() if k.startswith("slides_")
-        ) + f"; ratio {p['traced_peak_ratio']:.2f}"]
+        text += [
+            "",
+            "Parquet of a cohort (traced peak memory of write_parquet): "
+            + ", ".join(
+                f"{k.replace('slides_', '')} slide(s) {v['traced_peak_mb']:.1f} MB ({v['rows']} rows)"
+                for k, v in p.items()
+                if k.startswith("slides_")
+            )
+            + f"; ratio {p['traced_peak_ratio']:.2f}",
+        ]
     return "\n".join(text)
 
 
@@ -481,8 +552,12 @@ def main() -> None:
     if args.batch_sweep_only:
         from wsi_xr.models import default_weights_path
 
-        rows = batch_sweep(str(synthetic_slide(args.batch_sweep_size, 0.3)), max(1, args.batch_rounds),
-                           Path(tempfile.mkdtemp(prefix="bench-batch-")), str(default_weights_path()))
+        rows = batch_sweep(
+            str(synthetic_slide(args.batch_sweep_size, 0.3)),
+            max(1, args.batch_rounds),
+            Path(tempfile.mkdtemp(prefix="bench-batch-")),
+            str(default_weights_path()),
+        )
         print(markdown_table(rows, ["precision", "batch", "encode_tiles_per_s_per_thread", "range", "pipeline_s"]))
         return
     sizes = [int(s) for s in args.sizes.split(",") if s]

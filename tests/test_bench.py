@@ -24,9 +24,26 @@ def small_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_cli_bench_writes_json_and_png(small_slide: Path, tmp_path: Path) -> None:
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     run = subprocess.run(
-        [sys.executable, "-m", "wsi_xr.cli", "bench", str(small_slide), "--chunks", "512,1000,1024", "--stage", "read,mask",
-         "--repeat", "1", "--out", str(out), "--plot", str(png)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "wsi_xr.cli",
+            "bench",
+            str(small_slide),
+            "--chunks",
+            "512,1000,1024",
+            "--stage",
+            "read,mask",
+            "--repeat",
+            "1",
+            "--out",
+            str(out),
+            "--plot",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())

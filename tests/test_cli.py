@@ -26,7 +26,15 @@ def test_info_json(cmu: Path) -> None:
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["vendor"] == "aperio" and info["backend"] == "cucim" and abs(info["mpp"] - 0.499) < 1e-9
-    assert info["levels"][0] == {"level": 0, "width": 2220, "height": 2967, "downsample": 1.0, "tile_width": 240, "tile_height": 240, "compression": "jpeg"}
+    assert info["levels"][0] == {
+        "level": 0,
+        "width": 2220,
+        "height": 2967,
+        "downsample": 1.0,
+        "tile_width": 240,
+        "tile_height": 240,
+        "compression": "jpeg",
+    }
     text = run("info", str(cmu))
     assert "2220 x 2967" in text.stdout and "240x240" in text.stdout
 
@@ -64,8 +72,25 @@ def test_train_fine_tunes_from_weights_on_shifted_windows(tmp_path: Path, synth_
     start = Path(weights.__file__).parent / weights.DEFAULT_WEIGHTS_NAME
     tuned = tmp_path / "tuned.pt"
     done = run(
-        "train", str(synth_slide), "--out", str(tuned), "--epochs", "1", "--max-tiles", "256", "--batch-size", "64",
-        "--stride", "16", "--init", str(start), "--lr", "1e-5", "--loss", "mse", "--quiet",
+        "train",
+        str(synth_slide),
+        "--out",
+        str(tuned),
+        "--epochs",
+        "1",
+        "--max-tiles",
+        "256",
+        "--batch-size",
+        "64",
+        "--stride",
+        "16",
+        "--init",
+        str(start),
+        "--lr",
+        "1e-5",
+        "--loss",
+        "mse",
+        "--quiet",
     )
     assert done.returncode == 0, done.stderr
     meta = read_metadata(tuned)["training"]
@@ -134,7 +159,9 @@ def test_bench_exits_non_zero_when_every_case_fails(synth_slide: Path, tmp_path:
         CLI + ["bench", str(synth_slide), "--chunks", "300", "--stage", "mask", "--repeat", "1"], capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 1 and "every case failed" in run.stderr, run.stderr
-    ok = subprocess.run(CLI + ["bench", str(synth_slide), "--chunks", "512", "--stage", "read", "--repeat", "1"], capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        CLI + ["bench", str(synth_slide), "--chunks", "512", "--stage", "read", "--repeat", "1"], capture_output=True, text=True, timeout=300
+    )
     assert ok.returncode == 0, ok.stderr
 
 

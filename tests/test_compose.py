@@ -17,8 +17,8 @@ import torch
 import xarray as xr
 
 import wsi_xr
-from wsi_xr.models import VAE2, save_vae
 from wsi_xr.datasets.synth import write_synthetic_slide
+from wsi_xr.models import VAE2, save_vae
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +81,7 @@ def test_pen_rejection_on_and_off_computed_together(tmp_path: Path) -> None:
         _assert_same(together["second"], alone_on if first is off else alone_off)
 
 
-def test_encodings_of_two_slides_and_two_models_computed_together(
-    two_slides: tuple[Path, Path], two_models: tuple[Path, Path]
-) -> None:
+def test_encodings_of_two_slides_and_two_models_computed_together(two_slides: tuple[Path, Path], two_models: tuple[Path, Path]) -> None:
     ia, ib = (wsi_xr.open_slide(p) for p in two_slides)
     ma, mb = (wsi_xr.tissue_mask(i, threshold=50).compute() for i in (ia, ib))
     pairs = {
@@ -113,9 +111,7 @@ def test_model_objects_computed_together(two_slides: tuple[Path, Path]) -> None:
         _assert_same(t, a)
 
 
-def test_two_stores_with_the_same_folder_name_on_one_client(
-    two_slides: tuple[Path, Path], two_models: tuple[Path, Path], tmp_path: Path
-) -> None:
+def test_two_stores_with_the_same_folder_name_on_one_client(two_slides: tuple[Path, Path], two_models: tuple[Path, Path], tmp_path: Path) -> None:
     """Two pipeline runs into ``a/out.zarr`` and ``b/out.zarr``, their chunks in one computation."""
     from distributed import Client, LocalCluster
 

@@ -22,8 +22,8 @@ import tifffile
 import xarray as xr
 
 import wsi_xr
-from wsi_xr.readers import clear_caches
 from wsi_xr.datasets.synth import write_synthetic_slide
+from wsi_xr.readers import clear_caches
 
 CLI = [sys.executable, "-m", "wsi_xr.cli"]
 #: The damaged file tile: row 1, column 1 of the 256-px tile grid (level-0 pixels 256-511).
@@ -110,9 +110,7 @@ def test_cucim_warnings_go_to_logging_not_the_terminal(tmp_path: Path) -> None:
     assert verbose.returncode == 0 and "cucim: [Warning] Loading image" in verbose.stderr, verbose.stderr
 
 
-def test_capture_leaves_python_output_and_c_output_outside_reads_alone(
-    flipped: tuple[Path, Path], capfd: pytest.CaptureFixture[str]
-) -> None:
+def test_capture_leaves_python_output_and_c_output_outside_reads_alone(flipped: tuple[Path, Path], capfd: pytest.CaptureFixture[str]) -> None:
     """Only the C streams are redirected, only while wsi_xr is in cuCIM: Python prints from
     other threads still reach stdout, and C code printing afterwards prints as before."""
     clean, _ = flipped

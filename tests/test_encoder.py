@@ -5,22 +5,21 @@ documented tolerance, recorded in attrs, and refused where unsupported."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import torch
-import importlib
 
 import wsi_xr
+from tests.numerics import assert_float32_exact, assert_within_bound
+from wsi_xr.datasets.synth import SynthSpec, render_region
 from wsi_xr.encode import check_precision, model_ref, worker_model
 from wsi_xr.models import encode_tiles, load_vae
-from wsi_xr.pipeline import process_slide
 from wsi_xr.models.rounding import fp32_mu_bound
-from wsi_xr.datasets.synth import render_region, SynthSpec
-
-from tests.numerics import assert_float32_exact, assert_within_bound
+from wsi_xr.pipeline import process_slide
 
 #: Documented bf16 error (README "Precision"): relative error of ``mu`` (Frobenius norm).
 BF16_RELATIVE_TOLERANCE = 0.02

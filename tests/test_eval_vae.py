@@ -253,7 +253,7 @@ def test_shifted_windows_are_the_slide_pixels_and_respect_the_hold_out(synth_sli
         assert np.array_equal(shifted[i], image[y : y + 64, x : x + 64])
 
     block = Region(0, 1536, 3000, 1064)
-    train, train_at = sample_tissue_tiles([synth_slide], outside={name: block}, margin=64, stride=16)
+    _, train_at = sample_tissue_tiles([synth_slide], outside={name: block}, margin=64, stride=16)
     assert len(train_at) > 16 * 20
     assert all(o["y"] + 64 <= 1536 - 64 for o in train_at)  # shifted windows keep clear of the block too
     for bad in (0, 4, 48, 65, True):  # not a divisor, or more than 64 windows a tile
@@ -272,8 +272,12 @@ def test_shifted_windows_stay_on_whole_sound_tiles() -> None:
     w = _shifted_windows(np.array([0, 1, 2]), np.array([0, 1, 2]), read_error, 32, 64)
     got = sorted(zip(w.row.tolist(), w.col.tolist(), w.dy.tolist(), w.dx.tolist()))
     assert got == [
-        (0, 0, 0, 0), (0, 0, 0, 32), (0, 0, 32, 0), (0, 0, 32, 32),
-        (1, 1, 0, 0), (1, 1, 32, 0),
+        (0, 0, 0, 0),
+        (0, 0, 0, 32),
+        (0, 0, 32, 0),
+        (0, 0, 32, 32),
+        (1, 1, 0, 0),
+        (1, 1, 32, 0),
         (2, 2, 0, 0),
     ]
 
@@ -291,11 +295,26 @@ def test_cli_eval_vae_region_table_and_json(synth_slide: Path, tmp_path: Path, c
     torch.manual_seed(0)
     save_vae(VAE2(), weights)
     out = tmp_path / "eval.json"
-    code = main([
-        "eval-vae", str(weights), str(synth_slide), "--train-slides", str(synth_slide),
-        "--region", f"{synth_slide.name}=0,1536,3000,1064", "--max-tiles", "40", "--max-train-tiles", "80",
-        "--pca-components", "8", "--no-dihedral", "--json", str(out),
-    ])
+    code = main(
+        [
+            "eval-vae",
+            str(weights),
+            str(synth_slide),
+            "--train-slides",
+            str(synth_slide),
+            "--region",
+            f"{synth_slide.name}=0,1536,3000,1064",
+            "--max-tiles",
+            "40",
+            "--max-train-tiles",
+            "80",
+            "--pca-components",
+            "8",
+            "--no-dihedral",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "vae (32)" in printed and "pca8 (8)" in printed and "down3 (27)" in printed and "overall" in printed
@@ -349,9 +368,7 @@ def cmu_split() -> tuple[np.ndarray, np.ndarray]:
     return tiles[CMU_HOLDOUT.inside(x, y, 64)], tiles[CMU_HOLDOUT.clear_of(x, y, 64, 64)]
 
 
-def test_default_weights_beat_downsampling_and_pca_on_the_held_out_real_block(
-    default_model: VAE2, cmu_split: tuple[np.ndarray, np.ndarray]
-) -> None:
+def test_default_weights_beat_downsampling_and_pca_on_the_held_out_real_block(default_model: VAE2, cmu_split: tuple[np.ndarray, np.ndarray]) -> None:
     held, rest = cmu_split
     assert len(held) == 274 and len(rest) == 428
     mu = encode_tiles(default_model, held)

@@ -249,7 +249,7 @@ def test_ome_damaged_tile_in_a_subifd_level_is_flagged(ome: Path, tmp_path: Path
         page = tf.series[0].levels[1].keyframe
         offset, count = page.dataoffsets[2], page.databytecounts[2]  # level 1, tile row 0, column 2
         page0 = tf.series[0].levels[0].keyframe
-        offset0, count0 = page0.dataoffsets[1], page0.databytecounts[1]  # level 0, tile row 0, column 1
+        offset0 = page0.dataoffsets[1]  # level 0, tile row 0, column 1
     with open(bad, "r+b") as fh:
         fh.seek(offset)
         fh.write(b"\x00" * count)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.numerics import assert_float32_exact
 from wsi_xr.errors import InvalidArgumentError, WeightsError, WsiXrError
 from wsi_xr.models import (
     KLD_SCALE,
@@ -29,8 +30,6 @@ from wsi_xr.models import (
     weights_hash,
 )
 from wsi_xr.models.rounding import fp32_mu_bound
-
-from tests.numerics import assert_float32_exact
 
 # --------------------------------------------------------------------------------------
 # An independent copy of the reference model, written the classic way (Flatten/UnFlatten
@@ -640,7 +639,7 @@ def test_shipped_default_weights_encode_real_tiles() -> None:
     assert path.exists() and path.stat().st_size < 20 * 2**20
     meta = read_metadata(None)
     assert meta["training"]["epochs"] >= 1 and meta["latent_size"] == 32
-    tiles, origins = sample_tissue_tiles([data_file("cmu-1-small-region.svs")], max_tiles=64, seed=0)
+    tiles, _ = sample_tissue_tiles([data_file("cmu-1-small-region.svs")], max_tiles=64, seed=0)
     mu = encode_tiles(load_vae(), tiles)
     assert mu.shape == (64, 32) and np.isfinite(mu).all()
     assert mu.std(axis=0).mean() > 1e-3  # not a constant map
@@ -653,8 +652,20 @@ def test_shipped_default_weights_encode_real_tiles() -> None:
 def test_training_levers_run_and_are_recorded(tiles: np.ndarray) -> None:
     groups = np.repeat([0, 1], [80, 16])
     result = train_vae(
-        tiles[:96], epochs=2, batch_size=32, seed=0, progress=False, loss="mse", schedule="cosine", warmup=0.1,
-        weight_decay=1e-4, stain_jitter=0.1, zoom=0.25, groups=groups, balance=1.0, init_logvar=-8.0,
+        tiles[:96],
+        epochs=2,
+        batch_size=32,
+        seed=0,
+        progress=False,
+        loss="mse",
+        schedule="cosine",
+        warmup=0.1,
+        weight_decay=1e-4,
+        stain_jitter=0.1,
+        zoom=0.25,
+        groups=groups,
+        balance=1.0,
+        init_logvar=-8.0,
         eval_tiles=tiles[200:216],
     )
     meta = result.metadata()

@@ -23,8 +23,8 @@ import tifffile
 import zarr
 
 import wsi_xr
-from wsi_xr.readers import probe
-from wsi_xr.readers import nvimgcodec_backend
+from wsi_xr.datasets.synth import write_synthetic_slide
+from wsi_xr.readers import nvimgcodec_backend, probe
 from wsi_xr.readers.integrity import scan_level
 from wsi_xr.readers.tiff_tiles import (
     ADOBE_RGB_SEGMENT,
@@ -34,7 +34,6 @@ from wsi_xr.readers.tiff_tiles import (
     jpeg_table_segments,
     place_tiles,
 )
-from wsi_xr.datasets.synth import write_synthetic_slide
 
 from .conftest import data_file
 
@@ -109,9 +108,7 @@ def test_layouts_say_codec_and_colour_space(jpeg_slide: Path, j2k_slide: Path, c
         assert lv.jpegtables is not None and lv.reason is None
 
 
-@pytest.mark.parametrize(
-    "window", [(0, 0, 700, 1000), (10, 20, 30, 40), (250, 250, 12, 12), (600, 900, 100, 100), (0, 255, 700, 2)]
-)
+@pytest.mark.parametrize("window", [(0, 0, 700, 1000), (10, 20, 30, 40), (250, 250, 12, 12), (600, 900, 100, 100), (0, 255, 700, 2)])
 def test_placements_tile_the_window_exactly(jpeg_slide: Path, window: tuple[int, int, int, int]) -> None:
     with TiffTiles(jpeg_slide) as tiles:
         layout = tiles.layouts[0]
@@ -119,8 +116,8 @@ def test_placements_tile_the_window_exactly(jpeg_slide: Path, window: tuple[int,
         covered = np.zeros((h, w), dtype=np.int32)
         for p in place_tiles(layout, *window):
             covered[p.dst] += 1
-            assert 0 <= p.src_y and p.src_y + p.height <= layout.seg_h
-            assert 0 <= p.src_x and p.src_x + p.width <= layout.seg_w
+            assert p.src_y >= 0 and p.src_y + p.height <= layout.seg_h
+            assert p.src_x >= 0 and p.src_x + p.width <= layout.seg_w
             assert (p.row * layout.seg_h + p.src_y, p.col * layout.seg_w + p.src_x) == (y + p.dst_y, x + p.dst_x)
             assert p.index == p.row * layout.grid_shape[1] + p.col
         assert (covered == 1).all()
@@ -321,7 +318,9 @@ class _FakeNvImageCodec:
             return imagecodecs.jpeg2k_decode(stream)
         rgb = ADOBE_RGB_SEGMENT in stream
         if params["color_spec"] == "sycc":  # raw components, planar
-            return np.ascontiguousarray(imagecodecs.jpeg8_decode(stream, colorspace="RGB" if rgb else None, outcolorspace="RGB" if rgb else "YCbCr").transpose(2, 0, 1))
+            return np.ascontiguousarray(
+                imagecodecs.jpeg8_decode(stream, colorspace="RGB" if rgb else None, outcolorspace="RGB" if rgb else "YCbCr").transpose(2, 0, 1)
+            )
         if rgb and not self.honours_adobe:
             return imagecodecs.jpeg8_decode(stream, colorspace="YCbCr", outcolorspace="RGB")
         return imagecodecs.jpeg8_decode(stream)
@@ -587,8 +586,13 @@ def test_bench_gpu_cpu_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_bench_gpu_stops_clearly_without_a_gpu() -> None:
     if nvimgcodec_backend.nvimgcodec_available()[0]:
         pytest.skip("a GPU is available here")
-    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_gpu", "--size", "32768"], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_gpu", "--size", "32768"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
     assert run.returncode != 0 and "bench_gpu needs CuPy and a CUDA GPU" in run.stderr
 
 

@@ -43,7 +43,9 @@ def test_overwrite_never_replaces_a_folder_wsi_xr_did_not_write(command: str, sy
     for flags in ([], ["--overwrite"]):
         done = subprocess.run(
             CLI + [command, str(synth_slide), str(junk), "--scheduler", "threads", "--quiet", *extra, *flags],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert done.returncode == 2, done.stderr
         assert "did not write" in done.stderr and "thesis.docx" in done.stderr
@@ -114,7 +116,9 @@ def test_parquet_folder_is_refused_before_any_work(synth_slide: Path, weights: P
     start = time.perf_counter()
     done = subprocess.run(
         CLI + ["run", str(synth_slide), str(store), "--weights", str(weights), "--parquet", str(folder), "--quiet"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 2 and "is a folder" in done.stderr, done.stderr
     assert not store.exists() and "Dask dashboard" not in done.stderr
@@ -199,8 +203,8 @@ def test_an_interrupted_replacement_puts_the_old_store_back(tmp_path: Path) -> N
 def test_only_files_wsi_xr_wrote_are_replaced(synth_slide: Path, weights: Path, tmp_path: Path) -> None:
     import pandas as pd
 
-    from wsi_xr.outputs import check_output_file
     from wsi_xr.datasets.synth import write_synthetic_slide
+    from wsi_xr.outputs import check_output_file
 
     real = tmp_path / "CMU-1.svs"
     shutil.copy(synth_slide, real)  # stands for a real slide: a TIFF wsi_xr's synth did not write

@@ -16,10 +16,10 @@ import tifffile
 import xarray as xr
 
 import wsi_xr
+from wsi_xr.datasets.ink import INK_OD, ink_mask_region, ink_od_region, make_strokes
+from wsi_xr.datasets.synth import SynthSpec, ink_tile_fraction, render_region, tile_tissue_fraction, write_synthetic_slide
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.plot import PEN_COLOUR, overlay_classes, plot_mask_overlay
-from wsi_xr.datasets.synth import SynthSpec, ink_tile_fraction, render_region, tile_tissue_fraction, write_synthetic_slide
-from wsi_xr.datasets.ink import INK_OD, ink_mask_region, ink_od_region, make_strokes
 from wsi_xr.tissue.kernels import block_statistics
 from wsi_xr.tissue.pen import DEFAULT_PEN_RULE, PenRule, ink_fractions, ink_pixels, pen_tiles
 from wsi_xr.tissue.threshold import auto_threshold
@@ -49,9 +49,7 @@ class Scored:
         self.reference, self.threshold = reference_rule(self.pixels)
         # Blockwise, as a mask task would run it: one kernel call per image chunk.
         tile_chunks = tuple(tuple(c // TILE for c in axis) for axis in image.data.chunks[:2])
-        self.pen = da.map_blocks(
-            lambda block: pen_tiles(block, TILE), image.data, chunks=tile_chunks, drop_axis=2, dtype=bool
-        ).compute()
+        self.pen = da.map_blocks(lambda block: pen_tiles(block, TILE), image.data, chunks=tile_chunks, drop_axis=2, dtype=bool).compute()
         self.final = self.reference & ~self.pen
         self.ink = ink_tile_fraction(spec, TILE)
         self.tissue = tile_tissue_fraction(spec, TILE)
@@ -236,7 +234,7 @@ def test_kernel_is_namespace_generic() -> None:
         for a, b in zip(ink_fractions(block, TILE, rule), ink_fractions(xps.asarray(block), TILE, rule)):
             np.testing.assert_array_equal(a, np.from_dlpack(b))
     assert expected.any() and not expected.all()
-    ink, stained = ink_pixels(xps.asarray(block[:64, :64]))
+    ink, _ = ink_pixels(xps.asarray(block[:64, :64]))
     np.testing.assert_array_equal(np.from_dlpack(ink), ink_pixels(block[:64, :64])[0])
 
 

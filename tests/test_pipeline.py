@@ -22,12 +22,11 @@ import xarray as xr
 import zarr
 
 import wsi_xr
-from wsi_xr.models import encode_tiles, load_vae
+from tests.numerics import assert_latents_agree, assert_mu_is_float32_exact, latent_tolerance
+from wsi_xr.datasets.synth import write_synthetic_slide
+from wsi_xr.models import load_vae
 from wsi_xr.pipeline import process_slide, process_slides, to_dataframe, write_parquet
 from wsi_xr.readers import read_stats, reset_read_stats
-from wsi_xr.datasets.synth import write_synthetic_slide
-
-from tests.numerics import assert_latents_agree, assert_mu_is_float32_exact, latent_tolerance
 
 CLI = [sys.executable, "-m", "wsi_xr.cli"]
 
@@ -213,19 +212,34 @@ def test_distributed_cluster_by_address(synth_slide: Path, weights: Path, tmp_pa
     worker_tmp = tmp_path / "worker-tmp"  # the workers' temp folder is not the client's
     worker_tmp.mkdir()
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False", "TMPDIR": str(worker_tmp)}
-    scheduler = subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scheduler = subprocess.Popen(
+        [str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     workers = []
     try:
         for _ in range(2):
             workers.append(
-                subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.Popen(
+                    [str(bin_dir / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard"],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             )
         from distributed import Client
 
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=60)
         out = tmp_path / "dist.zarr"
-        run = subprocess.run(CLI + ["run", str(synth_slide), str(out), "--weights", str(weights), "--chunk", "512", "--scheduler", address, "--quiet"], capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            CLI + ["run", str(synth_slide), str(out), "--weights", str(weights), "--chunk", "512", "--scheduler", address, "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert run.returncode == 0, run.stderr
         local = process_slide(synth_slide, tmp_path / "local.zarr", weights=weights, chunks=512, progress=False).compute()
         remote = xr.open_zarr(out).compute()

@@ -31,7 +31,7 @@ def test_every_python_example_in_the_readme_runs(tmp_path: Path, monkeypatch: py
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "readme"}
     for number, block in enumerate(blocks, 1):
-        exec(compile(block, f"README.md python block {number}", "exec"), namespace)  # noqa: S102
+        exec(compile(block, f"README.md python block {number}", "exec"), namespace)
     plt.close("all")
     # what the examples claim, checked on what they made
     ds, tissue, frame = namespace["ds"], namespace["tissue"], namespace["frame"]

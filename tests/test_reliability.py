@@ -169,8 +169,7 @@ _FUZZ_RUNNER = textwrap.dedent(
 def _run_fuzz_jobs(jobs: list[dict], weights: Path, workdir: Path, parallel: int = 2) -> dict[str, dict]:
     """Run every job in a forked child of one runner process; return per-id reports + outcomes."""
     spec = workdir / "spec.json"
-    spec.write_text(json.dumps({"jobs": jobs, "weights": str(weights), "threshold": THRESHOLD,
-                                "timeout": FUZZ_TIMEOUT_S, "parallel": parallel}))
+    spec.write_text(json.dumps({"jobs": jobs, "weights": str(weights), "threshold": THRESHOLD, "timeout": FUZZ_TIMEOUT_S, "parallel": parallel}))
     budget = 120 + FUZZ_TIMEOUT_S * len(jobs) / parallel
     run = subprocess.run([sys.executable, "-c", _FUZZ_RUNNER, str(spec)], capture_output=True, text=True, timeout=budget)
     assert run.returncode == 0, f"fuzz runner failed: rc={run.returncode}\n{run.stderr[-3000:]}"
@@ -220,9 +219,17 @@ def _level0(path: Path) -> Level0:
                 ifd.append((tag.valueoffset, tag.valueoffset + tag.valuebytecount))
                 if tag.code == 347:
                     tables = (tag.valueoffset, tag.valueoffset + tag.valuebytecount)
-        return Level0(data, int(page.imagelength), int(page.imagewidth), int(page.tilelength), int(page.tilewidth),
-                      np.asarray(page.dataoffsets, dtype=np.int64), np.asarray(page.databytecounts, dtype=np.int64),
-                      ifd, tables)
+        return Level0(
+            data,
+            int(page.imagelength),
+            int(page.imagewidth),
+            int(page.tilelength),
+            int(page.tilewidth),
+            np.asarray(page.dataoffsets, dtype=np.int64),
+            np.asarray(page.databytecounts, dtype=np.int64),
+            ifd,
+            tables,
+        )
 
 
 def _jpeg_marks(stream: bytes) -> tuple[list[tuple[int, bool]], int, int]:
@@ -511,7 +518,9 @@ def bad(tmp_path_factory: pytest.TempPathFactory, vae_weights: Path) -> dict[str
     torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 2)).state_dict(), folder / "other-model.pt")
     (folder / "truncated-vae.pt").write_bytes(vae_weights.read_bytes()[:5000])
     store = folder / "good.zarr"
-    done = subprocess.run(CLI + ["mask", str(cmu), str(store), "--threshold", "60", "--coarse", "none", "--quiet"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        CLI + ["mask", str(cmu), str(store), "--threshold", "60", "--coarse", "none", "--quiet"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     return {
         "missing": folder / "missing.svs",
@@ -746,7 +755,7 @@ def _run_in_thread(**kwargs) -> tuple[threading.Thread, dict]:
     def target() -> None:
         try:
             result["ds"] = wsi_xr.process_slide(**kwargs)
-        except BaseException as err:  # noqa: BLE001 - handed to the test
+        except BaseException as err:
             result["error"] = err
 
     thread = threading.Thread(target=target, daemon=True)
@@ -766,7 +775,10 @@ def _wait_for_chunks(store: Path, n: int, thread: threading.Thread, timeout: flo
 def test_worker_killed_mid_run_still_gives_identical_results(run_slide: Path, vae_weights: Path, reference: dict, tmp_path: Path) -> None:
     distributed = pytest.importorskip("distributed")
     store = tmp_path / "killed-worker.zarr"
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         pids = client.run(os.getpid)
         assert len(pids) == 2
         thread, result = _run_in_thread(path=run_slide, store=store, weights=vae_weights, client=client, **RUN_OPTIONS)
@@ -848,8 +860,22 @@ def test_second_run_on_a_busy_store_names_the_owner(run_slide: Path, vae_weights
     import xarray as xr
 
     store = tmp_path / "busy.zarr"
-    args = ["run", str(run_slide), str(store), "--weights", str(vae_weights), "--chunk", "256", "--coarse", "none",
-            "--threshold", str(THRESHOLD), "--scheduler", "threads", "--quiet"]
+    args = [
+        "run",
+        str(run_slide),
+        str(store),
+        "--weights",
+        str(vae_weights),
+        "--chunk",
+        "256",
+        "--coarse",
+        "none",
+        "--threshold",
+        str(THRESHOLD),
+        "--scheduler",
+        "threads",
+        "--quiet",
+    ]
     first = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

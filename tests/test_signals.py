@@ -47,7 +47,7 @@ def test_interrupt_prints_one_line_and_a_rerun_resumes(slow_slide: Path, weights
         time.sleep(0.05)
     assert run.poll() is None, "the run ended before it could be interrupted"
     run.send_signal(sig)
-    out, err = run.communicate(timeout=120)
+    _, err = run.communicate(timeout=120)
     assert run.returncode == code, err
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Dask dashboard")]
     assert len(lines) == 1, err

@@ -117,7 +117,9 @@ def test_xarray_backend_follows_xarrays_conventions(synth_slide: Path) -> None:
     np.testing.assert_array_equal(lazy.isel(y=7, x=slice(30, 10, -3)).values, direct.isel(y=7, x=slice(30, 10, -3)).values)
     chunked = xr.open_dataarray(synth_slide, engine="wsi_xr", chunks={})  # the file's preferred chunks
     assert chunked.chunks == direct.chunks and chunked.encoding["preferred_chunks"]["y"] == direct.chunks[0][0]
-    xr.testing.assert_identical(chunked.isel(y=slice(0, 700), x=slice(900, 1300)).compute(), direct.isel(y=slice(0, 700), x=slice(900, 1300)).compute())
+    xr.testing.assert_identical(
+        chunked.isel(y=slice(0, 700), x=slice(900, 1300)).compute(), direct.isel(y=slice(0, 700), x=slice(900, 1300)).compute()
+    )
     assert xr.open_dataarray(synth_slide, engine="wsi_xr", chunks={"y": 4096, "x": 2048}).chunks[:2] == ((2600,), (2048, 952))
     level2 = xr.open_dataarray(synth_slide, engine="wsi_xr", level=2, chunks={})
     xr.testing.assert_identical(level2.compute(), wsi_xr.open_slide(synth_slide, level=2).compute())
@@ -144,8 +146,8 @@ def test_backend_guesses_every_format_the_probe_reads(tmp_path: Path) -> None:
 
 def test_the_same_slide_opened_either_way_gives_the_same_mask_from_the_same_reads(tmp_path: Path) -> None:
     """75c0752: masked after xr.open_dataset(..., chunks={}) it read every patch (coarse_level -1)."""
-    from wsi_xr.readers import clear_caches, trace_reads
     from wsi_xr.datasets.synth import write_synthetic_slide
+    from wsi_xr.readers import clear_caches, trace_reads
 
     slide = tmp_path / "s4096.tif"
     write_synthetic_slide(slide, 4096, 4096, seed=9, tissue_fraction=0.2)

@@ -19,11 +19,10 @@ import xarray as xr
 import zarr
 
 import wsi_xr
+from tests.numerics import assert_latents_agree, latent_tolerance
+from wsi_xr.datasets.synth import write_synthetic_slide
 from wsi_xr.pipeline import process_slide, process_slides, to_dataframe, write_parquet
 from wsi_xr.store import LAYOUT_VERSION, migrate_store
-from wsi_xr.datasets.synth import write_synthetic_slide
-
-from tests.numerics import assert_latents_agree, latent_tolerance
 
 CLI = [sys.executable, "-m", "wsi_xr.cli"]
 VARIABLES = ("tile_mask", "patch_mask", "read_error", "tile_variance", "patch_variance", "latent", "chunk_done")
@@ -246,9 +245,23 @@ def test_a_slide_without_a_whole_tile_gives_no_rows_in_a_cohort(synth_slide: Pat
     expected = int(tree[synth_slide.stem].tile_mask.sum())
     assert rows == len(back) == expected > 0 and set(back.slide) == {synth_slide.stem}
     run = subprocess.run(
-        CLI + ["run", str(synth_slide), str(tiny), str(tmp_path / "cli.zarr"), "--weights", str(weights),
-               "--parquet", str(tmp_path / "cli.parquet"), "--scheduler", "threads", "--quiet"],
-        capture_output=True, text=True, timeout=300,
+        CLI
+        + [
+            "run",
+            str(synth_slide),
+            str(tiny),
+            str(tmp_path / "cli.zarr"),
+            "--weights",
+            str(weights),
+            "--parquet",
+            str(tmp_path / "cli.parquet"),
+            "--scheduler",
+            "threads",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert len(pd.read_parquet(tmp_path / "cli.parquet")) == expected

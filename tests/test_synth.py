@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from wsi_xr.errors import InvalidArgumentError
+from wsi_xr.datasets.ink import InkStroke, ink_mask_region, ink_od_region
 from wsi_xr.datasets.synth import (
     SynthSpec,
     ink_strokes,
@@ -23,7 +23,7 @@ from wsi_xr.datasets.synth import (
     tissue_truth,
     write_synthetic_slide,
 )
-from wsi_xr.datasets.ink import InkStroke, ink_mask_region, ink_od_region
+from wsi_xr.errors import InvalidArgumentError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,9 +92,7 @@ def large(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SynthSpec, in
         "write_synthetic_slide(sys.argv[1], 16384, 16384, seed=11, tissue_fraction=0.3)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     growth_kib = int(done.stdout.split()[-1])  # Linux reports ru_maxrss in KiB
     return path, SynthSpec(16384, 16384, seed=11, tissue_fraction=0.3), growth_kib
@@ -174,9 +172,19 @@ def test_options_levels_tiles_compression_mpp(tmp_path: Path) -> None:
 
 def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     bad = [
-        {"width": 0}, {"seed": -1}, {"tissue_fraction": 1.5}, {"tile_size": 100},
-        {"compression": "lzw"}, {"jpeg_quality": 0}, {"mpp": -0.5}, {"levels": 0}, {"levels": 40},
-        {"pen_strokes": -1}, {"pen_strokes": 65}, {"pen_strokes": 2.5}, {"pen_strokes": True},
+        {"width": 0},
+        {"seed": -1},
+        {"tissue_fraction": 1.5},
+        {"tile_size": 100},
+        {"compression": "lzw"},
+        {"jpeg_quality": 0},
+        {"mpp": -0.5},
+        {"levels": 0},
+        {"levels": 40},
+        {"pen_strokes": -1},
+        {"pen_strokes": 65},
+        {"pen_strokes": 2.5},
+        {"pen_strokes": True},
     ]
     for change in bad:
         args = {"width": 64, "height": 64} | change

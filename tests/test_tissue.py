@@ -15,8 +15,8 @@ import xarray as xr
 from cucim import CuImage
 
 import wsi_xr
-from wsi_xr.readers import read_stats, reset_read_stats
 from wsi_xr.datasets.synth import SynthSpec, tile_truth, write_synthetic_slide
+from wsi_xr.readers import read_stats, reset_read_stats
 from wsi_xr.tissue import auto_threshold, block_statistics, tissue_mask
 
 
@@ -50,9 +50,7 @@ def test_kernel_matches_numpy_var() -> None:
     block[:256, :256] = 200  # a flat patch: variance exactly 0
     tile_var, patch_var = block_statistics(block, 64, 256)
     assert tile_var.shape == (10, 14)
-    expected = np.array(
-        [[np.var(block[i * 64 : (i + 1) * 64, j * 64 : (j + 1) * 64].astype(np.float64)) for j in range(14)] for i in range(10)]
-    )
+    expected = np.array([[np.var(block[i * 64 : (i + 1) * 64, j * 64 : (j + 1) * 64].astype(np.float64)) for j in range(14)] for i in range(10)])
     np.testing.assert_allclose(tile_var, expected, rtol=1e-12)
     assert tile_var[0, 0] == 0.0 and patch_var[0, 0] == 0.0
     # patch (1, 2) covers pixels 256:512 x 512:768; the edge patch (2, 3) only its full tiles

@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from wsi_xr import accessor as _accessor  # noqa: F401  (registers the .wsi accessor)
+from wsi_xr.encode import encode  # eager: binds wsi_xr.encode to the function, not the submodule
 from wsi_xr.errors import (
     ClusterError,
     InvalidArgumentError,
@@ -23,7 +24,6 @@ from wsi_xr.errors import (
 from wsi_xr.readers import probe
 from wsi_xr.slide import open_pyramid, open_slide
 from wsi_xr.tissue import tissue_mask
-from wsi_xr.encode import encode  # eager: binds wsi_xr.encode to the function, not the submodule
 
 # Names whose modules import torch are loaded on first use (``import wsi_xr`` stays fast).
 _LAZY = {
@@ -44,6 +44,7 @@ def __getattr__(name: str) -> object:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'wsi_xr' has no attribute {name!r}")
+
 
 try:
     __version__ = version("wsi_xr")

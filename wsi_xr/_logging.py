@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 #: Loggers of libraries whose messages wsi_xr wraps.
 THIRD_PARTY_LOGGERS = ("tifffile", "imagecodecs")

@@ -11,7 +11,7 @@ import contextlib
 import threading
 import time
 from collections import defaultdict
-from typing import Iterator
+from collections.abc import Iterator
 
 _seconds: defaultdict[str, float] = defaultdict(float)
 _lock = threading.Lock()

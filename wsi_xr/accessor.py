@@ -94,7 +94,7 @@ def tissue_tiles(ds: xr.Dataset, variables: Any = None) -> xr.Dataset:
     if missing:
         raise InvalidArgumentError(f"tissue_tiles: no variable {missing[0]!r} in the Dataset; it has {sorted(ds.data_vars)}.")
     rows, cols = np.nonzero(np.asarray(ds["tile_mask"].values, dtype=bool))
-    selected = ds[list(variables)].drop_vars([c for c in ds.coords if c not in ("tile_y", "tile_x", "feature")] , errors="ignore")
+    selected = ds[list(variables)].drop_vars([c for c in ds.coords if c not in ("tile_y", "tile_x", "feature")], errors="ignore")
     if rows.size:  # pointwise selection: lazy variables are read chunk by chunk, never whole
         out = selected.isel(tile_y=xr.DataArray(rows, dims="tile"), tile_x=xr.DataArray(cols, dims="tile"))
     else:  # dask cannot index zero points; build the empty result directly

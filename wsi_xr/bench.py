@@ -17,9 +17,10 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import dask
 import numpy as np
@@ -154,7 +155,18 @@ def _one_run(stage: str, slide: str, chunk: int, backend: str, client: Any, weig
         return tasks, int(computed.tile_mask.sum())
     from wsi_xr.pipeline import process_slide
 
-    ds = process_slide(slide, store, weights=weights, chunks=chunk, backend=backend, coarse="none", client=client, overwrite=True, progress=False, torch_threads="auto")
+    ds = process_slide(
+        slide,
+        store,
+        weights=weights,
+        chunks=chunk,
+        backend=backend,
+        coarse="none",
+        client=client,
+        overwrite=True,
+        progress=False,
+        torch_threads="auto",
+    )
     blocks = open_slide(slide, chunks=chunk).data.npartitions
     return 2 * blocks, int(ds.attrs["tissue_tiles"])  # one read + one fused chunk task per block
 
@@ -178,6 +190,7 @@ def run_benchmark(
     table row); ``progress=True`` prints those rows when no callback is given.
     """
     if on_result is None and progress:
+
         def on_result(result: BenchResult) -> None:
             print(format_row(result), flush=True)
 
@@ -199,8 +212,17 @@ def run_benchmark(
 
 
 def _run_cases(
-    report: BenchReport, work: Path, slide: Any, chunks: Sequence[int], stages: Sequence[str], backends: Sequence[str],
-    schedulers: Sequence[str], repeat: int, weights: Any, info: Any, on_result: Callable[[BenchResult], None] | None,
+    report: BenchReport,
+    work: Path,
+    slide: Any,
+    chunks: Sequence[int],
+    stages: Sequence[str],
+    backends: Sequence[str],
+    schedulers: Sequence[str],
+    repeat: int,
+    weights: Any,
+    info: Any,
+    on_result: Callable[[BenchResult], None] | None,
 ) -> None:
     for scheduler in schedulers:
         with _scheduler(scheduler) as client:
@@ -216,7 +238,9 @@ def _run_cases(
                             on_result(result)
 
 
-def _measure(stage: str, slide: str, chunk: int, backend: str, scheduler: str, client: Any, pids: list[int], repeat: int, weights: Any, store: Path, info: Any) -> BenchResult:
+def _measure(
+    stage: str, slide: str, chunk: int, backend: str, scheduler: str, client: Any, pids: list[int], repeat: int, weights: Any, store: Path, info: Any
+) -> BenchResult:
     tile_h, tile_w = info.tile_size
     aligned = tile_h == 0 or (chunk % tile_h == 0 and chunk % tile_w == 0)
     needed = info.width * info.height
@@ -270,10 +294,10 @@ HEADER = f"{'stage':<9}{'sched':<12}{'backend':<9}{'chunk':>6} {'aligned':>7} {'
 def format_row(r: BenchResult) -> str:
     """One table row."""
     if r.error:
-        return f"{r.stage:<9}{r.scheduler:<12}{r.backend:<9}{r.chunk:>6} {str(r.aligned):>7}  skipped: {r.error}"
+        return f"{r.stage:<9}{r.scheduler:<12}{r.backend:<9}{r.chunk:>6} {r.aligned!s:>7}  skipped: {r.error}"
     spread = f"{r.seconds_min:.2f}-{r.seconds_max:.2f}"
     return (
-        f"{r.stage:<9}{r.scheduler:<12}{r.backend:<9}{r.chunk:>6} {str(r.aligned):>7} {r.seconds_median:>9.3f} {spread:>13} "
+        f"{r.stage:<9}{r.scheduler:<12}{r.backend:<9}{r.chunk:>6} {r.aligned!s:>7} {r.seconds_median:>9.3f} {spread:>13} "
         f"{r.megapixels_per_s:>8.1f} {r.tissue_tiles_per_s:>8.0f} {r.tasks:>6} {r.peak_memory_mb:>8.0f} {r.redundant_decode:>8.3f}"
     )
 

@@ -15,8 +15,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from wsi_xr.errors import InvalidArgumentError, WsiXrError
 
@@ -102,9 +103,7 @@ def cmd_mask(args: argparse.Namespace) -> int:
         check_scheduler_address(args.scheduler)
     start = time.perf_counter()
     image = open_slide(args.slide, chunks=args.chunk, device=_device(args.device))
-    mask = tissue_mask(
-        image, tile=args.tile, patch=args.patch, threshold=args.threshold, coarse=args.coarse, reject_pen=args.reject_pen
-    )
+    mask = tissue_mask(image, tile=params.tile, patch=params.patch, threshold=params.threshold, coarse=params.coarse, reject_pen=params.reject_pen)
     with _client(args.scheduler or "threads") as client:
         (computed,) = compute(mask, client=client, progress=not args.quiet)
     computed = resolve_threshold(computed)
@@ -161,9 +160,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
         groups = slide_groups(args.store) if Path(args.store, "zarr.json").is_file() else []
         if groups:
-            raise InvalidArgumentError(
-                f"{args.store}: a cohort store of {len(groups)} slides; pass --group NAME, one of: {', '.join(groups)}."
-            )
+            raise InvalidArgumentError(f"{args.store}: a cohort store of {len(groups)} slides; pass --group NAME, one of: {', '.join(groups)}.")
     mask = open_store(args.store, group=args.group)
     slide = args.slide or mask.attrs.get("source")
     if not slide:
@@ -183,7 +180,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("give at least one SLIDE and the output OUT.zarr.")
     *slides, out = args.paths
     if any(str(s).endswith(".zarr") for s in slides):
-        raise InvalidArgumentError(f"{[s for s in slides if str(s).endswith('.zarr')][0]}: a store given as a slide; the store comes last.")
+        store_like = next(s for s in slides if str(s).endswith(".zarr"))
+        raise InvalidArgumentError(f"{store_like}: a store given as a slide; the store comes last.")
     if args.parquet:
         from wsi_xr.outputs import check_output_file
 
@@ -221,9 +219,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 tree = process_slides(opened, out, client=client, **options)
                 summaries = [(name, tree[name].to_dataset()) for name in tree.children]
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM from a batch scheduler (see main)
-        interrupt.args = (
-            f"interrupted: {target.chunks_done()} of {target.chunks_total} chunks saved; run the same command again to resume",
-        )
+        interrupt.args = (f"interrupted: {target.chunks_done()} of {target.chunks_total} chunks saved; run the same command again to resume",)
         raise
     for name, ds in summaries:
         pen = f", pen tiles removed {ds.attrs['pen_tiles']}" if ds.attrs.get("reject_pen") else ""
@@ -251,8 +247,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the VAE on tissue tiles of the given slides; write the weights file."""
-    from wsi_xr.sampling import parse_slide_region, sample_tissue_tiles
     from wsi_xr.outputs import check_output_file
+    from wsi_xr.sampling import parse_slide_region, sample_tissue_tiles
 
     check_output_file(args.out, "weights")
     holdout = dict(parse_slide_region(text) for text in args.holdout)
@@ -264,7 +260,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         init_model = load_vae(args.init)  # checked before the slides are read
     tiles, origins = sample_tissue_tiles(
-        args.slides, max_tiles=args.max_tiles, seed=args.seed, outside=holdout or None, margin=args.margin,
+        args.slides,
+        max_tiles=args.max_tiles,
+        seed=args.seed,
+        outside=holdout or None,
+        margin=args.margin,
         stride=args.stride,
     )
     import numpy as np
@@ -384,8 +384,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
 
     from wsi_xr.bench import HEADER, format_row, plot_report, run_benchmark
-    from wsi_xr.outputs import check_output_file
     from wsi_xr.datasets.synth import write_synthetic_slide
+    from wsi_xr.outputs import check_output_file
 
     if args.out:
         check_output_file(args.out, "json")
@@ -399,8 +399,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"benchmarking a synthetic {args.size} x {args.size} slide (deleted afterwards)")
         print(HEADER)
         report = run_benchmark(
-            slide, chunks=args.chunks, stages=args.stage, backends=args.backend, schedulers=args.scheduler, repeat=args.repeat,
-            weights=args.weights, workdir=scratch, on_result=lambda result: print(format_row(result), flush=True),
+            slide,
+            chunks=args.chunks,
+            stages=args.stage,
+            backends=args.backend,
+            schedulers=args.scheduler,
+            repeat=args.repeat,
+            weights=args.weights,
+            workdir=scratch,
+            on_result=lambda result: print(format_row(result), flush=True),
         )
     if args.out:
         Path(args.out).write_text(report.to_json())
@@ -416,9 +423,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthetic slide -> whole pipeline with the shipped weights -> store, Parquet, figures."""
+    from wsi_xr.datasets.synth import write_synthetic_slide
     from wsi_xr.pipeline import process_slide, write_parquet
     from wsi_xr.plot import plot_latent_map, plot_mask_overlay
-    from wsi_xr.datasets.synth import write_synthetic_slide
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -435,7 +442,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"store            {store}  ({ds.attrs['tissue_tiles']} tissue tiles, threshold {ds.attrs['threshold']:.1f})")
     print(f"parquet          {out / 'tiles.parquet'}  ({rows} rows)")
     print(f"figures          {overlay}\n                 {latent_map}")
-    print("open it:         xr.open_zarr('%s')" % store)
+    print(f"open it:         xr.open_zarr('{store}')")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -447,7 +454,9 @@ def _add_mask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=_positive_int, default=defaults.tile, help=f"tile side in pixels (default {defaults.tile})")
     p.add_argument("--patch", type=_positive_int, default=defaults.patch, help=f"patch side in pixels (default {defaults.patch})")
     p.add_argument("--threshold", type=_threshold, default=defaults.threshold, help=f"variance threshold, or auto (default {defaults.threshold})")
-    p.add_argument("--coarse", type=_coarse, default=defaults.coarse, help=f"auto, none, or the pyramid level for the coarse skip (default {defaults.coarse})")
+    p.add_argument(
+        "--coarse", type=_coarse, default=defaults.coarse, help=f"auto, none, or the pyramid level for the coarse skip (default {defaults.coarse})"
+    )
     p.add_argument("--chunk", type=_positive_int, default=None, help="chunk side in pixels (multiple of --patch)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="CuPy chunks on the GPU (auto: when a GPU is present)")
     p.add_argument("--reject-pen", action="store_true", help="remove tiles covered by pen ink from the mask (adds pen_mask)")
@@ -455,7 +464,9 @@ def _add_mask_options(p: argparse.ArgumentParser) -> None:
 
 def _add_precision_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--precision", choices=["fp32", "bf16"], default="fp32",
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
         help="encoder arithmetic: fp32 (exact, default) or bf16 autocast (faster where the hardware has it)",
     )
 
@@ -509,7 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output Zarr store (a folder)")
     _add_mask_options(p)
     p.add_argument("--scheduler", default=None, help="address of a Dask scheduler (default: local threads)")
-    p.add_argument("--overwrite", action="store_true", help="replace a mask store that wsi_xr wrote; a folder holding anything else is never replaced")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a mask store that wsi_xr wrote; a folder holding anything else is never replaced"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_mask)
 
@@ -524,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=None, help="LocalCluster workers (more than 1: separate processes)")
     p.add_argument("--threads-per-worker", type=_positive_int, default=None)
     p.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="replace a store that wsi_xr wrote (made from another slide or with other parameters); "
         "a folder holding anything wsi_xr did not write is never replaced, and --parquet replaces only a Parquet file",
     )
@@ -547,13 +561,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0: Adam)")
     p.add_argument("--stain-jitter", type=float, default=0.0, help="H/E/DAB stain-amount jitter, e.g. 0.1 (default 0: off)")
     p.add_argument("--zoom", type=float, default=0.0, help="zoom half the tiles by up to 1+Z, e.g. 0.25 (default 0: off)")
-    p.add_argument("--balance", type=float, default=0.0, help="sample a slide's tiles with weight n_tiles**-B: 1 = slides equally, 0 = by tiles (default)")
-    p.add_argument("--init-logvar", type=float, default=None, help="start the logvar head at this constant, e.g. -8 (default: random, as the reference)")
+    p.add_argument(
+        "--balance", type=float, default=0.0, help="sample a slide's tiles with weight n_tiles**-B: 1 = slides equally, 0 = by tiles (default)"
+    )
+    p.add_argument(
+        "--init-logvar", type=float, default=None, help="start the logvar head at this constant, e.g. -8 (default: random, as the reference)"
+    )
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the tiles held out for the validation loss (default 0.1)")
-    p.add_argument("--holdout", action="append", default=[], metavar="SLIDE=X,Y,W,H", help="never train on this level-0 block of SLIDE (nor within --margin px of it); repeatable")
+    p.add_argument(
+        "--holdout",
+        action="append",
+        default=[],
+        metavar="SLIDE=X,Y,W,H",
+        help="never train on this level-0 block of SLIDE (nor within --margin px of it); repeatable",
+    )
     p.add_argument("--margin", type=int, default=64, help="gap in level-0 px between a --holdout block and training tiles (default 64)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (results are reproducible for a fixed number)")
-    p.add_argument("--stride", type=_positive_int, default=None, help="also train on every tissue tile shifted by multiples of S px (a divisor of 64, e.g. 16: 16 windows per tile); default: the 64-px grid only")
+    p.add_argument(
+        "--stride",
+        type=_positive_int,
+        default=None,
+        help="also train on every tissue tile shifted by multiples of S px (a divisor of 64, e.g. 16: 16 windows per tile); default: the 64-px grid only",
+    )
     p.add_argument("--init", default=None, metavar="WEIGHTS", help="start from these weights (fine-tune) instead of a fresh model")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -561,13 +590,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-vae", help="reconstruction MSE: VAE vs PCA vs downsampling, on held-out tiles")
     p.add_argument("weights", help="VAE weights file")
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="evaluation slides")
-    p.add_argument("--train-slides", nargs="+", default=[], metavar="SLIDE", help="fit the PCA baseline on these slides' tissue tiles (never on evaluation tiles)")
-    p.add_argument("--region", action="append", default=[], metavar="SLIDE=X,Y,W,H", help="evaluate SLIDE only on tiles inside this level-0 rectangle; training tiles of SLIDE stay --margin px clear of it (repeatable)")
+    p.add_argument(
+        "--train-slides",
+        nargs="+",
+        default=[],
+        metavar="SLIDE",
+        help="fit the PCA baseline on these slides' tissue tiles (never on evaluation tiles)",
+    )
+    p.add_argument(
+        "--region",
+        action="append",
+        default=[],
+        metavar="SLIDE=X,Y,W,H",
+        help="evaluate SLIDE only on tiles inside this level-0 rectangle; training tiles of SLIDE stay --margin px clear of it (repeatable)",
+    )
     p.add_argument("--margin", type=int, default=64, help="gap in level-0 px between a region and training tiles (default 64)")
     p.add_argument("--max-tiles", type=_positive_int, default=None, help="at most N evaluation tiles per slide (random, --seed)")
     p.add_argument("--max-train-tiles", type=_positive_int, default=None, help="at most N PCA training tiles")
     p.add_argument("--pca-components", type=_positive_int, default=32)
-    p.add_argument("--train-stride", type=_positive_int, default=None, help="fit the PCA also on the training tiles shifted by multiples of S px, as `train --stride S` trains on")
+    p.add_argument(
+        "--train-stride",
+        type=_positive_int,
+        default=None,
+        help="fit the PCA also on the training tiles shifted by multiples of S px, as `train --stride S` trains on",
+    )
     p.add_argument("--no-dihedral", action="store_true", help="fit the PCA without the 8 flips/rotations of each training tile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

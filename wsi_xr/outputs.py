@@ -119,8 +119,7 @@ def check_output_file(path: str | os.PathLike[str], kind: str) -> Path:
         raise StoreError(f"{out}: is a folder; wsi_xr writes a {kind} file here and never replaces a folder. Give a file path.")
     if out.exists() and not looks_like(out, kind):
         raise StoreError(
-            f"{out}: exists and is not a {kind} file that wsi_xr wrote; wsi_xr replaces only its own outputs. "
-            "Choose another output path."
+            f"{out}: exists and is not a {kind} file that wsi_xr wrote; wsi_xr replaces only its own outputs. Choose another output path."
         )
     check_parent(out)
     return out

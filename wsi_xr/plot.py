@@ -71,8 +71,8 @@ def plot_mask_overlay(mask: xr.Dataset, slide: str | os.PathLike[str], out: str 
     When ``mask`` has a ``pen_mask (tile_y, tile_x)`` variable (pen-mark rejection),
     its tiles are drawn in a third colour (purple) with their own legend entry.
     """
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
     from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
     from matplotlib.patches import Patch
 
     thumb = thumbnail(slide)
@@ -175,8 +175,8 @@ def plot_reconstructions(
     ``region`` (a :class:`wsi_xr.sampling.Region`) draws the tiles from inside that level-0
     block only (e.g. a block the weights were never trained on).
     """
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
     import torch
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
 
     from wsi_xr.models import load_vae, tiles_to_tensor
     from wsi_xr.models.evaluate import downsample_reconstruct
@@ -199,7 +199,10 @@ def plot_reconstructions(
         axes[0, i].set_title(f"{origins[i]['x']},{origins[i]['y']}", fontsize=6)
     for r, (label, _) in enumerate(rows):
         axes[r, 0].text(-8, 32, label, rotation=90, va="center", ha="right", fontsize=7)
-    fig.suptitle(f"{Path(str(slide)).name}: tissue tiles and reconstructions from the 32 latents ({Path(str(weights)).name if weights else 'default weights'})", fontsize=8)
+    fig.suptitle(
+        f"{Path(str(slide)).name}: tissue tiles and reconstructions from the 32 latents ({Path(str(weights)).name if weights else 'default weights'})",
+        fontsize=8,
+    )
     fig.tight_layout()
     out = check_output_file(out, "png")  # a PNG replaces a PNG, never a folder or another file
     fig.savefig(out, metadata={"Software": _software()})

@@ -55,9 +55,7 @@ class Region:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise InvalidArgumentError(f"region {name}={value!r}: give an integer number of level-0 pixels")
         if self.x < 0 or self.y < 0 or self.width < 1 or self.height < 1:
-            raise InvalidArgumentError(
-                f"region {self.as_text()}: x and y must be >= 0 and width, height >= 1 (level-0 pixels)"
-            )
+            raise InvalidArgumentError(f"region {self.as_text()}: x and y must be >= 0 and width, height >= 1 (level-0 pixels)")
 
     def as_text(self) -> str:
         """``"X,Y,W,H"``, as :func:`parse_slide_region` reads it."""
@@ -109,9 +107,7 @@ def parse_region(text: str) -> Region:
     """
     numbers = _RECTANGLE.fullmatch(str(text))
     if not numbers:
-        raise InvalidArgumentError(
-            f"region {text!r}: write X,Y,W,H (the level-0 top-left corner and size in pixels), e.g. 0,2048,2220,919"
-        )
+        raise InvalidArgumentError(f"region {text!r}: write X,Y,W,H (the level-0 top-left corner and size in pixels), e.g. 0,2048,2220,919")
     return Region(*(int(v) for v in numbers.groups()))
 
 
@@ -133,9 +129,7 @@ def _check_regions_used(slides: Sequence[Any], regions: Mapping[str, Region] | N
     for key in regions or {}:
         if not any(_region_for(s, {key: regions[key]}) is not None for s in slides):
             names = ", ".join(Path(os.fspath(s)).name for s in slides)
-            raise InvalidArgumentError(
-                f"{what} region for {key!r} matches none of the slides ({names}); key it by a slide's path or file name"
-            )
+            raise InvalidArgumentError(f"{what} region for {key!r} matches none of the slides ({names}); key it by a slide's path or file name")
 
 
 def sample_tissue_tiles(
@@ -293,9 +287,7 @@ def _read_windows(image: Any, windows: np.recarray, tile: int) -> np.ndarray:
 def _unique_names(slides: Sequence[str | os.PathLike[str]]) -> list[str]:
     """File names, with the parent folder added where two slides share a name."""
     names = [Path(os.fspath(s)).name for s in slides]
-    return [
-        str(Path(os.fspath(s)).parent.name + "/" + n) if names.count(n) > 1 else n for s, n in zip(slides, names)
-    ]
+    return [str(Path(os.fspath(s)).parent.name + "/" + n) if names.count(n) > 1 else n for s, n in zip(slides, names)]
 
 
 def evaluate_slides(
@@ -379,7 +371,10 @@ def evaluate_slides(
     for s, name in zip(slides, _unique_names(slides)):
         region = _region_for(s, regions)
         tiles, _ = sample_tissue_tiles(
-            [s], max_tiles=max_tiles, seed=seed, threshold=threshold,
+            [s],
+            max_tiles=max_tiles,
+            seed=seed,
+            threshold=threshold,
             inside={os.fspath(s): region} if region is not None else None,
         )
         eval_sets[name + (f" [{region.as_text()}]" if region is not None else "")] = tiles
@@ -387,8 +382,13 @@ def evaluate_slides(
     if train_slides:
         outside = {os.fspath(s): r for s in train_slides if (r := _region_for(s, regions)) is not None}
         train_tiles, _ = sample_tissue_tiles(
-            list(train_slides), max_tiles=max_train_tiles, seed=seed, threshold=threshold,
-            outside=outside or None, margin=margin, stride=train_stride,
+            list(train_slides),
+            max_tiles=max_train_tiles,
+            seed=seed,
+            threshold=threshold,
+            outside=outside or None,
+            margin=margin,
+            stride=train_stride,
         )
     if weights is False:
         model = None
@@ -396,9 +396,7 @@ def evaluate_slides(
         model = weights
     else:
         model = load_vae(weights, device=device)
-    report = evaluate_tiles(
-        model, eval_sets, train_tiles=train_tiles, n_components=n_components, dihedral=dihedral, sides=sides
-    )
+    report = evaluate_tiles(model, eval_sets, train_tiles=train_tiles, n_components=n_components, dihedral=dihedral, sides=sides)
     report.settings.update(
         {
             "eval_slides": [os.fspath(s) for s in slides],

@@ -16,11 +16,10 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
+from xarray.backends import BackendArray
 
 from wsi_xr._timing import stage
 from wsi_xr.errors import InvalidArgumentError
-from xarray.backends import BackendArray
-
 from wsi_xr.readers import DAMAGED_POLICIES, GPU_BACKENDS, DecodedWindow, LevelInfo, OpenedSlide, SlideInfo, decide_backend, open_file, read_window
 
 __all__ = [
@@ -55,9 +54,7 @@ class _LevelWindowReader:
     ``wanted`` (bool over the level's TIFF tiles) limits decoding to those tiles.
     """
 
-    def __init__(
-        self, opened: OpenedSlide, level: LevelInfo, device: str, damaged: str, wanted: np.ndarray | None = None
-    ) -> None:
+    def __init__(self, opened: OpenedSlide, level: LevelInfo, device: str, damaged: str, wanted: np.ndarray | None = None) -> None:
         self.opened = opened
         self.level = level.index
         self.shape = (level.height, level.width, 3)
@@ -77,8 +74,17 @@ class _LevelWindowReader:
             return _zeros(self.device, (y1 - y0, x1 - x0, self.shape[2]))[:, :, cs]
         with stage("decode"):
             pixels = read_window(
-                self.opened.key, self.level, y0, x0, y1 - y0, x1 - x0,
-                device=self.device, damaged=self.damaged, damage=damage, wanted=self.wanted, info=self.opened.info,
+                self.opened.key,
+                self.level,
+                y0,
+                x0,
+                y1 - y0,
+                x1 - x0,
+                device=self.device,
+                damaged=self.damaged,
+                damage=damage,
+                wanted=self.wanted,
+                info=self.opened.info,
             )
         if isinstance(pixels, DecodedWindow):  # damaged="report": the block carries where decoding failed
             return DecodedWindow(pixels.pixels[:, :, cs], pixels.failed, pixels.messages)
@@ -260,17 +266,14 @@ def slide_array(
     """
     info = opened.info
     if not isinstance(level, (int, np.integer)) or isinstance(level, bool) or not 0 <= level < len(info.levels):
-        raise InvalidArgumentError(
-            f"{info.path}: level={level} does not exist; the slide has levels 0..{len(info.levels) - 1}."
-        )
+        raise InvalidArgumentError(f"{info.path}: level={level} does not exist; the slide has levels 0..{len(info.levels) - 1}.")
     if device not in ("cpu", "cuda"):
         raise InvalidArgumentError(f"device={device!r}: use 'cpu' or 'cuda'.")
     if damaged not in DAMAGED_POLICIES:
         raise InvalidArgumentError(f"damaged={damaged!r}: use one of {DAMAGED_POLICIES}.")
     if opened.backend in GPU_BACKENDS and device != "cuda":
         raise InvalidArgumentError(
-            f"{info.path}: backend {opened.backend!r} decodes into GPU memory; use device='cuda' with it, "
-            "or backend='auto' for CPU chunks."
+            f"{info.path}: backend {opened.backend!r} decodes into GPU memory; use device='cuda' with it, or backend='auto' for CPU chunks."
         )
     lv = info.levels[level]
     cy, cx = _chunk_sides(chunks, lv)
@@ -341,9 +344,7 @@ def open_slide(
     return slide_dataarray(open_file(path, backend), level, chunks, device=device, damaged=damaged)
 
 
-def open_pyramid(
-    path: SlideSource, chunks: ChunkSpec = None, backend: str = "auto", *, device: str = "cpu"
-) -> xr.DataTree:
+def open_pyramid(path: SlideSource, chunks: ChunkSpec = None, backend: str = "auto", *, device: str = "cpu") -> xr.DataTree:
     """Open every level of a slide as an ``xr.DataTree``: nodes ``level_0``, ``level_1``, ...
 
     Each node holds the level's :func:`open_slide` array as variable ``image``; the root
@@ -351,11 +352,7 @@ def open_pyramid(
     """
     opened = open_file(path, backend)
     info = opened.info
-    nodes: dict[str, xr.Dataset] = {
-        "/": xr.Dataset(
-            attrs={"source": info.path, "vendor": info.vendor, "mpp": info.mpp, "levels": len(info.levels)}
-        )
-    }
+    nodes: dict[str, xr.Dataset] = {"/": xr.Dataset(attrs={"source": info.path, "vendor": info.vendor, "mpp": info.mpp, "levels": len(info.levels)})}
     for lv in info.levels:
         nodes[f"level_{lv.index}"] = slide_dataarray(opened, lv.index, chunks, device=device).to_dataset()
     return xr.DataTree.from_dict(nodes)

@@ -15,9 +15,10 @@ import re
 import shutil
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -40,8 +41,7 @@ def check_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
         foreign = foreign_content(out)
         if foreign is not None:
             raise StoreError(
-                f"{out}: holds data that wsi_xr did not write ({foreign}); wsi_xr replaces only stores it "
-                "wrote. Choose another output path."
+                f"{out}: holds data that wsi_xr did not write ({foreign}); wsi_xr replaces only stores it wrote. Choose another output path."
             )
         if not overwrite:
             raise StoreError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it.")
@@ -100,6 +100,7 @@ def open_store(path: str | os.PathLike[str], group: str | None = None) -> xr.Dat
 # --------------------------------------------------------------------------------------
 # The pipeline's store: chunk-by-chunk region writes with completion bookkeeping.
 # --------------------------------------------------------------------------------------
+
 
 def consolidate(store: str | os.PathLike[str]) -> None:
     """Consolidate a store's metadata (zarr warns that v3 has no spec for it yet)."""
@@ -170,7 +171,7 @@ class StoreLock:
             self.path.unlink(missing_ok=True)
             self.held = False
 
-    def __enter__(self) -> "StoreLock":
+    def __enter__(self) -> StoreLock:
         self.acquire()
         return self
 
@@ -341,12 +342,20 @@ def _create_arrays(group: Any, layout: SlideLayout, read_error: np.ndarray) -> N
     group.create_array("patch_variance", dtype="float32", fill_value=np.nan, **patches2d)
     group.create_array("patch_mask", dtype="bool", fill_value=False, **patches2d)
     group.create_array(
-        "latent", shape=(nty, ntx, layout.n_features), chunks=(tcy, tcx, layout.n_features), dtype="float32",
-        fill_value=np.nan, dimension_names=("tile_y", "tile_x", "feature"),
+        "latent",
+        shape=(nty, ntx, layout.n_features),
+        chunks=(tcy, tcx, layout.n_features),
+        dtype="float32",
+        fill_value=np.nan,
+        dimension_names=("tile_y", "tile_x", "feature"),
     )
     failpoint("create-array")
     done = group.create_array(
-        "chunk_done", shape=(len(layout.chunk_y), len(layout.chunk_x)), chunks=(1, 1), dtype="bool", fill_value=False,
+        "chunk_done",
+        shape=(len(layout.chunk_y), len(layout.chunk_x)),
+        chunks=(1, 1),
+        dtype="bool",
+        fill_value=False,
         dimension_names=("chunk_y", "chunk_x"),
     )
     done.attrs["description"] = "bookkeeping: chunk (i, j) of the slide has been written"
@@ -433,10 +442,7 @@ def _old_layout_error(where: Path) -> StoreError:
 
 
 def _foreign_data_error(where: Path, foreign: str) -> StoreError:
-    return StoreError(
-        f"{where}: holds data that wsi_xr did not write ({foreign}); wsi_xr replaces only stores it wrote. "
-        "Choose another output path."
-    )
+    return StoreError(f"{where}: holds data that wsi_xr did not write ({foreign}); wsi_xr replaces only stores it wrote. Choose another output path.")
 
 
 def check_slide_target(store: Path, group_name: str | None, fingerprint: dict[str, Any], *, overwrite: bool) -> bool:
@@ -648,7 +654,7 @@ def migrate_store(path: str | os.PathLike[str]) -> list[str]:
 # --------------------------------------------------------------------------------------
 
 
-def tile_rows(ds: xr.Dataset, slide: str | None = None) -> "Any":
+def tile_rows(ds: xr.Dataset, slide: str | None = None) -> Any:
     """One row per tissue tile of a slide Dataset: ``x``, ``y``, ``latent_0`` ... (+ ``slide``).
 
     Returns a pandas DataFrame (one slide's rows: bounded by the slide, not the cohort); a

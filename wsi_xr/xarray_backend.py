@@ -21,8 +21,9 @@ the same reads.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import xarray as xr
 from xarray.backends import BackendEntrypoint
@@ -33,8 +34,20 @@ from wsi_xr.slide import SlideBackendArray, default_chunk_size, level_coords, sl
 
 #: File name endings the probe reads: TIFF-based (cuCIM, tifffile) and OpenSlide's formats.
 EXTENSIONS = (
-    ".svs", ".tif", ".tiff", ".ptif", ".btf", ".qptiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif",
-    ".svslide", ".dcm",
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ptif",
+    ".btf",
+    ".qptiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".bif",
+    ".svslide",
+    ".dcm",
 )
 
 

@@ -186,17 +186,21 @@ def make_strokes(
         od = (np.asarray(INK_OD[colour]) * jitter * density).astype(np.float32)
         strokes.append(
             InkStroke(
-                points=points, half_width=half_width, od=od, colour=colour, kind=kind,
-                streak_period=float(rng.uniform(5.0, 9.0)), streak_phase=float(rng.uniform(0, 2 * math.pi)),
-                fade_period=float(rng.uniform(300.0, 900.0)), fade_phase=float(rng.uniform(0, 2 * math.pi)),
+                points=points,
+                half_width=half_width,
+                od=od,
+                colour=colour,
+                kind=kind,
+                streak_period=float(rng.uniform(5.0, 9.0)),
+                streak_phase=float(rng.uniform(0, 2 * math.pi)),
+                fade_period=float(rng.uniform(300.0, 900.0)),
+                fade_phase=float(rng.uniform(0, 2 * math.pi)),
             )
         )
     return tuple(strokes)
 
 
-def _geometry(
-    stroke: InkStroke, x0: int, y0: int, width: int, height: int
-) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray, np.ndarray] | None:
+def _geometry(stroke: InkStroke, x0: int, y0: int, width: int, height: int) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray, np.ndarray] | None:
     """Distance to the centre line, signed offset across it and arc length along it.
 
     Computed only in the part of the region the stroke can reach: returns that

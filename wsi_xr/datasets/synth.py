@@ -51,8 +51,8 @@ from typing import TypeVar
 import numpy as np
 import tifffile
 
-from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.datasets.ink import INK_COLOURS, InkStroke, ink_mask_region, ink_od_region, make_strokes
+from wsi_xr.errors import InvalidArgumentError
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -154,28 +154,19 @@ class SynthSpec:
         if not isinstance(fraction, (int, float)) or not 0.0 <= float(fraction) <= 1.0:
             raise InvalidArgumentError(f"tissue_fraction={fraction!r}: give a number between 0 and 1")
         if not _is_int(self.tile_size) or self.tile_size < 16 or self.tile_size % 16:
-            raise InvalidArgumentError(
-                f"tile_size={self.tile_size!r}: TIFF tiles must be a positive multiple of 16 (e.g. 256)"
-            )
+            raise InvalidArgumentError(f"tile_size={self.tile_size!r}: TIFF tiles must be a positive multiple of 16 (e.g. 256)")
         if self.compression not in _COMPRESSIONS:
-            raise InvalidArgumentError(
-                f"compression={self.compression!r}: choose one of {sorted(_COMPRESSIONS)}"
-            )
+            raise InvalidArgumentError(f"compression={self.compression!r}: choose one of {sorted(_COMPRESSIONS)}")
         if not _is_int(self.jpeg_quality) or not 1 <= self.jpeg_quality <= 100:
             raise InvalidArgumentError(f"jpeg_quality={self.jpeg_quality!r}: give an integer from 1 to 100")
-        if self.mpp is not None and (
-            not isinstance(self.mpp, (int, float)) or not math.isfinite(self.mpp) or self.mpp <= 0
-        ):
+        if self.mpp is not None and (not isinstance(self.mpp, (int, float)) or not math.isfinite(self.mpp) or self.mpp <= 0):
             raise InvalidArgumentError(f"mpp={self.mpp!r}: give a positive number of microns per pixel, or None")
         if not _is_int(self.pen_strokes) or not 0 <= self.pen_strokes <= _MAX_STROKES:
-            raise InvalidArgumentError(
-                f"pen_strokes={self.pen_strokes!r}: give an integer from 0 (no ink) to {_MAX_STROKES}"
-            )
+            raise InvalidArgumentError(f"pen_strokes={self.pen_strokes!r}: give an integer from 0 (no ink) to {_MAX_STROKES}")
         most = _max_levels(self.width, self.height)
         if self.levels is not None and (not _is_int(self.levels) or not 1 <= self.levels <= most):
             raise InvalidArgumentError(
-                f"levels={self.levels!r}: a {self.width}x{self.height} slide can have 1 to {most} levels "
-                "(or None for automatic)"
+                f"levels={self.levels!r}: a {self.width}x{self.height} slide can have 1 to {most} levels (or None for automatic)"
             )
 
     @property
@@ -256,8 +247,7 @@ def _smooth_field(
     return field
 
 
-def _periodic_texture(rng: np.random.Generator, period: int, wavelength: float,
-                      angle: float, elongation: float) -> np.ndarray:
+def _periodic_texture(rng: np.random.Generator, period: int, wavelength: float, angle: float, elongation: float) -> np.ndarray:
     """Seamlessly periodic band-pass noise, zero mean and unit variance (float32).
 
     ``wavelength`` is the typical feature size across (pixels); ``elongation`` > 1
@@ -449,8 +439,13 @@ def _points(grid: np.ndarray, step: float, px: np.ndarray, py: np.ndarray) -> np
 
 
 def _random_blobs(
-    rng: np.random.Generator, bx: int, by: int, mean_count: float,
-    radius: tuple[float, float], aspect: tuple[float, float], strength: tuple[float, float],
+    rng: np.random.Generator,
+    bx: int,
+    by: int,
+    mean_count: float,
+    radius: tuple[float, float],
+    aspect: tuple[float, float],
+    strength: tuple[float, float],
 ) -> _Blobs:
     """A Poisson number of random ellipses centred in block (bx, by)."""
     n = int(rng.poisson(mean_count))
@@ -514,14 +509,14 @@ def _draw_blobs(target: np.ndarray, x0: int, y0: int, blobs: _Blobs) -> None:
         a0, b0 = max(c0, 0), max(r0, 0)
         a1, b1 = min(c0 + size, w), min(r0 + size, h)
         window = target[b0:b1, a0:a1]
-        np.maximum(window, profile[i, b0 - r0:b1 - r0, a0 - c0:a1 - c0], out=window)
+        np.maximum(window, profile[i, b0 - r0 : b1 - r0, a0 - c0 : a1 - c0], out=window)
 
 
 def _sample(texture: np.ndarray, x: int, y: int, width: int, height: int) -> np.ndarray:
     """Window of a periodic texture at global pixel ``x, y`` (must not wrap: blocks align)."""
     period = texture.shape[-1]
     x, y = x % period, y % period
-    return texture[..., y:y + height, x:x + width]
+    return texture[..., y : y + height, x : x + width]
 
 
 def _render_block(model: _Model, bx: int, by: int) -> np.ndarray:
@@ -546,15 +541,10 @@ def _render_block(model: _Model, bx: int, by: int) -> np.ndarray:
     # Sensor noise: a window of the slide's Gaussian pool at a per-block random offset.
     rng = np.random.default_rng([spec.seed, 0, by, bx, 0])
     ox, oy = (int(v) for v in rng.integers(0, _NOISE_POOL - _BLOCK + 1, 2))
-    noise = model.textures.noise[:, oy:oy + h, ox:ox + w]
+    noise = model.textures.noise[:, oy : oy + h, ox : ox + w]
 
     # Absorbance (optical density): dust everywhere, eosin and haematoxylin on tissue.
-    neighbours = [
-        _block_features(model, bx + i, by + j)
-        for j in (-1, 0, 1)
-        for i in (-1, 0, 1)
-        if bx + i >= 0 and by + j >= 0
-    ]
+    neighbours = [_block_features(model, bx + i, by + j) for j in (-1, 0, 1) for i in (-1, 0, 1) if bx + i >= 0 and by + j >= 0]
     dust = np.zeros((h, w), dtype=np.float32)
     for _, specks in neighbours:
         _draw_blobs(dust, x0, y0, specks)
@@ -609,7 +599,7 @@ def _render(model: _Model, x: int, y: int, width: int, height: int) -> np.ndarra
             bx0, by0 = bx * _BLOCK, by * _BLOCK
             c0, c1 = max(x, bx0), min(x + width, bx0 + block.shape[1])
             r0, r1 = max(y, by0), min(y + height, by0 + block.shape[0])
-            out[r0 - y:r1 - y, c0 - x:c1 - x] = block[r0 - by0:r1 - by0, c0 - bx0:c1 - bx0]
+            out[r0 - y : r1 - y, c0 - x : c1 - x] = block[r0 - by0 : r1 - by0, c0 - bx0 : c1 - bx0]
     return out
 
 
@@ -636,11 +626,10 @@ def render_region(spec: SynthSpec, x: int, y: int, width: int, height: int) -> n
         If the region is empty or reaches outside the slide.
     """
     integers = all(_is_int(v) for v in (x, y, width, height))
-    inside = integers and 0 <= x and 0 <= y and 1 <= width and 1 <= height
+    inside = integers and x >= 0 and y >= 0 and width >= 1 and height >= 1
     if not inside or x + width > spec.width or y + height > spec.height:
         raise InvalidArgumentError(
-            f"region x={x!r} y={y!r} width={width!r} height={height!r} is not a non-empty region inside "
-            f"the {spec.width}x{spec.height} slide"
+            f"region x={x!r} y={y!r} width={width!r} height={height!r} is not a non-empty region inside the {spec.width}x{spec.height} slide"
         )
     return _render(_model(spec), int(x), int(y), int(width), int(height))
 
@@ -677,16 +666,13 @@ def tissue_truth(spec: SynthSpec, *, level: int = 0) -> np.ndarray:
     """
     shape = spec.level_shape(level)
     if spec.width * spec.height > _MAX_TRUTH_PIXELS:
-        raise InvalidArgumentError(
-            f"tissue_truth builds the whole {spec.width}x{spec.height} mask in memory; "
-            "use tile_truth for slides this large"
-        )
+        raise InvalidArgumentError(f"tissue_truth builds the whole {spec.width}x{spec.height} mask in memory; use tile_truth for slides this large")
     model = _model(spec)
     band = max(1, (1 << 22) // spec.width)
     mask = np.empty((spec.height, spec.width), dtype=bool)
     for y in range(0, spec.height, band):
         rows = min(band, spec.height - y)
-        mask[y:y + rows] = _mask_region(model, 0, y, spec.width, rows)
+        mask[y : y + rows] = _mask_region(model, 0, y, spec.width, rows)
     if level == 0:
         return mask
     fraction = mask.astype(np.float32)
@@ -753,20 +739,17 @@ def tile_tissue_fraction(spec: SynthSpec, tile: int = 64) -> np.ndarray:
     grid = model.shape_field
     fx, lx = _tile_node_range(n_tx, tile, model.step, grid.shape[1])
     fy, ly = _tile_node_range(n_ty, tile, model.step, grid.shape[0])
-    col_min = np.stack([grid[:, a:b + 1].min(axis=1) for a, b in zip(fx, lx)], axis=1)
-    col_max = np.stack([grid[:, a:b + 1].max(axis=1) for a, b in zip(fx, lx)], axis=1)
-    tile_min = np.stack([col_min[a:b + 1].min(axis=0) for a, b in zip(fy, ly)])
-    tile_max = np.stack([col_max[a:b + 1].max(axis=0) for a, b in zip(fy, ly)])
+    col_min = np.stack([grid[:, a : b + 1].min(axis=1) for a, b in zip(fx, lx)], axis=1)
+    col_max = np.stack([grid[:, a : b + 1].max(axis=1) for a, b in zip(fx, lx)], axis=1)
+    tile_min = np.stack([col_min[a : b + 1].min(axis=0) for a, b in zip(fy, ly)])
+    tile_max = np.stack([col_max[a : b + 1].max(axis=0) for a, b in zip(fy, ly)])
     margin = 1e-5 * (1.0 + abs(model.threshold))
     out[tile_min > model.threshold + margin] = 1.0
     uncertain = (tile_min <= model.threshold + margin) & (tile_max >= model.threshold - margin)
     band = max(1, (1 << 22) // tile)  # rows evaluated at once, so huge tiles stay cheap
     for ty, tx in zip(*np.nonzero(uncertain)):
         x, y = int(tx) * tile, int(ty) * tile
-        count = sum(
-            np.count_nonzero(_mask_region(model, x, y + dy, tile, min(band, tile - dy)))
-            for dy in range(0, tile, band)
-        )
+        count = sum(np.count_nonzero(_mask_region(model, x, y + dy, tile, min(band, tile - dy))) for dy in range(0, tile, band))
         out[ty, tx] = count / (tile * tile)
     return out
 
@@ -853,8 +836,7 @@ def ink_truth(spec: SynthSpec, *, level: int = 0, colour: str | None = None) -> 
     shape = spec.level_shape(level)
     if spec.width * spec.height > _MAX_TRUTH_PIXELS:
         raise InvalidArgumentError(
-            f"ink_truth builds the whole {spec.width}x{spec.height} mask in memory; "
-            "use ink_tile_fraction for slides this large"
+            f"ink_truth builds the whole {spec.width}x{spec.height} mask in memory; use ink_tile_fraction for slides this large"
         )
     strokes = _selected_strokes(spec, colour)
     mask = ink_mask_region(strokes, 0, 0, spec.width, spec.height)
@@ -907,7 +889,7 @@ def ink_tile_fraction(spec: SynthSpec, tile: int = 64, *, colour: str | None = N
             mask = ink_mask_region(strokes, tx * tile, ty * tile, cols * tile, rows * tile)
             if mask.any():
                 counts = mask.reshape(rows, tile, cols, tile).sum(axis=(1, 3))
-                out[ty:ty + rows, tx:tx + cols] = counts / np.float32(tile * tile)
+                out[ty : ty + rows, tx : tx + cols] = counts / np.float32(tile * tile)
     return out
 
 
@@ -966,7 +948,7 @@ def _level0_tiles(model: _Model, size: int) -> Iterator[np.ndarray]:
 
         for pixels in _ordered_map(band, rows, min(_RENDER_THREADS, 2)):
             for x in columns:
-                yield _pad_tile(pixels[:, x:x + size], size)
+                yield _pad_tile(pixels[:, x : x + size], size)
 
 
 def _box_downsample(a: np.ndarray) -> np.ndarray:
@@ -1011,11 +993,7 @@ def _downsampled_tiles(page: tifffile.TiffPage, size: int) -> Iterator[np.ndarra
 
     def make(origin: tuple[int, int]) -> np.ndarray:
         oy, ox = origin
-        rows = [
-            np.concatenate([source(ty, tx) for tx in (2 * ox, 2 * ox + 1) if tx < n_tx], axis=1)
-            for ty in (2 * oy, 2 * oy + 1)
-            if ty < n_ty
-        ]
+        rows = [np.concatenate([source(ty, tx) for tx in (2 * ox, 2 * ox + 1) if tx < n_tx], axis=1) for ty in (2 * oy, 2 * oy + 1) if ty < n_ty]
         return _pad_tile(_box_downsample(np.concatenate(rows, axis=0)), size)
 
     origins = ((oy, ox) for oy in range(out_ty) for ox in range(out_tx))
@@ -1090,8 +1068,16 @@ def write_synthetic_slide(
 
     check_output_file(path, "tiff")  # a TIFF replaces a TIFF, never a folder or another file
     spec = SynthSpec(
-        width=width, height=height, seed=seed, tissue_fraction=tissue_fraction, tile_size=tile_size,
-        levels=levels, compression=compression, jpeg_quality=jpeg_quality, mpp=mpp, pen_strokes=pen_strokes,
+        width=width,
+        height=height,
+        seed=seed,
+        tissue_fraction=tissue_fraction,
+        tile_size=tile_size,
+        levels=levels,
+        compression=compression,
+        jpeg_quality=jpeg_quality,
+        mpp=mpp,
+        pen_strokes=pen_strokes,
     )
     path = os.fspath(path)
     model = _model(spec)

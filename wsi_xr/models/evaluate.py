@@ -134,10 +134,7 @@ def mse_downsample(tiles: Any, k: int, *, per_tile: bool = False) -> float | np.
     """
     arr = _check_tiles(tiles, allow_empty=per_tile)
     k = _check_k(k)
-    errors = np.concatenate(
-        [np.zeros(0)]
-        + [_per_tile_mse(downsample_reconstruct(arr[sl], k), _as_float(arr[sl])) for sl in _chunks(arr.shape[0])]
-    )
+    errors = np.concatenate([np.zeros(0)] + [_per_tile_mse(downsample_reconstruct(arr[sl], k), _as_float(arr[sl])) for sl in _chunks(arr.shape[0])])
     return errors if per_tile else float(errors.mean())
 
 
@@ -385,10 +382,7 @@ def mse_pca(pca: PCAModel, tiles: Any, *, clip: bool = True, per_tile: bool = Fa
     the ``(N,)`` per-tile errors with ``per_tile=True``.
     """
     arr = _check_tiles(tiles, allow_empty=per_tile)
-    errors = np.concatenate(
-        [np.zeros(0)]
-        + [_per_tile_mse(pca.reconstruct(arr[sl], clip=clip), _as_float(arr[sl])) for sl in _chunks(arr.shape[0])]
-    )
+    errors = np.concatenate([np.zeros(0)] + [_per_tile_mse(pca.reconstruct(arr[sl], clip=clip), _as_float(arr[sl])) for sl in _chunks(arr.shape[0])])
     return errors if per_tile else float(errors.mean())
 
 
@@ -431,9 +425,7 @@ class EvalReport:
         """A fixed-width text table: one row per set plus ``overall``, the best method marked ``*``."""
         names = [*self.rows, "overall"]
         label = max(12, *(len(n) for n in names))
-        head = f"{'tiles':<{label}}  {'n':>6}  " + "  ".join(
-            f"{m + f' ({self.values[m]})':>13}" for m in self.methods
-        )
+        head = f"{'tiles':<{label}}  {'n':>6}  " + "  ".join(f"{m + f' ({self.values[m]})':>13}" for m in self.methods)
         lines = [head, "-" * len(head)]
         for name in names:
             row = self.overall if name == "overall" else self.rows[name]
@@ -507,10 +499,7 @@ def evaluate_tiles(
         for k in sides:
             errs[f"down{k}"] = mse_downsample(tiles, k, per_tile=True)
         per_tile[set_name] = errs
-    rows = {
-        name: {"n_tiles": int(sets[name].shape[0]), **{m: float(errs[m].mean()) for m in methods}}
-        for name, errs in per_tile.items()
-    }
+    rows = {name: {"n_tiles": int(sets[name].shape[0]), **{m: float(errs[m].mean()) for m in methods}} for name, errs in per_tile.items()}
     overall = {
         "n_tiles": int(sum(t.shape[0] for t in sets.values())),
         **{m: float(np.concatenate([errs[m] for errs in per_tile.values()]).mean()) for m in methods},

@@ -82,10 +82,7 @@ class TrainResult:
 def _check_tiles(tiles: Any, name: str = "tiles") -> np.ndarray:
     arr = np.asarray(tiles)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (TILE_SIZE, TILE_SIZE, CHANNELS):
-        raise InvalidArgumentError(
-            f"{name} must be a uint8 array of shape (N, {TILE_SIZE}, {TILE_SIZE}, {CHANNELS}), "
-            f"got {arr.dtype} {arr.shape}"
-        )
+        raise InvalidArgumentError(f"{name} must be a uint8 array of shape (N, {TILE_SIZE}, {TILE_SIZE}, {CHANNELS}), got {arr.dtype} {arr.shape}")
     return arr
 
 
@@ -155,9 +152,7 @@ def _zoom(x: torch.Tensor, rng: np.random.Generator, most: float) -> torch.Tenso
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _loss(
-    recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, *, loss: str, kl_weight: float
-) -> torch.Tensor:
+def _loss(recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, *, loss: str, kl_weight: float) -> torch.Tensor:
     """Summed batch loss: the reference :func:`vae_loss` (``bce``), or summed squared error + the same KL term."""
     if loss == "bce":
         return vae_loss(recon, x, mu, logvar, kl_weight=kl_weight)[0]
@@ -207,9 +202,7 @@ def _lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def _epoch_order(
-    rng: np.random.Generator, train_idx: np.ndarray, groups: np.ndarray | None, balance: float
-) -> np.ndarray:
+def _epoch_order(rng: np.random.Generator, train_idx: np.ndarray, groups: np.ndarray | None, balance: float) -> np.ndarray:
     """The training tiles of one epoch: a permutation, or a weighted draw balancing the groups."""
     if groups is None or balance == 0.0:
         return rng.permutation(train_idx)
@@ -354,9 +347,7 @@ def train_vae(
     if groups is not None:
         group_arr = np.asarray(groups)
         if group_arr.shape != (n,) or not np.issubdtype(group_arr.dtype, np.integer):
-            raise InvalidArgumentError(
-                f"groups must hold one integer per tile ({n}), got {group_arr.dtype} {group_arr.shape}"
-            )
+            raise InvalidArgumentError(f"groups must hold one integer per tile ({n}), got {group_arr.dtype} {group_arr.shape}")
     elif balance > 0:
         raise InvalidArgumentError(f"balance={balance} needs groups (one integer per tile naming its slide)")
     if init_logvar is not None and not (math.isfinite(init_logvar) and -30.0 <= init_logvar <= 5.0):
@@ -391,9 +382,7 @@ def train_vae(
             optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         else:
             optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: _lr_factor(schedule, step, total_steps, float(warmup))
-        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(schedule, step, total_steps, float(warmup)))
         evaluate = dict(batch_size=batch_size, device=dev, kl_weight=kl_weight, loss=loss)
         initial_val_loss = _evaluate(model, tiles, val_idx, **evaluate)
         val_loss = initial_val_loss
@@ -420,8 +409,7 @@ def train_vae(
                     recon, mu, logvar = model(x)
                     if not bool(torch.isfinite(recon).all()):  # checked before the BCE asserts on it
                         raise InvalidArgumentError(
-                            f"training diverged at epoch {epoch}, batch {b + 1} (the model output became NaN); "
-                            f"train again with a lower lr than {lr}"
+                            f"training diverged at epoch {epoch}, batch {b + 1} (the model output became NaN); train again with a lower lr than {lr}"
                         )
                     batch_loss = _loss(recon, x, mu, logvar, loss=loss, kl_weight=kl_weight)
                     optimizer.zero_grad(set_to_none=True)
@@ -440,7 +428,11 @@ def train_vae(
                 history.append(entry)
                 bar.set_postfix(epoch=epoch, train=f"{train_loss:.1f}", val=f"{val_loss:.1f}")
                 log.info(
-                    "epoch %d/%d: train loss %.2f, val loss %.2f%s", epoch, epochs, train_loss, val_loss,
+                    "epoch %d/%d: train loss %.2f, val loss %.2f%s",
+                    epoch,
+                    epochs,
+                    train_loss,
+                    val_loss,
                     f", eval MSE {entry['eval_mse']:.5f}" if "eval_mse" in entry else "",
                 )
         finally:
@@ -457,9 +449,7 @@ def train_vae(
         "lr": float(lr),
         "kl_weight": float(kl_weight),
         "loss": (
-            "bce: summed BCE + kl_weight*KLD/(1600*32*32) (reference)"
-            if loss == "bce"
-            else "mse: summed squared error + kl_weight*KLD/(1600*32*32)"
+            "bce: summed BCE + kl_weight*KLD/(1600*32*32) (reference)" if loss == "bce" else "mse: summed squared error + kl_weight*KLD/(1600*32*32)"
         ),
         "schedule": schedule if schedule == "constant" else f"{schedule}(warmup={float(warmup):g})",
         "optimizer": f"AdamW(weight_decay={float(weight_decay):g})" if weight_decay > 0 else "Adam",
@@ -492,9 +482,7 @@ def _recon_mse(model: VAE2, tiles: np.ndarray, *, batch_size: int, device: torch
     return total / tiles.size
 
 
-def reconstruction_errors(
-    model: VAE2, tiles: np.ndarray, *, factor_values: int = 27, batch_size: int = 256
-) -> dict[str, float]:
+def reconstruction_errors(model: VAE2, tiles: np.ndarray, *, factor_values: int = 27, batch_size: int = 256) -> dict[str, float]:
     """Mean squared reconstruction error of the VAE vs plain downsampling, on held-out tiles.
 
     The VAE reconstruction is ``decode(mu)`` in eval mode. The baseline keeps about as

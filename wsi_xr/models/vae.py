@@ -36,9 +36,9 @@ from wsi_xr.errors import InvalidArgumentError
 
 __all__ = [
     "CHANNELS",
+    "DEFAULT_BATCH_SIZE",
     "KLD_SCALE",
     "LATENT_SIZE",
-    "DEFAULT_BATCH_SIZE",
     "PRECISIONS",
     "TILE_SIZE",
     "VAE2",
@@ -73,13 +73,9 @@ def torch_device(device: str | torch.device) -> torch.device:
         raise InvalidArgumentError(f"device {device!r} is not a torch device; use e.g. 'cpu' or 'cuda'") from err
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InvalidArgumentError(
-                f"device {str(dev)!r} asked for, but this torch build sees no CUDA GPU; use device='cpu'"
-            )
+            raise InvalidArgumentError(f"device {str(dev)!r} asked for, but this torch build sees no CUDA GPU; use device='cpu'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InvalidArgumentError(
-                f"device {str(dev)!r} asked for, but only {torch.cuda.device_count()} CUDA GPUs are visible"
-            )
+            raise InvalidArgumentError(f"device {str(dev)!r} asked for, but only {torch.cuda.device_count()} CUDA GPUs are visible")
     return dev
 
 
@@ -229,9 +225,7 @@ def tiles_to_tensor(tiles: Any) -> torch.Tensor:
     else:
         arr = np.asarray(tiles)
         if arr.dtype != np.uint8:
-            raise InvalidArgumentError(
-                f"tiles must be uint8 RGB (N, H, W, 3), got dtype {arr.dtype}; convert with .astype(np.uint8)"
-            )
+            raise InvalidArgumentError(f"tiles must be uint8 RGB (N, H, W, 3), got dtype {arr.dtype}; convert with .astype(np.uint8)")
         with warnings.catch_warnings():
             # A read-only array (from Dask or Zarr) is fine: it is only read, then copied.
             warnings.simplefilter("ignore", UserWarning)
@@ -239,9 +233,7 @@ def tiles_to_tensor(tiles: Any) -> torch.Tensor:
     if t.dtype != torch.uint8:
         raise InvalidArgumentError(f"tiles must be uint8 RGB (N, H, W, 3), got dtype {t.dtype}")
     if t.ndim != 4 or t.shape[-1] != CHANNELS:
-        raise InvalidArgumentError(
-            f"tiles must have shape (N, H, W, {CHANNELS}) (channels last), got {tuple(t.shape)}"
-        )
+        raise InvalidArgumentError(f"tiles must have shape (N, H, W, {CHANNELS}) (channels last), got {tuple(t.shape)}")
     # Channels-last memory (NHWC strides, logical shape NCHW): the uint8 layout needs no
     # transpose copy, and the CPU convolutions run about 25% faster on it than on NCHW.
     return t.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.channels_last).div_(255.0)
@@ -286,16 +278,10 @@ def encode_tiles(model: VAE2, tiles: Any, *, batch_size: int | None = None, prec
         tiles = np.asarray(tiles)
     expected = (TILE_SIZE, TILE_SIZE, model.image_channels)
     if tiles.ndim != 4 or tuple(tiles.shape[1:]) != expected:
-        raise InvalidArgumentError(
-            f"tiles must have shape (N, {TILE_SIZE}, {TILE_SIZE}, {model.image_channels}), got {tuple(tiles.shape)}"
-        )
+        raise InvalidArgumentError(f"tiles must have shape (N, {TILE_SIZE}, {TILE_SIZE}, {model.image_channels}), got {tuple(tiles.shape)}")
     n = int(tiles.shape[0])
     out = torch.empty((n, model.z_dim), dtype=torch.float32, device=device)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if precision == "bf16"
-        else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         for start in range(0, n, batch_size):
             x = tiles_to_tensor(tiles[start : start + batch_size]).to(device, non_blocking=True)

@@ -98,13 +98,9 @@ def _check_zip(p: Path) -> None:
         with zipfile.ZipFile(p) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        raise WeightsError(
-            f"weights file '{p}' is a damaged or truncated PyTorch file ({_one_line(err, 80)}); copy or save it again"
-        ) from err
+        raise WeightsError(f"weights file '{p}' is a damaged or truncated PyTorch file ({_one_line(err, 80)}); copy or save it again") from err
     if bad is not None:
-        raise WeightsError(
-            f"weights file '{p}' is damaged: its record '{bad}' fails its checksum; copy or save it again"
-        )
+        raise WeightsError(f"weights file '{p}' is damaged: its record '{bad}' fails its checksum; copy or save it again")
 
 
 def _torch_detail(err: BaseException) -> str:
@@ -140,21 +136,16 @@ def _read_checkpoint(p: Path) -> Any:
                 "torch.save({'state_dict': model.state_dict()}, path)"
             ) from err
         if magic == b"PK\x03\x04":
-            raise WeightsError(
-                f"weights file '{p}' is a damaged PyTorch file ({_torch_detail(err)}); copy or save it again"
-            ) from err
+            raise WeightsError(f"weights file '{p}' is a damaged PyTorch file ({_torch_detail(err)}); copy or save it again") from err
         raise WeightsError(
-            f"weights file '{p}' is not a PyTorch weights file, or is damaged ({_torch_detail(err)}); "
-            "pass a .pt file written by torch.save"
+            f"weights file '{p}' is not a PyTorch weights file, or is damaged ({_torch_detail(err)}); pass a .pt file written by torch.save"
         ) from err
 
 
 def _extract_state_dict(obj: Any, p: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint, keys stripped of DataParallel / compile prefixes."""
     if not isinstance(obj, Mapping):
-        raise WeightsError(
-            f"weights file '{p}' holds a {type(obj).__name__}, not a state dict of tensors; {_FIX}"
-        )
+        raise WeightsError(f"weights file '{p}' holds a {type(obj).__name__}, not a state dict of tensors; {_FIX}")
     inner = obj.get("state_dict")
     if isinstance(inner, Mapping):
         obj = inner
@@ -198,23 +189,16 @@ def _check_against(model: VAE2, tensors: dict[str, torch.Tensor], p: Path) -> No
         problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:3]))
     if problems:
         raise WeightsError(
-            f"weights file '{p}' was made for another model, not VAE2 (64x64 RGB tiles, "
-            f"{LATENT_SIZE} latents): " + "; ".join(problems) + f"; {_FIX}"
+            f"weights file '{p}' was made for another model, not VAE2 (64x64 RGB tiles, {LATENT_SIZE} latents): " + "; ".join(problems) + f"; {_FIX}"
         )
-    bad = [
-        k
-        for k, t in tensors.items()
-        if k in expected and (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
-    ]
+    bad = [k for k, t in tensors.items() if k in expected and (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
     if bad:
         shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
         raise WeightsError(
             f"weights file '{p}' holds NaN or infinite values (in {shown}); training diverged or the file "
             "is damaged: use another checkpoint or train again with a lower lr"
         )
-    wrong_kind = [
-        k for k, t in tensors.items() if expected[k].is_floating_point() and not t.is_floating_point()
-    ]
+    wrong_kind = [k for k, t in tensors.items() if expected[k].is_floating_point() and not t.is_floating_point()]
     if wrong_kind:
         shown = ", ".join(wrong_kind[:3])
         raise WeightsError(f"weights file '{p}' holds integer tensors where VAE2 has weights ({shown}); {_FIX}")
@@ -276,9 +260,7 @@ def _build_model(tensors: dict[str, torch.Tensor], p: Path, dev: torch.device) -
     try:
         return model.to(dev)
     except (RuntimeError, AssertionError) as err:  # AssertionError: "Torch not compiled with CUDA enabled"
-        raise InvalidArgumentError(
-            f"cannot move the model to device {str(dev)!r} ({_one_line(str(err), 100)}); use device='cpu'"
-        ) from err
+        raise InvalidArgumentError(f"cannot move the model to device {str(dev)!r} ({_one_line(str(err), 100)}); use device='cpu'") from err
 
 
 def read_metadata(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -324,9 +306,7 @@ def _plain(value: Any, where: str) -> Any:
     tolist = getattr(value, "tolist", None)  # small NumPy arrays / tensors
     if callable(tolist):
         return _plain(tolist(), where)
-    raise InvalidArgumentError(
-        f"metadata value {where} is a {type(value).__name__}; use numbers, strings, lists and dicts only"
-    )
+    raise InvalidArgumentError(f"metadata value {where} is a {type(value).__name__}; use numbers, strings, lists and dicts only")
 
 
 def is_weights_file(path: str | os.PathLike[str]) -> bool:
@@ -353,9 +333,7 @@ def vae_bytes(model: VAE2, *, metadata: Mapping[str, Any] | None = None) -> byte
     """The bytes :func:`save_vae` writes for ``model`` and ``metadata`` (identical inputs, identical bytes)."""
     training = _plain(dict(metadata or {}), "metadata")
     module = getattr(model, "module", model)  # accept an nn.DataParallel wrapper too
-    state = {
-        "module." + k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()
-    }
+    state = {"module." + k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
     meta = {
         "format": FORMAT_VERSION,
         "model": type(module).__name__,
@@ -386,9 +364,8 @@ def save_vae(model: VAE2, path: str | os.PathLike[str], *, metadata: Mapping[str
     target = Path(os.fspath(path)).expanduser()
     if target.is_dir():
         raise InvalidArgumentError(f"cannot save weights to '{target}': it is a directory; pass a file name (.pt)")
-    if target.is_file():  # replace only a weights file
-        if not is_weights_file(target):
-            raise InvalidArgumentError(f"cannot save weights to '{target}': it exists and is not a weights file; choose another path")
+    if target.is_file() and not is_weights_file(target):  # replace only a weights file
+        raise InvalidArgumentError(f"cannot save weights to '{target}': it exists and is not a weights file; choose another path")
     data = vae_bytes(model, metadata=metadata)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -406,4 +383,3 @@ def save_vae(model: VAE2, path: str | os.PathLike[str], *, metadata: Mapping[str
             pass
         raise
     return target
-

@@ -91,8 +91,15 @@ class ChunkJob:
     def of(cls, store: str, group: str | None, options: RunOptions) -> ChunkJob:
         assert options.ref is not None
         return cls(
-            store, group, options.tile, options.patch, candidate_floor(options), options.ref, options.batch_size,
-            options.reject_pen, options.torch_threads,
+            store,
+            group,
+            options.tile,
+            options.patch,
+            candidate_floor(options),
+            options.ref,
+            options.batch_size,
+            options.reject_pen,
+            options.torch_threads,
         )
 
 

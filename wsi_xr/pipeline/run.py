@@ -13,9 +13,10 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import dask.array as da
 import xarray as xr
@@ -81,9 +82,7 @@ def _store_path(store: str | os.PathLike[str]) -> Path:
         with tempfile.TemporaryFile(dir=parent):  # os.access says yes to root everywhere: really try
             pass
     except OSError as err:
-        raise StoreError(
-            f"{store_path}: cannot write in the folder {parent} ({err.strerror or err}); choose a writable path."
-        ) from err
+        raise StoreError(f"{store_path}: cannot write in the folder {parent} ({err.strerror or err}); choose a writable path.") from err
     return store_path
 
 
@@ -99,7 +98,12 @@ class _SlideRun:
 
 
 def _prepare(
-    source: SlideSource, store_path: Path, group_name: str | None, options: RunOptions, overwrite: bool, backend: str,
+    source: SlideSource,
+    store_path: Path,
+    group_name: str | None,
+    options: RunOptions,
+    overwrite: bool,
+    backend: str,
     client: Any = None,
 ) -> _SlideRun:
     start = time.perf_counter()
@@ -219,8 +223,18 @@ def process_slide(
     attrs.
     """
     options = validate_run_options(
-        weights, tile=tile, patch=patch, threshold=threshold, coarse=coarse, chunks=chunks, level=level,
-        batch_size=batch_size, device=device, precision=precision, reject_pen=reject_pen, torch_threads=torch_threads,
+        weights,
+        tile=tile,
+        patch=patch,
+        threshold=threshold,
+        coarse=coarse,
+        chunks=chunks,
+        level=level,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        reject_pen=reject_pen,
+        torch_threads=torch_threads,
     )
     opened = open_file(path, backend)
     store_path = check_run_target(store, [(opened, group)], options, overwrite=overwrite).path

@@ -31,8 +31,8 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 log = logging.getLogger("wsi_xr.thirdparty")
 

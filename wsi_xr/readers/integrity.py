@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import tifffile
@@ -132,9 +132,7 @@ class _KnownHeader:
         return problem
 
 
-def _segment_problem(
-    read: Callable[[int, int], bytes], offset: int, count: int, file_size: int, compression: int, known: _KnownHeader
-) -> str | None:
+def _segment_problem(read: Callable[[int, int], bytes], offset: int, count: int, file_size: int, compression: int, known: _KnownHeader) -> str | None:
     if count <= 0 or offset <= 0:
         return "tile data missing (offset or byte count is 0)"
     if offset + count > file_size:
@@ -163,7 +161,7 @@ class _Tables:
         self.quant: set[int] = set()
         self.huffman: set[tuple[int, int]] = set()  # (class 0 DC / 1 AC, id)
 
-    def copy(self) -> "_Tables":
+    def copy(self) -> _Tables:
         other = _Tables()
         other.quant, other.huffman = set(self.quant), set(self.huffman)
         return other

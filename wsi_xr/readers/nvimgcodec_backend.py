@@ -178,8 +178,7 @@ class NvImageCodecReader:
         ok, reason = nvimgcodec_available()
         if not ok:
             raise InvalidArgumentError(
-                f"{info.path}: backend 'nvimgcodec' cannot run here: {reason}. "
-                "Use backend='auto' (or 'cucim'/'tifffile') on this machine."
+                f"{info.path}: backend 'nvimgcodec' cannot run here: {reason}. Use backend='auto' (or 'cucim'/'tifffile') on this machine."
             )
         self.info = info
         self.device_id = device_id
@@ -223,9 +222,7 @@ class NvImageCodecReader:
     def _decode_gpu(self, streams: list[bytes], mode: str) -> list[Any]:
         """One batched decode; a CuPy ``(h, w, c)`` view per stream, ``None`` where it failed."""
         cp, nv = self._cp, self._nv
-        images = self._decoder().decode(
-            [nv.CodeStream(s) for s in streams], params=self._params(mode), cuda_stream=cp.cuda.get_current_stream().ptr
-        )
+        images = self._decoder().decode([nv.CodeStream(s) for s in streams], params=self._params(mode), cuda_stream=cp.cuda.get_current_stream().ptr)
         if len(images) != len(streams):  # old nvImageCodec dropped failed images from the list
             return [None] * len(streams)
         out: list[Any] = []

@@ -47,7 +47,7 @@ from wsi_xr.errors import SlideOpenError, SlideReadError
 from wsi_xr.readers.base import ReaderKey
 from wsi_xr.readers.probe import SlideInfo
 
-__all__ = ["MAX_LOOKBACK", "OpenSlideReader", "PIECE", "exact_location", "plan_axis"]
+__all__ = ["MAX_LOOKBACK", "PIECE", "OpenSlideReader", "exact_location", "plan_axis"]
 
 #: Longest side (level pixels) of one OpenSlide call; OpenSlide splits larger regions
 #: itself and places the pieces after the first at inexact locations.
@@ -106,10 +106,7 @@ def _anchor(x: int, downsample: float) -> tuple[int, int]:
     locations = np.rint(candidates * downsample)
     good = np.flatnonzero(np.abs(locations / downsample - candidates) < _SNAP)
     if good.size == 0:
-        raise ValueError(
-            f"no level-0 location within {MAX_LOOKBACK} px before level pixel {x} maps onto a whole "
-            f"pixel at downsample {downsample!r}"
-        )
+        raise ValueError(f"no level-0 location within {MAX_LOOKBACK} px before level pixel {x} maps onto a whole pixel at downsample {downsample!r}")
     first = int(candidates[good[0]])
     return first, int(locations[good[0]])
 
@@ -157,8 +154,7 @@ class OpenSlideReader:
         sizes = tuple((lv.width, lv.height) for lv in info.levels)
         if tuple(slide.level_dimensions) != sizes:
             raise SlideOpenError(
-                f"{info.path}: OpenSlide sees levels {list(slide.level_dimensions)} but the probe found "
-                f"{list(sizes)}; read it with backend='auto'."
+                f"{info.path}: OpenSlide sees levels {list(slide.level_dimensions)} but the probe found {list(sizes)}; read it with backend='auto'."
             )
         self._slide: Any = slide
         self._downsamples = tuple(float(d) for d in slide.level_downsamples)
@@ -171,8 +167,7 @@ class OpenSlideReader:
         slide = self._slide  # a local reference keeps the handle alive during the read
         if slide is None or not self.usable:
             raise SlideReadError(
-                f"{self.info.path}: this OpenSlide handle failed earlier or was closed; open the "
-                "slide again (wsi_xr reopens it on the next read)."
+                f"{self.info.path}: this OpenSlide handle failed earlier or was closed; open the slide again (wsi_xr reopens it on the next read)."
             )
         downsample = self._downsamples[level]
         try:

@@ -25,7 +25,6 @@ from typing import Any
 import tifffile
 
 from wsi_xr._logging import third_party_logs
-
 from wsi_xr.errors import SlideOpenError, UnsupportedFormatError
 
 #: TIFF compression codes (tag 259) that cuCIM 26.10 decodes correctly on CPU.
@@ -242,8 +241,14 @@ _OPENSLIDE_FORMATS = {
 
 def _tiff_kind(tf: tifffile.TiffFile) -> str:
     """The :attr:`SlideInfo.format` of a file that tifffile opened."""
-    for kind, flag in (("ndpi", "is_ndpi"), ("scn", "is_scn"), ("bif", "is_bif"), ("aperio-svs", "is_svs"),
-                       ("philips-tiff", "is_philips"), ("ome-tiff", "is_ome")):
+    for kind, flag in (
+        ("ndpi", "is_ndpi"),
+        ("scn", "is_scn"),
+        ("bif", "is_bif"),
+        ("aperio-svs", "is_svs"),
+        ("philips-tiff", "is_philips"),
+        ("ome-tiff", "is_ome"),
+    ):
         if getattr(tf, flag, False):
             return kind
     return "generic-tiff"
@@ -391,10 +396,7 @@ def _openslide_problem(p: Path, levels: tuple[LevelInfo, ...]) -> str | None:
 
 def _describe(tf: tifffile.TiffFile, p: Path, size: int, mtime_ns: int, kind: str = "generic-tiff") -> SlideInfo:
     if not tf.series:
-        raise SlideOpenError(
-            f"{p}: TIFF without any readable image; the file is probably truncated or damaged. "
-            "Copy it again from its source."
-        )
+        raise SlideOpenError(f"{p}: TIFF without any readable image; the file is probably truncated or damaged. Copy it again from its source.")
     series = tf.series[0]
     pages = [level.keyframe for level in series.levels]
     first = pages[0]
@@ -471,15 +473,9 @@ def _check_compression(p: Path, page: tifffile.TiffPage) -> None:
 
 def _check_pixel_layout(p: Path, page: tifffile.TiffPage) -> None:
     if page.dtype is None or page.dtype.itemsize != 1 or page.dtype.kind != "u":
-        raise UnsupportedFormatError(
-            f"{p}: pixels are {page.dtype}, wsi_xr reads 8-bit brightfield RGB slides. "
-            "Convert the image to 8-bit RGB."
-        )
+        raise UnsupportedFormatError(f"{p}: pixels are {page.dtype}, wsi_xr reads 8-bit brightfield RGB slides. Convert the image to 8-bit RGB.")
     if int(page.samplesperpixel) not in (3, 4):
-        raise UnsupportedFormatError(
-            f"{p}: {page.samplesperpixel} sample(s) per pixel; wsi_xr reads RGB or RGBA slides. "
-            "Convert the image to RGB."
-        )
+        raise UnsupportedFormatError(f"{p}: {page.samplesperpixel} sample(s) per pixel; wsi_xr reads RGB or RGBA slides. Convert the image to RGB.")
 
 
 def _check_tile_table(p: Path, page: tifffile.TiffPage, index: int) -> None:
@@ -493,8 +489,7 @@ def _check_tile_table(p: Path, page: tifffile.TiffPage, index: int) -> None:
     tile_h, tile_w = int(page.tilelength), int(page.tilewidth)
     if tile_h <= 0 or tile_w <= 0:
         raise SlideOpenError(
-            f"{p}: level {index} says its TIFF tiles are {tile_w}x{tile_h} px; the TIFF structure is "
-            "damaged. Copy the slide again from its source."
+            f"{p}: level {index} says its TIFF tiles are {tile_w}x{tile_h} px; the TIFF structure is damaged. Copy the slide again from its source."
         )
     needed = -(-int(page.imagelength) // tile_h) * -(-int(page.imagewidth) // tile_w) * int(page.imagedepth or 1)
     if int(page.planarconfig) == 2:

@@ -60,9 +60,9 @@ __all__ = [
     "JPEG2000_COMPRESSIONS",
     "DamagedTile",
     "LevelLayout",
+    "TiffTiles",
     "TileBatch",
     "TilePlacement",
-    "TiffTiles",
     "assemble_jpeg",
     "decode_tile_cpu",
     "jpeg_table_segments",
@@ -239,9 +239,7 @@ def place_tiles(layout: LevelLayout, y: int, x: int, height: int, width: int) ->
     tiles are padded to full size) and tiles cut by the window borders are cropped.
     """
     if y < 0 or x < 0 or height <= 0 or width <= 0 or y + height > layout.height or x + width > layout.width:
-        raise ValueError(
-            f"window y={y} x={x} {height}x{width} is outside level {layout.level} ({layout.height}x{layout.width})"
-        )
+        raise ValueError(f"window y={y} x={x} {height}x{width} is outside level {layout.level} ({layout.height}x{layout.width})")
     th, tw = layout.seg_h, layout.seg_w
     across = layout.grid_shape[1]
     placements = []
@@ -479,9 +477,7 @@ class TiffTiles:
             out[p.dst] = np.asarray(arr[top : top + p.height, left : left + p.width])[..., :3]
         return out
 
-    def read_cpu(
-        self, level: int, y: int, x: int, height: int, width: int, decode: np.ndarray | None = None
-    ) -> tuple[np.ndarray, list[DamagedTile]]:
+    def read_cpu(self, level: int, y: int, x: int, height: int, width: int, decode: np.ndarray | None = None) -> tuple[np.ndarray, list[DamagedTile]]:
         """Decode a window on the CPU from the batch streams (imagecodecs) and tifffile.
 
         The reference for a batched GPU decode: the same streams, decoded with the
@@ -512,9 +508,8 @@ class TiffTiles:
                 self._tifffile = None
                 self._zarr = None
 
-    def __enter__(self) -> "TiffTiles":
+    def __enter__(self) -> TiffTiles:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -64,6 +65,7 @@ def unpack_window(block: Any) -> tuple[Any, tuple[tuple[int, int, int, int], ...
     if isinstance(block, DecodedWindow):
         return block.pixels, block.failed
     return block, ()
+
 
 #: Open readers of this process (one per file version and backend).
 handle_cache = HandleCache()
@@ -226,8 +228,7 @@ def _read_batched(reader: Any, key: ReaderKey, lv: LevelInfo, y: int, x: int, he
         raise
     except Exception as err:
         raise SlideReadError(
-            f"{key.path}: could not decode level {lv.index} window y={y} x={x} {height}x{width} "
-            f"with {key.backend} ({type(err).__name__}: {err})."
+            f"{key.path}: could not decode level {lv.index} window y={y} x={x} {height}x{width} with {key.backend} ({type(err).__name__}: {err})."
         ) from err
     if failed:  # sound by the structural scan, yet no decoder could decode it: never score zeros
         raise SlideReadError(
@@ -284,10 +285,7 @@ def read_window(
     reader = get_reader(key, info)
     lv: LevelInfo = reader.info.levels[level]  # type: ignore[attr-defined]
     if y < 0 or x < 0 or height <= 0 or width <= 0 or y + height > lv.height or x + width > lv.width:
-        raise InvalidArgumentError(
-            f"{key.path}: window y={y} x={x} {height}x{width} is outside level {level} "
-            f"({lv.height}x{lv.width})."
-        )
+        raise InvalidArgumentError(f"{key.path}: window y={y} x={x} {height}x{width} is outside level {level} ({lv.height}x{lv.width}).")
     grid = damage if damage is not None else damaged_segments(key, level)
     bad = grid.window(y, x, height, width)
     if bad.any() and damaged == "raise":
@@ -323,13 +321,11 @@ def read_window(
         raise
     except Exception as err:
         raise SlideReadError(
-            f"{key.path}: could not decode level {level} window y={y} x={x} {height}x{width} "
-            f"with {key.backend} ({type(err).__name__}: {err})."
+            f"{key.path}: could not decode level {level} window y={y} x={x} {height}x{width} with {key.backend} ({type(err).__name__}: {err})."
         ) from err
     if pixels.shape != (height, width, 3) or pixels.dtype != np.uint8:
         raise SlideReadError(
-            f"{key.path}: {key.backend} returned {pixels.shape} {pixels.dtype} for a "
-            f"{height}x{width} window of level {level}; expected uint8 RGB."
+            f"{key.path}: {key.backend} returned {pixels.shape} {pixels.dtype} for a {height}x{width} window of level {level}; expected uint8 RGB."
         )
     if failures and damaged == "raise":
         fy, fx, _, _, message = failures[0]
@@ -350,7 +346,14 @@ def read_window(
 
 
 def _decode_checked(
-    reader: Reader, key: ReaderKey, lv: LevelInfo, grid: SegmentGrid, y: int, x: int, height: int, width: int,
+    reader: Reader,
+    key: ReaderKey,
+    lv: LevelInfo,
+    grid: SegmentGrid,
+    y: int,
+    x: int,
+    height: int,
+    width: int,
     failures: list[tuple[int, int, int, int, str]],
 ) -> np.ndarray:
     """Decode a window; where the decoder complains, find the file tiles it complains about and zero them.

@@ -7,7 +7,7 @@
 - :mod:`.kernels`, :mod:`.coarse`, :mod:`.pen`, :mod:`.threshold`: the kernels under them.
 """
 
-from wsi_xr.tissue.core import ChunkStatistics, chunk_statistics, choose_threshold, two_stage_rule
+from wsi_xr.tissue.core import ChunkStatistics, choose_threshold, chunk_statistics, two_stage_rule
 from wsi_xr.tissue.kernels import block_statistics, tile_moments
 from wsi_xr.tissue.mask import resolve_threshold, tissue_mask
 from wsi_xr.tissue.params import MaskParams, validate_mask_arguments

@@ -287,9 +287,7 @@ def segments_for_patches(grid: SegmentGrid, patches: np.ndarray, patch: int) -> 
     return integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0] > 0
 
 
-def coarse_decision(
-    opened: OpenedSlide, level: int, coarse: str | int, *, patch_shape: tuple[int, int], patch: int
-) -> CoarseDecision | None:
+def coarse_decision(opened: OpenedSlide, level: int, coarse: str | int, *, patch_shape: tuple[int, int], patch: int) -> CoarseDecision | None:
     """Decide, from a coarse level, which patches of ``level`` to read (None: read all).
 
     Parameters

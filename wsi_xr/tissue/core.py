@@ -22,8 +22,8 @@ from wsi_xr.tissue.threshold import auto_threshold
 __all__ = [
     "ChunkStatistics",
     "blocks_any",
-    "chunk_statistics",
     "choose_threshold",
+    "chunk_statistics",
     "damaged_tile_grid",
     "decode_failed_tiles",
     "masked_statistics",
@@ -33,9 +33,7 @@ __all__ = [
 ]
 
 
-def masked_statistics(
-    pixels: Any, excluded: np.ndarray, read_patches: np.ndarray | None, *, tile: int, patch: int
-) -> tuple[np.ndarray, np.ndarray]:
+def masked_statistics(pixels: Any, excluded: np.ndarray, read_patches: np.ndarray | None, *, tile: int, patch: int) -> tuple[np.ndarray, np.ndarray]:
     """Tile variances and each tile's patch variance of one block, on the host, NaN where not read.
 
     Parameters

@@ -23,7 +23,7 @@ from dask.base import tokenize
 
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.slide import opened_slide_of
-from wsi_xr.tissue.core import (  # noqa: F401  (re-exported: their home before 0.3)
+from wsi_xr.tissue.core import (
     blocks_any,
     choose_threshold,
     chunk_statistics,
@@ -57,21 +57,9 @@ __all__ = [
 ]
 
 
-
-
-
-
-
-
-
-
-def _block_statistics_task(
-    block: Any, excluded: np.ndarray, read_patches: np.ndarray, *, tile: int, patch: int, reject_pen: bool
-) -> np.ndarray:
+def _block_statistics_task(block: Any, excluded: np.ndarray, read_patches: np.ndarray, *, tile: int, patch: int, reject_pen: bool) -> np.ndarray:
     """One block -> float64 ``(tiles_y, tiles_x, 4)``: tile variance, its patch's variance, pen (0/1), decode failed (0/1)."""
-    stats = chunk_statistics(
-        block, np.asarray(excluded)[..., 0], np.asarray(read_patches)[..., 0], tile=tile, patch=patch, reject_pen=reject_pen
-    )
+    stats = chunk_statistics(block, np.asarray(excluded)[..., 0], np.asarray(read_patches)[..., 0], tile=tile, patch=patch, reject_pen=reject_pen)
     return np.stack([stats.tile_variance, stats.patch_variance, stats.pen.astype(np.float64), stats.decode_failed.astype(np.float64)], axis=-1)
 
 
@@ -216,8 +204,16 @@ def tissue_mask(
         one per block and variable was a quarter of a 10%-tissue mask's time.
         """
         return da.blockwise(
-            function, "ia", stats, "ijk", *args, dtype=dtype, concatenate=True,
-            new_axes={"a": width}, adjust_chunks={"i": rows}, **kwargs,
+            function,
+            "ia",
+            stats,
+            "ijk",
+            *args,
+            dtype=dtype,
+            concatenate=True,
+            new_axes={"a": width},
+            adjust_chunks={"i": rows},
+            **kwargs,
         )
 
     if params.threshold == "auto":
@@ -241,7 +237,12 @@ def tissue_mask(
     coords = plan.coords()
     if plan.opened is None:  # pixels wsi_xr did not open: the image's own coordinates
         y, x = image["y"].values, image["x"].values
-        coords = {"tile_y": y[: nty * tile : tile], "tile_x": x[: ntx * tile : tile], "patch_y": y[: nty * tile : patch], "patch_x": x[: ntx * tile : patch]}
+        coords = {
+            "tile_y": y[: nty * tile : tile],
+            "tile_x": x[: ntx * tile : tile],
+            "patch_y": y[: nty * tile : patch],
+            "patch_x": x[: ntx * tile : patch],
+        }
     attrs = {
         **plan.attrs(),
         "threshold": value if isinstance(value, float) else "auto",

@@ -28,13 +28,10 @@ def validate_mask_arguments(tile: int, patch: int, threshold: float | str) -> No
             raise InvalidArgumentError(f"{name}={value!r}: must be a positive integer number of pixels.")
     reference = "the reference rule uses tile=64, patch=256"
     if patch > MAX_PATCH:
-        raise InvalidArgumentError(
-            f"patch={patch} px: at most {MAX_PATCH} px (a patch is scored whole inside one chunk); {reference}."
-        )
+        raise InvalidArgumentError(f"patch={patch} px: at most {MAX_PATCH} px (a patch is scored whole inside one chunk); {reference}.")
     if tile > patch:
         raise InvalidArgumentError(
-            f"tile={tile} is larger than patch={patch}: tiles are the parts of a patch; use a tile that divides "
-            f"the patch ({reference})."
+            f"tile={tile} is larger than patch={patch}: tiles are the parts of a patch; use a tile that divides the patch ({reference})."
         )
     if patch % tile:
         lower, upper = (patch // tile) * tile, (patch // tile + 1) * tile
@@ -90,9 +87,7 @@ class MaskParams:
         for axis, name in ((0, "y"), (1, "x")):
             bad = [c for c in chunks[axis][:-1] if c % self.patch]
             if bad:
-                raise InvalidArgumentError(
-                    f"chunks along {name} ({bad[0]} px) are not multiples of patch={self.patch}; {fix}"
-                )
+                raise InvalidArgumentError(f"chunks along {name} ({bad[0]} px) are not multiples of patch={self.patch}; {fix}")
 
     def attrs(self) -> dict[str, Any]:
         """The settings as provenance attributes (with the pen rule's thresholds when it is on)."""

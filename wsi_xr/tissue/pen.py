@@ -175,9 +175,7 @@ def _check(block: Any, tile: int, rule: PenRule) -> None:
     if not isinstance(tile, numbers.Integral) or isinstance(tile, bool) or tile <= 0:
         raise InvalidArgumentError(f"tile={tile!r}: must be a positive integer number of pixels.")
     if tile % rule.stride:
-        raise InvalidArgumentError(
-            f"stride={rule.stride} does not divide tile={tile}; use a PenRule with a stride that divides it (e.g. 4 or 1)."
-        )
+        raise InvalidArgumentError(f"stride={rule.stride} does not divide tile={tile}; use a PenRule with a stride that divides it (e.g. 4 or 1).")
     shape = getattr(block, "shape", None)
     if shape is None or len(shape) != 3 or shape[2] != 3:
         raise InvalidArgumentError(f"block of shape {shape}: give (h, w, 3) RGB pixels (drop alpha first).")

@@ -183,10 +183,10 @@ def plain_plan(shape: tuple[int, int], chunks: Chunks, params: MaskParams) -> Ma
     if params.coarse not in ("auto", "none"):
         from wsi_xr.errors import InvalidArgumentError
 
-        raise InvalidArgumentError(
-            f"coarse={params.coarse!r} needs an image straight from wsi_xr.open_slide (this one was modified)."
-        )
-    params.check_chunks(chunks, f"rechunk the image to a multiple of patch={params.patch} (e.g. .chunk({{'y': {params.patch * 8}, 'x': {params.patch * 8}}})).")
+        raise InvalidArgumentError(f"coarse={params.coarse!r} needs an image straight from wsi_xr.open_slide (this one was modified).")
+    params.check_chunks(
+        chunks, f"rechunk the image to a multiple of patch={params.patch} (e.g. .chunk({{'y': {params.patch * 8}, 'x': {params.patch * 8}}}))."
+    )
     nty, ntx = shape[0] // params.tile, shape[1] // params.tile
     k = params.tiles_per_patch
     patch_shape = (-(-nty // k), -(-ntx // k))
