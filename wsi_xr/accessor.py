@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 import xarray as xr
 
@@ -92,7 +93,7 @@ def tissue_tiles(ds: xr.Dataset, variables: Any = None) -> xr.Dataset:
         variables = [variables]
     missing = [name for name in variables if name not in ds]
     if missing:
-        raise InvalidArgumentError(f"tissue_tiles: no variable {missing[0]!r} in the Dataset; it has {sorted(ds.data_vars)}.")
+        raise InvalidArgumentError(f"tissue_tiles: no variable {missing[0]!r} in the Dataset; it has {sorted(cast('Iterable[str]', ds.data_vars))}.")
     rows, cols = np.nonzero(np.asarray(ds["tile_mask"].values, dtype=bool))
     selected = ds[list(variables)].drop_vars([c for c in ds.coords if c not in ("tile_y", "tile_x", "feature")], errors="ignore")
     if rows.size:  # pointwise selection: lazy variables are read chunk by chunk, never whole
@@ -103,7 +104,10 @@ def tissue_tiles(ds: xr.Dataset, variables: Any = None) -> xr.Dataset:
             other = [d for d in selected[name].dims if d not in ("tile_y", "tile_x")]
             shape = (0, *(selected.sizes[d] for d in other))
             empty[name] = (("tile", *other), np.empty(shape, dtype=selected[name].dtype), selected[name].attrs)
-        coords = {"tile_y": ("tile", np.empty(0, dtype=ds["tile_y"].dtype)), "tile_x": ("tile", np.empty(0, dtype=ds["tile_x"].dtype))}
+        coords: dict[str, Any] = {
+            "tile_y": ("tile", np.empty(0, dtype=ds["tile_y"].dtype)),
+            "tile_x": ("tile", np.empty(0, dtype=ds["tile_x"].dtype)),
+        }
         if "feature" in selected.coords:
             coords["feature"] = selected["feature"].values
         out = xr.Dataset(empty, coords=coords)

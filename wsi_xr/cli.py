@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -369,7 +369,7 @@ def cmd_plot_recon(args: argparse.Namespace) -> int:
     return 0
 
 
-def _csv(kind: type) -> Any:
+def _csv(kind: Callable[[str], Any]) -> Any:
     def parse(text: str) -> list[Any]:
         try:
             return [kind(part) for part in text.split(",") if part]

@@ -229,7 +229,8 @@ def worker_model(ref: ModelRef, data: bytes | None = None) -> Any:
         else:
             raise InvalidArgumentError("a model given as an object needs its bytes (prepare_model(...).data).")
         if INFERENCE_CHANNELS_LAST:
-            model = model.to(memory_format=torch_channels_last())
+            # nn.Module.to takes memory_format (documented), but torch's overloads of it omit it
+            model = model.to(memory_format=torch_channels_last())  # type: ignore[call-overload]
         _models[ref] = model
         while len(_models) > MODEL_CACHE_SIZE:
             _models.popitem(last=False)

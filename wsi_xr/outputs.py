@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import cast
 
 from wsi_xr.errors import StoreError
 
@@ -101,7 +102,7 @@ def _tiff_is_ours(path: Path) -> bool:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        return str(tif.pages[0].description).startswith("wsi_xr synthetic slide")
+        return str(cast("tifffile.TiffPage", tif.pages[0]).description).startswith("wsi_xr synthetic slide")
 
 
 _RECOGNISE = {"parquet": _parquet_is_ours, "png": _png_is_ours, "weights": _weights_are_ours, "json": _json_is_ours, "tiff": _tiff_is_ours}

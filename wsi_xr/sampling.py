@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dask
 import numpy as np
@@ -89,7 +89,7 @@ def parse_slide_region(text: str) -> tuple[str, Region]:
     """
     match = re.fullmatch(r"\s*(.+?)\s*=(.*)", str(text))
     numbers = _RECTANGLE.fullmatch(match.group(2)) if match else None
-    if not numbers:
+    if not match or not numbers:
         raise InvalidArgumentError(
             f"region {text!r}: write SLIDE=X,Y,W,H (the slide's path or file name, then the level-0 "
             "top-left corner and size in pixels), e.g. cmu-1-small-region.svs=0,1984,2220,983"
@@ -126,8 +126,8 @@ def _region_for(path: str | os.PathLike[str], regions: Mapping[str, Region] | No
 
 
 def _check_regions_used(slides: Sequence[Any], regions: Mapping[str, Region] | None, what: str) -> None:
-    for key in regions or {}:
-        if not any(_region_for(s, {key: regions[key]}) is not None for s in slides):
+    for key, region in (regions or {}).items():
+        if not any(_region_for(s, {key: region}) is not None for s in slides):
             names = ", ".join(Path(os.fspath(s)).name for s in slides)
             raise InvalidArgumentError(f"{what} region for {key!r} matches none of the slides ({names}); key it by a slide's path or file name")
 
@@ -216,7 +216,7 @@ def sample_tissue_tiles(
             keep &= region_in.inside(tx, ty, tile)
         if region_out is not None:
             keep &= region_out.clear_of(tx, ty, tile, int(margin))
-        found.append((path, image, windows[keep], tx[keep], ty[keep]))
+        found.append((path, image, _take(windows, keep), tx[keep], ty[keep]))
     total = sum(len(w) for _, _, w, _, _ in found)
     if total == 0:
         raise InvalidArgumentError(
@@ -224,13 +224,14 @@ def sample_tissue_tiles(
             + (" within the given regions; check the region rectangles" if inside or outside else ".")
         )
     take_all = max_tiles is None or max_tiles >= total
-    tiles, origins = [], []
+    tiles: list[np.ndarray] = []
+    origins: list[dict[str, object]] = []
     for path, image, windows, tx, ty in found:
-        n = len(windows) if take_all else int(round(max_tiles * len(windows) / total))
+        n = len(windows) if take_all or max_tiles is None else int(round(max_tiles * len(windows) / total))
         if n == 0:
             continue
         pick = np.sort(rng.choice(len(windows), size=n, replace=False)) if n < len(windows) else np.arange(len(windows))
-        tiles.append(_read_windows(image, windows[pick], tile))
+        tiles.append(_read_windows(image, _take(windows, pick), tile))
         origins.extend({"slide": str(path), "x": int(x), "y": int(y)} for x, y in zip(tx[pick], ty[pick]))
     return np.concatenate(tiles), origins
 
@@ -246,14 +247,19 @@ def _shifted_windows(rows: np.ndarray, cols: np.ndarray, read_error: np.ndarray,
     dy, dx = (a.ravel() for a in np.meshgrid(shifts, shifts, indexing="ij"))
     r, d = np.repeat(rows, dy.size), np.tile(np.arange(dy.size), rows.size)
     c = np.repeat(cols, dy.size)
-    out = np.rec.fromarrays([r, c, dy[d], dx[d]], names="row,col,dy,dx")
+    out = np.rec.fromarrays([r, c, dy[d], dx[d]], formats=None, names="row,col,dy,dx")
     below, right = out.dy > 0, out.dx > 0
     n_rows, n_cols = read_error.shape
     keep = (~below | (out.row + 1 < n_rows)) & (~right | (out.col + 1 < n_cols))
     for need, down, across in ((below, 1, 0), (right, 0, 1), (below & right, 1, 1)):
         check = keep & need
         keep[check] &= ~read_error[out.row[check] + down, out.col[check] + across]
-    return out[keep]
+    return _take(out, keep)
+
+
+def _take(windows: np.recarray, which: np.ndarray) -> np.recarray:
+    """``windows[which]`` (a record array still; NumPy's stubs type it as a plain array)."""
+    return cast(np.recarray, windows[which])
 
 
 def _read_windows(image: Any, windows: np.recarray, tile: int) -> np.ndarray:

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import xarray as xr
@@ -26,6 +26,9 @@ import xarray as xr
 from wsi_xr._failpoints import failpoint
 from wsi_xr.errors import StoreError
 from wsi_xr.outputs import check_output_file, check_parent
+
+if TYPE_CHECKING:
+    import zarr
 
 
 def check_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
@@ -48,6 +51,16 @@ def check_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
         StoreLock(out).check()  # a run writing this store right now
     check_parent(out)
     return out
+
+
+def zarr_array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array member ``name`` of ``group`` (Zarr types a member as an array or a group)."""
+    return cast("zarr.Array", group[name])
+
+
+def read_array(group: zarr.Group, name: str) -> np.ndarray:
+    """All of the array member ``name`` of ``group``, read into memory."""
+    return cast(np.ndarray, zarr_array(group, name)[...])
 
 
 def json_safe_attrs(attrs: dict) -> dict:
@@ -566,7 +579,7 @@ def chunks_done(store: str | os.PathLike[str], group: str | None = None) -> int:
     if attrs is None or RUN_ATTR not in attrs:
         return 0
     try:
-        done = zarr.open_group(target, mode="r", zarr_format=3, use_consolidated=False)["chunk_done"][...]
+        done = read_array(zarr.open_group(target, mode="r", zarr_format=3, use_consolidated=False), "chunk_done")
     except (KeyError, OSError, ValueError):
         return 0
     return int(np.count_nonzero(done))
@@ -607,14 +620,14 @@ def _migrate_group(folder: Path) -> bool:
 
     _rewrite_json(latent_meta, rename_dimension)
     group = zarr.open_group(folder, mode="r+", zarr_format=3, use_consolidated=False)
-    n_features = group["latent"].shape[2]
+    n_features = zarr_array(group, "latent").shape[2]
     if "feature" not in group:
         group.create_array("feature", data=np.arange(n_features, dtype=np.int64), dimension_names=("feature",))
     run = dict(attrs[RUN_ATTR])
     chunks = run.get("chunks")
     for name, axis in (("chunk_y", 0), ("chunk_x", 1)):
         if name not in group and chunks:
-            origins = np.cumsum([0] + list(chunks[axis][:-1])) * float(group.attrs.get("downsample", 1.0))
+            origins = np.cumsum([0] + list(chunks[axis][:-1])) * float(cast(float, group.attrs.get("downsample", 1.0)))
             group.create_array(name, data=np.round(origins).astype(np.int64), dimension_names=(name,))
     run["layout"] = LAYOUT_VERSION
     group.attrs[RUN_ATTR] = run

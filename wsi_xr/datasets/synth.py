@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import tifffile
@@ -987,8 +987,9 @@ def _downsampled_tiles(page: tifffile.TiffPage, size: int) -> Iterator[np.ndarra
         with lock:
             handle.seek(offsets[index])
             data = handle.read(counts[index])
-        tile, _, shape = decode(data, index, **extra)
-        tile = np.reshape(tile, shape)[0]
+        decoded, _, shape = decode(data, index, **extra)
+        assert decoded is not None  # every tile of a level this module wrote has data
+        tile = np.reshape(decoded, shape)[0]
         return tile[: min(size, src_h - ty * size), : min(size, src_w - tx * size), :3]
 
     def make(origin: tuple[int, int]) -> np.ndarray:
@@ -1083,7 +1084,7 @@ def write_synthetic_slide(
     model = _model(spec)
     size = spec.tile_size
     codec = _COMPRESSIONS[spec.compression]
-    options: dict[str, object] = {
+    options: dict[str, Any] = {
         "photometric": "rgb",
         "tile": (size, size),
         "dtype": np.uint8,
@@ -1099,7 +1100,7 @@ def write_synthetic_slide(
     raw_bytes = sum(math.prod(spec.level_shape(i)) * 3 for i in range(spec.n_levels))
     bigtiff = raw_bytes > 2**32 - 2**26
 
-    def resolution(level: int) -> dict[str, object]:
+    def resolution(level: int) -> dict[str, Any]:
         if spec.mpp is None:
             return {}
         per_cm = 1e4 / (spec.mpp * 2**level)
@@ -1115,7 +1116,7 @@ def write_synthetic_slide(
                 ticks.update(1)
                 yield tile
 
-    def write(writer: tifffile.TiffWriter, tiles: Iterator[np.ndarray], level: int, **tags: object) -> None:
+    def write(writer: tifffile.TiffWriter, tiles: Iterator[np.ndarray], level: int, **tags: Any) -> None:
         source = counted(tiles, level) if progress else tiles
         try:
             writer.write(source, shape=(*spec.level_shape(level), 3), **resolution(level), **options, **tags)
@@ -1131,5 +1132,5 @@ def write_synthetic_slide(
         write(writer, _level0_tiles(model, size), 0, description=description)
     for level in range(1, spec.n_levels):
         with tifffile.TiffFile(path) as reader, tifffile.TiffWriter(path, append=True) as writer:
-            write(writer, _downsampled_tiles(reader.pages[level - 1], size), level, subfiletype=1)
+            write(writer, _downsampled_tiles(cast(tifffile.TiffPage, reader.pages[level - 1]), size), level, subfiletype=1)
     return spec

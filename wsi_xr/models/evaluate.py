@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -493,11 +493,11 @@ def evaluate_tiles(
     for set_name, tiles in sets.items():
         errs: dict[str, np.ndarray] = {}
         if model is not None:
-            errs["vae"] = mse_vae(model, tiles, batch_size=batch_size, per_tile=True)
+            errs["vae"] = cast(np.ndarray, mse_vae(model, tiles, batch_size=batch_size, per_tile=True))
         if pca is not None:
-            errs[f"pca{pca.n_components}"] = mse_pca(pca, tiles, per_tile=True)
+            errs[f"pca{pca.n_components}"] = cast(np.ndarray, mse_pca(pca, tiles, per_tile=True))
         for k in sides:
-            errs[f"down{k}"] = mse_downsample(tiles, k, per_tile=True)
+            errs[f"down{k}"] = cast(np.ndarray, mse_downsample(tiles, k, per_tile=True))
         per_tile[set_name] = errs
     rows = {name: {"n_tiles": int(sets[name].shape[0]), **{m: float(errs[m].mean()) for m in methods}} for name, errs in per_tile.items()}
     overall = {

@@ -66,8 +66,10 @@ def _local_error(layer: Any, h: Any) -> tuple[Any, int]:
     if isinstance(layer, torch.nn.Linear):
         return functional.linear(h.abs(), w.abs(), b.abs()), layer.in_features + 1
     if isinstance(layer, torch.nn.BatchNorm2d):
-        scale = (w / torch.sqrt(layer.running_var + layer.eps)).abs()[None, :, None, None]
-        return scale * (h.abs() + layer.running_mean.abs()[None, :, None, None]) + b.abs()[None, :, None, None], 4
+        running_var, running_mean = layer.running_var, layer.running_mean
+        assert running_var is not None and running_mean is not None  # VAE2's BatchNorm tracks its running statistics
+        scale = (w / torch.sqrt(running_var + layer.eps)).abs()[None, :, None, None]
+        return scale * (h.abs() + running_mean.abs()[None, :, None, None]) + b.abs()[None, :, None, None], 4
     raise TypeError(f"no rounding model for {type(layer).__name__}")
 
 

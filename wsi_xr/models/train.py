@@ -383,7 +383,7 @@ def train_vae(
         else:
             optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(schedule, step, total_steps, float(warmup)))
-        evaluate = dict(batch_size=batch_size, device=dev, kl_weight=kl_weight, loss=loss)
+        evaluate: dict[str, Any] = dict(batch_size=batch_size, device=dev, kl_weight=kl_weight, loss=loss)
         initial_val_loss = _evaluate(model, tiles, val_idx, **evaluate)
         val_loss = initial_val_loss
         log.info("training VAE2 on %d tiles (%d held out) for %d epochs", n_train, n_val, epochs)

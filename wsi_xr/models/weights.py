@@ -87,7 +87,7 @@ def _resolve(path: str | os.PathLike[str] | None) -> Path:
     return p
 
 
-def _one_line(text: str, limit: int = 160) -> str:
+def _one_line(text: object, limit: int = 160) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
 

@@ -16,7 +16,7 @@ separate tasks and lose the ordering.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import dask.array as da
 import numpy as np
@@ -28,7 +28,7 @@ from wsi_xr._timing import stage
 from wsi_xr.encode import ModelRef, encode_block
 from wsi_xr.pipeline.options import RunOptions, candidate_floor, run_fingerprint
 from wsi_xr.readers import OpenedSlide, unpack_window
-from wsi_xr.store import SlideLayout
+from wsi_xr.store import SlideLayout, zarr_array
 from wsi_xr.tissue.core import chunk_statistics, two_stage_rule
 from wsi_xr.tissue.plan import MaskPlan, plan_mask
 
@@ -123,7 +123,7 @@ def _chunk_task(
     ty0, tx0 = y0 // tile, x0 // tile
     nty, ntx = (y1 - y0) // tile, (x1 - x0) // tile
     root = zarr.open_group(job.store, mode="r+", zarr_format=3, use_consolidated=False)
-    g = root[job.group] if job.group else root
+    g = cast(zarr.Group, root[job.group]) if job.group else root
     count = 0
     read_patches = np.asarray(read_patches)[..., 0]
     if read_patches.any() and nty and ntx:
@@ -132,7 +132,7 @@ def _chunk_task(
         if stats.decode_failed.any():  # tiles the decoder reported errors in: read errors, like damaged ones
             excluded = excluded | stats.decode_failed
             with stage("write"):
-                g["read_error"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = excluded
+                zarr_array(g, "read_error")[ty0 : ty0 + nty, tx0 : tx0 + ntx] = excluded
         candidates = two_stage_rule(stats.tile_variance, stats.patch_variance, excluded, job.candidate_floor) & ~stats.pen
         with stage("encode"):
             pixels, _ = unpack_window(block)
@@ -141,13 +141,13 @@ def _chunk_task(
             )
         with stage("write"):
             if job.reject_pen:
-                g["pen_mask"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = stats.pen
+                zarr_array(g, "pen_mask")[ty0 : ty0 + nty, tx0 : tx0 + ntx] = stats.pen
             patch_var = stats.patch_variance[::k, ::k].astype(np.float32)
-            g["tile_variance"][ty0 : ty0 + nty, tx0 : tx0 + ntx] = stats.tile_variance.astype(np.float32)
-            g["patch_variance"][ty0 // k : ty0 // k + patch_var.shape[0], tx0 // k : tx0 // k + patch_var.shape[1]] = patch_var
-            g["latent"][ty0 : ty0 + nty, tx0 : tx0 + ntx, :] = latents
+            zarr_array(g, "tile_variance")[ty0 : ty0 + nty, tx0 : tx0 + ntx] = stats.tile_variance.astype(np.float32)
+            zarr_array(g, "patch_variance")[ty0 // k : ty0 // k + patch_var.shape[0], tx0 // k : tx0 // k + patch_var.shape[1]] = patch_var
+            zarr_array(g, "latent")[ty0 : ty0 + nty, tx0 : tx0 + ntx, :] = latents
         count = int(candidates.sum())
-    g["chunk_done"][i, j] = True  # only after the data: a kill before this redoes the chunk
+    zarr_array(g, "chunk_done")[i, j] = True  # only after the data: a kill before this redoes the chunk
     failpoint("chunk-done")
     return np.full((1, 1, 1), count, dtype=np.int64)
 

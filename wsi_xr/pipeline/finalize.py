@@ -8,7 +8,7 @@ on the stored variances; the provenance attributes are the mask plan's
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -17,7 +17,7 @@ from wsi_xr._failpoints import failpoint
 from wsi_xr.errors import StoreError
 from wsi_xr.pipeline.chunks import RunPlan
 from wsi_xr.pipeline.options import CANDIDATE_FLOOR, candidate_floor
-from wsi_xr.store import json_safe_attrs
+from wsi_xr.store import json_safe_attrs, read_array, zarr_array
 from wsi_xr.tissue.core import blocks_any, choose_threshold, two_stage_rule
 
 __all__ = ["finalize", "maybe_encoded"]
@@ -37,11 +37,11 @@ def maybe_encoded(tile_var: np.ndarray, patch_of_tile: np.ndarray, excluded: np.
 def finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
     """Choose the threshold, write the masks, blank non-tissue latents, record provenance, mark complete."""
     mask, options = plan.mask, plan.options
-    tile_var = group["tile_variance"][...]
-    patch_var = group["patch_variance"][...]
+    tile_var = read_array(group, "tile_variance")
+    patch_var = read_array(group, "patch_variance")
     # damaged tiles (from the scan, written when the store was created) and tiles whose
     # decoding failed (written by their chunk tasks)
-    excluded = group["read_error"][...] | mask.excluded
+    excluded = read_array(group, "read_error") | mask.excluded
     threshold, method = choose_threshold(tile_var, options.threshold)
     k = options.mask.tiles_per_patch
     nty, ntx = tile_var.shape
@@ -56,26 +56,26 @@ def finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
     encoded = maybe_encoded(tile_var, patch_of_tile, excluded, floor)
     pen_tiles = 0
     if options.reject_pen:
-        pen = group["pen_mask"][...]
+        pen = read_array(group, "pen_mask")
         pen_tiles = int((tile_mask & pen).sum())
         tile_mask &= ~pen
         encoded &= ~pen
     with np.errstate(invalid="ignore"):
         patch_mask = patch_var > threshold
-    group["patch_mask"][...] = patch_mask
-    group["tile_mask"][...] = tile_mask
+    zarr_array(group, "patch_mask")[...] = patch_mask
+    zarr_array(group, "tile_mask")[...] = tile_mask
     failpoint("finalize-masks")
     # Only latent chunks holding an encoded tile that is not tissue change: read and
     # rewrite those alone (at 49152², 76 of 576 chunks), checking their tissue tiles'
     # latents on the way. Other chunks are trusted to their `chunk_done` flag (set only
     # after the chunk's latents were written); they are not read back.
-    latent = group["latent"]
+    latent = zarr_array(group, "latent")
     tcy, tcx = latent.chunks[:2]  # one Zarr chunk per slide chunk: the plan's tile chunks
     to_blank = encoded & ~tile_mask
     for i, j in np.argwhere(blocks_any(to_blank, mask.tile_chunks)):
         ty, tx = int(i) * tcy, int(j) * tcx
         keep = tile_mask[ty : ty + tcy, tx : tx + tcx]
-        block = latent[ty : ty + tcy, tx : tx + tcx, :]
+        block = cast(np.ndarray, latent[ty : ty + tcy, tx : tx + tcx, :])
         if np.isnan(block[keep]).any():
             raise StoreError(f"{plan.opened.path}: latents missing for tissue tiles near tile ({ty}, {tx}); run again.")
         block[to_blank[ty : ty + tcy, tx : tx + tcx]] = np.nan

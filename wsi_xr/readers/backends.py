@@ -78,7 +78,7 @@ def decide_backend(info: SlideInfo, backend: str = "auto") -> BackendChoice:
                 f"use backend='auto' or another backend (not {backend!r})."
             )
         return BackendChoice(backend, "asked for")
-    skipped = []
+    skipped: list[str] = []
     for name in AUTO_ORDER:
         problem = info.problem(name)
         if problem is None:
@@ -116,4 +116,4 @@ def reader_class(backend: str) -> type[Reader]:
         module, _, name = _READERS[backend].partition(":")
     except KeyError:
         raise InvalidArgumentError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}.") from None
-    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), name)

@@ -332,6 +332,7 @@ def _describe_with_openslide(p: Path, size: int, mtime_ns: int, kind: str | None
         )
         for i, (w, h) in enumerate(dims)
     )
+    problems: tuple[tuple[str, str], ...]
     if kind is None:
         problems = (("cucim", f"a {fmt} slide, not a TIFF"), ("tifffile", f"a {fmt} slide, not a TIFF"))
     else:

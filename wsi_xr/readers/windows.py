@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -289,8 +289,8 @@ def read_window(
     grid = damage if damage is not None else damaged_segments(key, level)
     bad = grid.window(y, x, height, width)
     if bad.any() and damaged == "raise":
-        rows, cols = np.nonzero(bad)
-        first = (int(rows[0]) + y // grid.seg_h, int(cols[0]) + x // grid.seg_w)
+        bad_rows, bad_cols = np.nonzero(bad)
+        first = (int(bad_rows[0]) + y // grid.seg_h, int(bad_cols[0]) + x // grid.seg_w)
         raise SlideReadError(
             f"{key.path}: level {level} has {int(bad.sum())} damaged tile(s) in window y={y} x={x} "
             f"{height}x{width} (first: tile row {first[0]}, column {first[1]}: {grid.reasons.get(first, 'damaged')}). "
@@ -302,7 +302,7 @@ def read_window(
         i0, j0 = y // grid.seg_h, x // grid.seg_w
         decode = decode & wanted[i0 : i0 + bad.shape[0], j0 : j0 + bad.shape[1]]
     if hasattr(reader, "read_with_damage"):  # a batched GPU decoder: one call for the whole grid
-        reader.use_damage(level, grid)  # the client's scan: the reader does not scan again
+        cast(Any, reader).use_damage(level, grid)  # the client's scan: the reader does not scan again
         return _read_batched(reader, key, lv, y, x, height, width, decode)
     failures: list[tuple[int, int, int, int, str]] = []  # level pixels (y, x, h, w) and the decoder's message
     try:

@@ -10,7 +10,7 @@ implementation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -108,7 +108,7 @@ def damaged_tile_grid(grid: SegmentGrid, tile: int, shape: tuple[int, int]) -> n
     if not grid.damaged.any():
         return np.zeros((nty, ntx), dtype=bool)
     pixel_bad = grid.pixel_mask(0, 0, nty * tile, ntx * tile)
-    return pixel_bad.reshape(nty, tile, ntx, tile).any(axis=(1, 3))
+    return cast(np.ndarray, pixel_bad.reshape(nty, tile, ntx, tile).any(axis=(1, 3)))
 
 
 def blocks_any(flags: np.ndarray, chunks: tuple[tuple[int, ...], tuple[int, ...]]) -> np.ndarray:

@@ -226,7 +226,7 @@ def tissue_mask(
         value = float(params.threshold)
         method = "given"
         threshold_arg = (value, None)
-    tiles = {"rows": tile_chunks[0], "width": ntx}
+    tiles: dict[str, Any] = {"rows": tile_chunks[0], "width": ntx}
     read_error = per_row(_read_error_block, excluded_blocks, "ij", dtype=bool, **tiles)
     tile_mask = per_row(_tile_mask_block, excluded_blocks, "ij", *threshold_arg, dtype=bool, reject_pen=params.reject_pen, **tiles)
     variables: dict[str, Any] = {}

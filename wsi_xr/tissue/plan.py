@@ -175,7 +175,7 @@ def plan_mask(opened: OpenedSlide, level: int, chunks: ChunkSpec, params: MaskPa
     decision = coarse_decision(opened, level, params.coarse, patch_shape=patch_shape, patch=params.patch)
     read_patches = decision.patches if decision is not None else np.ones(patch_shape, dtype=bool)
     excluded = damaged_tile_grid(opened.damage(level), params.tile, (nty, ntx))
-    return MaskPlan(params, (lv.height, lv.width), block_chunks, excluded, read_patches, opened, int(level), decision)  # type: ignore[arg-type]
+    return MaskPlan(params, (lv.height, lv.width), block_chunks, excluded, read_patches, opened, int(level), decision)
 
 
 def plain_plan(shape: tuple[int, int], chunks: Chunks, params: MaskParams) -> MaskPlan:
