@@ -27,6 +27,7 @@ from wsi_xr.datasets.synth import write_synthetic_slide
 from wsi_xr.models import load_vae
 from wsi_xr.pipeline import process_slide, process_slides, to_dataframe, write_parquet
 from wsi_xr.readers import read_stats, reset_read_stats
+from wsi_xr.store import StoreLock
 
 CLI = [sys.executable, "-m", "wsi_xr.cli"]
 
@@ -149,10 +150,10 @@ def test_mismatched_and_locked_store_refused(synth_slide: Path, cmu: Path, weigh
     replaced = process_slide(cmu, store, weights=weights, overwrite=True, progress=False)
     assert replaced.attrs["source"] == str(cmu.resolve())
     lock = store.parent / f".{store.name}.lock"
-    lock.write_text(f"{os.getpid()} {socket.gethostname()}")  # a live owner: this process
-    with pytest.raises(wsi_xr.StoreError, match="in use by another wsi_xr run"):
-        process_slide(cmu, store, weights=weights, progress=False)
-    lock.write_text(f"999999999 {socket.gethostname()}")  # a dead owner: taken over
+    with StoreLock(store):  # a live owner (an OS lock: another open file, here in this process)
+        with pytest.raises(wsi_xr.StoreError, match="in use by another wsi_xr run"):
+            process_slide(cmu, store, weights=weights, progress=False)
+    lock.write_text(f"999999999 {socket.gethostname()}")  # what a killed run leaves: no OS lock, so free
     process_slide(cmu, store, weights=weights, progress=False)
     assert not lock.exists()
 
