@@ -734,8 +734,13 @@ def reference(run_slide: Path, vae_weights: Path, tmp_path_factory: pytest.TempP
 
 
 def _done_chunks(store: Path) -> int:
-    folder = store / "chunk_done" / "c"
-    return sum(len(files) for _, _, files in os.walk(folder)) if folder.exists() else 0
+    """Chunks marked done in ``store`` (every chunk of chunk_done is stored from the start: read the flags)."""
+    from wsi_xr.store import chunks_done
+
+    try:
+        return chunks_done(store)
+    except Exception:  # the store is being created: nothing done yet
+        return 0
 
 
 def _same_as_reference(store: Path, reference: dict[str, np.ndarray]) -> None:
@@ -795,6 +800,22 @@ def test_worker_killed_mid_run_still_gives_identical_results(run_slide: Path, va
     _same_as_reference(store, reference)
 
 
+def _block_with_a_file(folder: Path, moved: Path) -> None:
+    """Put a file where ``folder`` was; chunks the run writes meanwhile (it recreates the folder) join ``moved``."""
+    for attempt in range(100):
+        try:
+            folder.write_text("in the way")
+            return
+        except IsADirectoryError:
+            late = moved.parent / f"late-{attempt}"
+            os.replace(folder, late)
+            for chunk in sorted(p for p in late.rglob("*") if p.is_file()):
+                target = moved / chunk.relative_to(late)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(chunk, target)
+    raise AssertionError(f"{folder} kept coming back")
+
+
 def test_store_unwritable_mid_run_is_a_clear_error_and_resumable(run_slide: Path, vae_weights: Path, reference: dict, tmp_path: Path) -> None:
     """The latent array's chunk folder turns into a file mid-run (permissions do not stop root)."""
     import dask
@@ -807,7 +828,7 @@ def test_store_unwritable_mid_run_is_a_clear_error_and_resumable(run_slide: Path
         chunks_dir = store / "latent" / "c"
         moved = tmp_path / "latent-chunks"
         os.replace(chunks_dir, moved)
-        chunks_dir.write_text("in the way")
+        _block_with_a_file(chunks_dir, moved)
         thread.join(timeout=300)
     assert not thread.is_alive()
     err = result.get("error")
@@ -841,7 +862,9 @@ def test_full_disk_mid_run_is_a_clear_error_and_resumable(run_slide: Path, vae_w
         pytest.skip("mounting a small tmpfs needs root and a mount-capable sandbox")
     try:
         store = disk / "full.zarr"
-        subprocess.run(["mount", "-o", "remount,size=160k", str(disk)], check=True)
+        # creation stores every chunk of read_error and chunk_done (~1.2 MB in 4-KiB tmpfs pages), each
+        # chunk task 3 more pages: 2200k fills about half-way through the chunks
+        subprocess.run(["mount", "-o", "remount,size=2200k", str(disk)], check=True)
         with dask.config.set(scheduler="threads"), pytest.raises(wsi_xr.StoreError) as caught:
             wsi_xr.process_slide(run_slide, store, weights=vae_weights, **RUN_OPTIONS)
         message = str(caught.value)

@@ -31,6 +31,7 @@ _LAZY = {
     "process_slides": "wsi_xr.pipeline",
     "to_dataframe": "wsi_xr.pipeline",
     "write_parquet": "wsi_xr.pipeline",
+    "verify_store": "wsi_xr.pipeline.verify",
     "load_vae": "wsi_xr.models",
     "save_vae": "wsi_xr.models",
     "train_vae": "wsi_xr.models",

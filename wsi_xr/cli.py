@@ -236,6 +236,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Read and check every chunk of a store; one line per problem; exit 0 when sound, else 1."""
+    from wsi_xr.pipeline.verify import verify_store
+
+    report = verify_store(args.store, parquet=args.parquet)
+    for line in report.lines():
+        print(line)
+    what = f"{report.groups} slide group(s), {report.chunks_read} chunks read" + (f", {args.parquet} checked" if args.parquet else "")
+    if report.ok:
+        print(f"{args.store}: sound ({what})")
+        return 0
+    print(f"{args.store}: {len(report.problems)} problem(s) ({what}); `wsi-xr run` with the same arguments recomputes what fails", file=sys.stderr)
+    return 1
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Update a store written by wsi_xr 0.1.0 to the current layout, in place."""
     from wsi_xr.store import migrate_store
@@ -642,6 +657,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a throughput plot (PNG)")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("verify", help="read every chunk of a store and check its checksums and invariants (exit 1 on a problem)")
+    p.add_argument("store", help="a store written by `wsi-xr run` (one slide or a cohort)")
+    p.add_argument("--parquet", default=None, help="also check that this Parquet file holds exactly the store's tissue rows")
+    p.set_defaults(func=cmd_verify)
+
     p = sub.add_parser("migrate", help="update a store written by wsi_xr 0.1.0 to the current layout (in place)")
     p.add_argument("store")
     p.set_defaults(func=cmd_migrate)
@@ -700,6 +720,14 @@ def _quiet_dask_logs(quiet: bool) -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
+def _output_of(args: argparse.Namespace) -> str | None:
+    """What the command writes (a store or file), to name in an error that names no file."""
+    if getattr(args, "command", None) == "run" and getattr(args, "paths", None):
+        return str(args.paths[-1])
+    out = getattr(args, "out", None) or getattr(args, "store", None)
+    return str(out) if out else None
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt (so every ``finally`` and lock release runs)."""
 
@@ -727,9 +755,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wsi-xr {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as err:  # a file that cannot be read or written (a path, permissions, a full disk)
-        where = f"{err.filename}: " if err.filename else ""
+        where = err.filename or _output_of(args)
+        what = f"{where}: " if where else ""
         print(
-            f"wsi-xr {args.command}: error: {where}{err.strerror or err}; check the path, its permissions and free space.",
+            f"wsi-xr {args.command}: error: {what}{err.strerror or err}; check that path, its permissions and the free "
+            "space there, then run the same command again.",
             file=sys.stderr,
         )
         return EXIT_USER_ERROR

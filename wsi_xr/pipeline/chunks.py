@@ -147,6 +147,11 @@ def _chunk_task(
             zarr_array(g, "patch_variance")[ty0 // k : ty0 // k + patch_var.shape[0], tx0 // k : tx0 // k + patch_var.shape[1]] = patch_var
             zarr_array(g, "latent")[ty0 : ty0 + nty, tx0 : tx0 + ntx, :] = latents
         count = int(candidates.sum())
+    elif nty and ntx:  # nothing to read here (coarse skip): the variances are stored as not read (NaN),
+        with stage("write"):  # so every chunk marked done has its variance chunks (checked on rerun)
+            npy, npx = -(-nty // k), -(-ntx // k)
+            zarr_array(g, "tile_variance")[ty0 : ty0 + nty, tx0 : tx0 + ntx] = np.full((nty, ntx), np.nan, dtype=np.float32)
+            zarr_array(g, "patch_variance")[ty0 // k : ty0 // k + npy, tx0 // k : tx0 // k + npx] = np.full((npy, npx), np.nan, dtype=np.float32)
     zarr_array(g, "chunk_done")[i, j] = True  # only after the data: a kill before this redoes the chunk
     failpoint("chunk-done")
     return np.full((1, 1, 1), count, dtype=np.int64)

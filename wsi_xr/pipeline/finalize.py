@@ -8,6 +8,7 @@ on the stored variances; the provenance attributes are the mask plan's
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -17,6 +18,8 @@ from wsi_xr._failpoints import failpoint
 from wsi_xr.errors import StoreError
 from wsi_xr.pipeline.chunks import RunPlan
 from wsi_xr.pipeline.options import CANDIDATE_FLOOR, candidate_floor
+from wsi_xr.pipeline.verify import verify_group
+from wsi_xr.readers.identity import content_fingerprint
 from wsi_xr.store import json_safe_attrs, read_array, zarr_array
 from wsi_xr.tissue.core import blocks_any, choose_threshold, two_stage_rule
 
@@ -34,8 +37,9 @@ def maybe_encoded(tile_var: np.ndarray, patch_of_tile: np.ndarray, excluded: np.
     return two_stage_rule(tile_var.astype(np.float32, copy=False), patch_of_tile.astype(np.float32, copy=False), excluded, below_floor32)
 
 
-def finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
-    """Choose the threshold, write the masks, blank non-tissue latents, record provenance, mark complete."""
+def finalize(group: zarr.Group, plan: RunPlan, folder: Path) -> dict[str, Any]:
+    """Choose the threshold, write the masks, blank non-tissue latents, record provenance,
+    check what was written (``folder``: the group's), mark complete."""
     mask, options = plan.mask, plan.options
     tile_var = read_array(group, "tile_variance")
     patch_var = read_array(group, "patch_variance")
@@ -76,8 +80,11 @@ def finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
         ty, tx = int(i) * tcy, int(j) * tcx
         keep = tile_mask[ty : ty + tcy, tx : tx + tcx]
         block = cast(np.ndarray, latent[ty : ty + tcy, tx : tx + tcx, :])
-        if np.isnan(block[keep]).any():
-            raise StoreError(f"{plan.opened.path}: latents missing for tissue tiles near tile ({ty}, {tx}); run again.")
+        if np.isnan(block[keep]).any():  # a rerun finds this chunk (damaged_chunks) and recomputes it
+            raise StoreError(
+                f"{plan.opened.path}: latents missing for tissue tiles near tile ({ty}, {tx}) of the store; "
+                "run the same command again: it recomputes the chunks whose latents are missing."
+            )
         block[to_blank[ty : ty + tcy, tx : tx + tcx]] = np.nan
         latent[ty : ty + tcy, tx : tx + tcx, :] = block
     failpoint("finalize-latents")
@@ -97,6 +104,21 @@ def finalize(group: zarr.Group, plan: RunPlan) -> dict[str, Any]:
     }
     group.attrs.update(json_safe_attrs(attrs))
     failpoint("finalize-attrs")
-    group.attrs["complete"] = True  # last: a store is never complete with chunks missing
+    # What this run wrote is read back and checked before the store is called complete:
+    # every chunk's checksum, the masks against the variances, latents exactly on tissue.
+    problems = verify_group(folder, folder.name, finalised=True)
+    if content_fingerprint(plan.opened.info) != plan.fingerprint.get("content"):  # fresh, not the cached one
+        raise StoreError(
+            f"{plan.opened.path}: changed while it was being read (its content differs from the start of the run), so "
+            f"{folder} may mix two versions of it and is not complete. Run the same command again with --overwrite "
+            "(overwrite=True) to recompute it from the slide as it is now."
+        )
+    if problems:
+        raise StoreError(
+            f"{folder}: what was written does not read back correctly ({problems[0].line(folder)}"
+            f"{f'; {len(problems) - 1} more' if len(problems) > 1 else ''}); the store is not complete. "
+            "Check the disk, then run the same command again: it recomputes the chunks that fail."
+        )
+    group.attrs["complete"] = True  # last, and only once checked: a store is never complete with chunks missing
     failpoint("finalize-complete")
     return attrs

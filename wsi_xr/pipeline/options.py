@@ -114,6 +114,7 @@ def run_fingerprint(opened: OpenedSlide, options: RunOptions, chunks: Chunks) ->
         "precision": options.precision,
         "reject_pen": options.reject_pen,
         "read_checks": READ_CHECKS,
+        "content": opened.content(),  # the slide's identity from its content, not its name and mtime
     }
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import dask.array as da
+import numpy as np
 import xarray as xr
 import zarr
 
@@ -26,9 +27,10 @@ from wsi_xr.errors import InvalidArgumentError, SlideReadError, StoreError
 from wsi_xr.pipeline.chunks import ChunkJob, RunPlan, chunk_graph, plan_run
 from wsi_xr.pipeline.finalize import finalize
 from wsi_xr.pipeline.options import RunOptions, check_slide_options, run_fingerprint, validate_run_options
+from wsi_xr.pipeline.verify import damaged_chunks
 from wsi_xr.readers import OpenedSlide, open_file
 from wsi_xr.slide import ChunkSpec, SlideSource
-from wsi_xr.store import StoreLock, check_slide_target, chunks_done, consolidate, open_or_create_slide_group
+from wsi_xr.store import StoreLock, check_slide_target, chunks_done, consolidate, open_or_create_slide_group, read_array, zarr_array
 from wsi_xr.tissue.params import MaskParams
 
 __all__ = ["RunTarget", "check_run_target", "group_names", "process_slide", "process_slides"]
@@ -93,6 +95,7 @@ class _SlideRun:
     plan: RunPlan
     group: zarr.Group
     group_name: str | None
+    folder: Path
     tasks: da.Array | None
     start: float
 
@@ -110,15 +113,45 @@ def _prepare(
     opened = open_file(source, backend)
     plan = plan_run(opened, options)
     group = open_or_create_slide_group(store_path, group_name, plan.layout(), plan.fingerprint, plan.mask.excluded, overwrite=overwrite)
-    done = group["chunk_done"][...]
+    folder = store_path / group_name if group_name else store_path
+    repair(group, folder, group_name, plan)
+    done = read_array(group, "chunk_done")
     job = ChunkJob.of(str(store_path.resolve()), group_name, options)
     assert options.model is not None
     tasks = chunk_graph(plan, job, done, options.model.graph_input(client)) if not done.all() else None
-    return _SlideRun(plan, group, group_name, tasks, start)
+    return _SlideRun(plan, group, group_name, folder, tasks, start)
+
+
+def repair(group: zarr.Group, folder: Path, group_name: str | None, plan: RunPlan) -> list[str]:
+    """Before a (re)run computes anything: find the chunks whose stored data fail a check
+    (:func:`~wsi_xr.pipeline.verify.damaged_chunks`) and mark them not done, so they are
+    recomputed from the slide; nothing is ever derived from them. Their ``read_error`` is
+    put back to the scan's (decode failures are found again), the coordinates are rewritten
+    from the plan, and a complete store is complete no more until finalised and checked
+    again. Returns the problems found (logged at INFO)."""
+    redo, problems = damaged_chunks(folder, group_name)
+    if not problems:
+        return []
+    layout = plan.layout()
+    for name in ("tile_y", "tile_x", "patch_y", "patch_x", "chunk_y", "chunk_x"):
+        zarr_array(group, name)[...] = getattr(layout, name)
+    zarr_array(group, "feature")[...] = np.arange(layout.n_features)
+    if redo:
+        done = zarr_array(group, "chunk_done")
+        errors = zarr_array(group, "read_error")
+        tcy, tcx = layout.tile_chunks
+        for i, j in sorted(redo):
+            done[i, j] = False
+            errors[i * tcy : (i + 1) * tcy, j * tcx : (j + 1) * tcx] = plan.mask.excluded[i * tcy : (i + 1) * tcy, j * tcx : (j + 1) * tcx]
+    group.attrs["complete"] = False
+    lines = [p.line(folder) for p in problems]
+    for line in lines:
+        log.info("repairing: %s", line)
+    return lines
 
 
 def _finish(run: _SlideRun) -> dict[str, Any]:
-    attrs = finalize(run.group, run.plan)
+    attrs = finalize(run.group, run.plan, run.folder)
     log.info("%s: %d tissue tiles in %.1f s", Path(run.plan.opened.path).name, attrs["tissue_tiles"], time.perf_counter() - run.start)
     return attrs
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from wsi_xr.readers.backends import BackendChoice, decide_backend, reader_key
 from wsi_xr.readers.base import ReaderKey
+from wsi_xr.readers.identity import content_fingerprint
 from wsi_xr.readers.integrity import SegmentGrid
 from wsi_xr.readers.probe import SlideInfo, probe
 from wsi_xr.readers.windows import level_damage
@@ -38,6 +39,7 @@ class OpenedSlide:
     _damage: dict[int, SegmentGrid] = field(default_factory=dict, compare=False, repr=False, hash=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False, hash=False)
     _scanning: dict[int, threading.Lock] = field(default_factory=dict, compare=False, repr=False, hash=False)
+    _content: list[str] = field(default_factory=list, compare=False, repr=False, hash=False)
 
     @property
     def path(self) -> str:
@@ -74,14 +76,23 @@ class OpenedSlide:
                     self._damage[level] = grid
         return grid
 
+    def content(self) -> str:
+        """The slide's content fingerprint (:func:`~wsi_xr.readers.identity.content_fingerprint`),
+        taken on first use, then kept (take a fresh one with that function to see a change)."""
+        with self._lock:
+            if not self._content:
+                self._content.append(content_fingerprint(self.info))
+            return self._content[0]
+
     def __getstate__(self) -> dict[str, object]:
         with self._lock:
-            return {"info": self.info, "choice": self.choice, "_damage": dict(self._damage)}
+            return {"info": self.info, "choice": self.choice, "_damage": dict(self._damage), "_content": list(self._content)}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         object.__setattr__(self, "info", state["info"])
         object.__setattr__(self, "choice", state["choice"])
         object.__setattr__(self, "_damage", state["_damage"])
+        object.__setattr__(self, "_content", state.get("_content", []))
         object.__setattr__(self, "_lock", threading.Lock())
         object.__setattr__(self, "_scanning", {})
 

@@ -34,8 +34,9 @@ from wsi_xr.store.ownership import (
 
 
 def zarr_array(group: zarr.Group, name: str) -> zarr.Array:
-    """The array member ``name`` of ``group`` (Zarr types a member as an array or a group)."""
-    return cast("zarr.Array", group[name])
+    """The array member ``name`` of ``group``, writing every chunk even when it holds only the
+    fill value (so a chunk file that is missing was lost, never just empty: see :func:`checksummed`)."""
+    return cast("zarr.Array", group[name]).with_config({"write_empty_chunks": True})
 
 
 def read_array(group: zarr.Group, name: str) -> np.ndarray:
@@ -91,28 +92,40 @@ class SlideLayout:
     tile_flags: tuple[str, ...] = field(default=())
 
 
+def checksummed() -> dict[str, Any]:
+    """``create_array`` settings of every array wsi_xr writes: zstd, then a CRC32C of each
+    compressed chunk (zarr v3's ``crc32c`` codec), and every chunk written even when it
+    holds only the fill value. So a flipped or truncated chunk fails to read (in wsi_xr,
+    xarray or zarr alike) instead of giving wrong numbers, and a deleted one is a missing
+    file that :func:`wsi_xr.verify_store` reports (plain readers see the fill value)."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return {"compressors": [ZstdCodec(level=0), Crc32cCodec()], "config": {"write_empty_chunks": True}}
+
+
 def _create_arrays(group: Any, layout: SlideLayout, read_error: np.ndarray) -> None:
-    """Every array of one slide's group (fill values NaN / False)."""
+    """Every array of one slide's group (fill values NaN / False), each chunk checksummed."""
     for name in ("tile_y", "tile_x", "patch_y", "patch_x", "chunk_y", "chunk_x"):
-        group.create_array(name, data=np.asarray(getattr(layout, name), dtype=np.int64), dimension_names=(name,))
-    group.create_array("feature", data=np.arange(layout.n_features, dtype=np.int64), dimension_names=("feature",))
+        group.create_array(**checksummed(), name=name, data=np.asarray(getattr(layout, name), dtype=np.int64), dimension_names=(name,))
+    group.create_array(**checksummed(), name="feature", data=np.arange(layout.n_features, dtype=np.int64), dimension_names=("feature",))
     nty, ntx = len(layout.tile_y), len(layout.tile_x)
     tcy, tcx = max(1, layout.tile_chunks[0]), max(1, layout.tile_chunks[1])
     tiles2d = {"shape": (nty, ntx), "chunks": (tcy, tcx), "dimension_names": ("tile_y", "tile_x")}
     failpoint("create-array")
-    group.create_array("tile_variance", dtype="float32", fill_value=np.nan, **tiles2d)
-    group.create_array("tile_mask", dtype="bool", fill_value=False, **tiles2d)
+    group.create_array(**checksummed(), name="tile_variance", dtype="float32", fill_value=np.nan, **tiles2d)
+    group.create_array(**checksummed(), name="tile_mask", dtype="bool", fill_value=False, **tiles2d)
     for name in layout.tile_flags:
-        group.create_array(name, dtype="bool", fill_value=False, **tiles2d)
-    errors = group.create_array("read_error", dtype="bool", fill_value=False, **tiles2d)
+        group.create_array(**checksummed(), name=name, dtype="bool", fill_value=False, **tiles2d)
+    errors = group.create_array(**checksummed(), name="read_error", dtype="bool", fill_value=False, **tiles2d)
     errors[...] = read_error
     pcy, pcx = max(1, layout.patch_chunks[0]), max(1, layout.patch_chunks[1])
     patches2d = {"shape": (len(layout.patch_y), len(layout.patch_x)), "chunks": (pcy, pcx), "dimension_names": ("patch_y", "patch_x")}
     failpoint("create-array")
-    group.create_array("patch_variance", dtype="float32", fill_value=np.nan, **patches2d)
-    group.create_array("patch_mask", dtype="bool", fill_value=False, **patches2d)
+    group.create_array(**checksummed(), name="patch_variance", dtype="float32", fill_value=np.nan, **patches2d)
+    group.create_array(**checksummed(), name="patch_mask", dtype="bool", fill_value=False, **patches2d)
     group.create_array(
-        "latent",
+        **checksummed(),
+        name="latent",
         shape=(nty, ntx, layout.n_features),
         chunks=(tcy, tcx, layout.n_features),
         dtype="float32",
@@ -121,13 +134,15 @@ def _create_arrays(group: Any, layout: SlideLayout, read_error: np.ndarray) -> N
     )
     failpoint("create-array")
     done = group.create_array(
-        "chunk_done",
+        **checksummed(),
+        name="chunk_done",
         shape=(len(layout.chunk_y), len(layout.chunk_x)),
         chunks=(1, 1),
         dtype="bool",
         fill_value=False,
         dimension_names=("chunk_y", "chunk_x"),
     )
+    done[...] = False  # every chunk stored from the start: a missing one was lost
     done.attrs["description"] = "bookkeeping: chunk (i, j) of the slide has been written"
 
 
@@ -178,7 +193,13 @@ def check_slide_target(store: Path, group_name: str | None, fingerprint: dict[st
         if "layout" not in existing:
             raise _old_layout_error(store)
         differ = _fingerprint_differences(existing, fingerprint)
-        if differ == ["read_checks"]:
+        if differ == ["content"]:
+            raise StoreError(
+                f"{where}: was made from another slide than {fingerprint.get('source')}: its content differs, though its "
+                "path, size and modification time are the same. Pass --overwrite (overwrite=True) to recompute the store "
+                "from this slide, or use another store."
+            )
+        if "read_checks" in differ:
             raise StoreError(
                 f"{where}: was started by an earlier wsi_xr (0.2.0) whose reads did not check for decoder errors, "
                 "so its finished chunks may hold tiles scored and encoded from damaged data. Pass --overwrite "

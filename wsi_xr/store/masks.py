@@ -15,7 +15,7 @@ from wsi_xr.errors import StoreError
 
 if TYPE_CHECKING:
     pass
-from wsi_xr.store.layout import json_safe_attrs
+from wsi_xr.store.layout import checksummed, json_safe_attrs
 from wsi_xr.store.lock import StoreLock
 from wsi_xr.store.ownership import LAYOUT_VERSION, MASK_ATTR, check_output, foreign_content, swap_in
 
@@ -33,7 +33,9 @@ def write_zarr(ds: xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool 
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-            ds.to_zarr(partial, mode="w-", zarr_format=3, consolidated=True)
+            codecs = {"compressors": checksummed()["compressors"]}  # each chunk checksummed, as the pipeline's
+            encoding = {name: dict(codecs) for name in [*ds.data_vars, *ds.coords]}
+            ds.to_zarr(partial, mode="w-", zarr_format=3, consolidated=True, encoding=encoding, write_empty_chunks=True)
         with StoreLock(out):  # never under a run that is writing this store
             if out.exists() and foreign_content(out) is not None:  # changed since the check
                 raise StoreError(f"{out}: holds data that wsi_xr did not write ({foreign_content(out)}); nothing was replaced.")
