@@ -103,6 +103,27 @@ def test_damage_is_found_and_repaired_by_a_rerun(damage: str, slide: Path, weigh
     assert verify_store(store).ok
 
 
+def test_finalising_checks_the_bytes_it_wrote(reference: tuple, tmp_path: Path) -> None:
+    """What finalising runs before ``complete``: stored bytes against their CRC32C, required chunks present."""
+    from wsi_xr.pipeline.verify import check_written
+    from wsi_xr.tissue.core import blocks_any
+
+    ref_store, ref, _ = reference
+    store = tmp_path / "s.zarr"
+    shutil.copytree(ref_store, store)
+    with_tissue = {(int(i), int(j)) for i, j in np.argwhere(blocks_any(ref.tile_mask.values, ((8,) * 4, (8,) * 4)))}
+    assert check_written(store, None, with_tissue) == []
+    i, j = _tissue_chunk(ref)
+    _flip(_chunk(store, "latent", i, j, 0))
+    _flip(_chunk(store, "tile_mask", i, j))
+    found = {(p.variable, p.chunk, p.what.split(":")[0]) for p in check_written(store, None, with_tissue)}
+    assert found == {("latent", (i, j, 0), "checksum does not match"), ("tile_mask", (i, j), "checksum does not match")}, found
+    _chunk(store, "latent", i, j, 0).unlink()
+    assert [(p.variable, p.what) for p in check_written(store, None, with_tissue) if p.variable == "latent"] == [("latent", "chunk missing")]
+    # a latent chunk without tissue need not be stored: the chunk task writes none there
+    assert check_written(store, None, with_tissue - {(i, j)}) == [p for p in check_written(store, None, with_tissue) if p.variable != "latent"]
+
+
 def test_verify_checks_parquet_cohorts_and_says_sound(slide: Path, weights: Path, tmp_path: Path) -> None:
     second = tmp_path / "t.tif"
     write_synthetic_slide(second, 1024, 1024, seed=5)

@@ -18,7 +18,7 @@ from wsi_xr._failpoints import failpoint
 from wsi_xr.errors import StoreError
 from wsi_xr.pipeline.chunks import RunPlan
 from wsi_xr.pipeline.options import CANDIDATE_FLOOR, candidate_floor
-from wsi_xr.pipeline.verify import verify_group
+from wsi_xr.pipeline.verify import Problem, check_written
 from wsi_xr.readers.identity import content_fingerprint
 from wsi_xr.store import json_safe_attrs, read_array, zarr_array
 from wsi_xr.tissue.core import blocks_any, choose_threshold, two_stage_rule
@@ -104,9 +104,12 @@ def finalize(group: zarr.Group, plan: RunPlan, folder: Path) -> dict[str, Any]:
     }
     group.attrs.update(json_safe_attrs(attrs))
     failpoint("finalize-attrs")
-    # What this run wrote is read back and checked before the store is called complete:
-    # every chunk's checksum, the masks against the variances, latents exactly on tissue.
-    problems = verify_group(folder, folder.name, finalised=True)
+    # What this run wrote is checked before the store is called complete: every chunk of
+    # every array stored, with bytes that match their checksum, and every chunk done.
+    with_tissue = {(int(i), int(j)) for i, j in np.argwhere(blocks_any(tile_mask, mask.tile_chunks))}
+    problems = check_written(folder, None, with_tissue)  # the folder names the group already
+    if not read_array(group, "chunk_done").all():
+        problems.append(Problem(None, "chunk_done", None, "chunks not done at finalising"))
     if content_fingerprint(plan.opened.info) != plan.fingerprint.get("content"):  # fresh, not the cached one
         raise StoreError(
             f"{plan.opened.path}: changed while it was being read (its content differs from the start of the run), so "
