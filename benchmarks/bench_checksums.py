@@ -49,7 +49,7 @@ def case_run(slide: str, store: str, checked: bool) -> dict[str, Any]:
             return settings
 
         layout.checksummed = without_crc  # type: ignore[assignment]
-        finalize_module.verify_group = lambda *args, **kwargs: []  # type: ignore[assignment]
+        finalize_module.check_written = lambda *args, **kwargs: []  # type: ignore[assignment]
         # and no content fingerprint (0.2.0 knew the slide by path, size and mtime)
         opened_module = importlib.import_module("wsi_xr.readers.opened")
         opened_module.content_fingerprint = finalize_module.content_fingerprint = lambda info: "unchecked"  # type: ignore[assignment]

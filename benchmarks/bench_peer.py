@@ -1,0 +1,215 @@
+"""wsi_xr against the pipeline a user would write with the usual tools, on the same slide and weights.
+
+    python -m benchmarks.bench_peer [--sizes 16384,49152] [--rounds 2] [--previous 75c0752]
+
+The peer is the CLAM/TRIDENT shape of "tissue tiles -> features" on a CPU:
+
+1. OpenSlide opens the slide; the lowest level at least 1/64 of level 0 is read whole, its HSV
+   saturation median-filtered and thresholded with Otsu (CLAM's segmentation);
+2. 256² patches of level 0 with tissue in the low-level mask are listed;
+3. a ``torch.utils.data.DataLoader`` with 2 worker processes reads each patch with OpenSlide's
+   ``read_region`` (one handle per worker) and batches them;
+4. the eager VAE2 (``model.features``, fp32, torch's default threads) encodes the 16 tiles of
+   64² in every patch.
+
+Against it, ``wsi-xr run SLIDE STORE`` (the default, a LocalCluster on this machine, or the
+threaded scheduler when the job is small) and ``wsi-xr run --scheduler threads``, each in a
+fresh process, alternated. With ``--previous``, the same ``wsi-xr run`` of that commit too
+(from a git worktree), so old and new are compared in the same run. Every figure names the CPU
+capability. Writes benchmarks/results/peer.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import CACHE, HERE, markdown_table, save, synthetic_slide
+
+MODULE = "benchmarks.bench_peer"
+PATCH = 256
+TILE = 64
+
+
+def _otsu(values: np.ndarray) -> float:
+    """Otsu's threshold of uint8 values (the textbook between-class variance maximum)."""
+    counts = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    levels = np.arange(256, dtype=np.float64)
+    weight_low = np.cumsum(counts)
+    weight_high = weight_low[-1] - weight_low
+    mean_low = np.cumsum(counts * levels) / np.maximum(weight_low, 1)
+    mean_high = (np.sum(counts * levels) - np.cumsum(counts * levels)) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(np.argmax(between))
+
+
+def peer_patches(slide: str) -> list[tuple[int, int]]:
+    """Level-0 corners of the 256² patches with tissue, found as CLAM does."""
+    import openslide
+    from PIL import Image, ImageFilter
+
+    with openslide.OpenSlide(slide) as handle:
+        width, height = handle.dimensions
+        level = max((i for i, d in enumerate(handle.level_downsamples) if d <= 64), default=0)
+        downsample = handle.level_downsamples[level]
+        thumb = handle.read_region((0, 0), level, handle.level_dimensions[level]).convert("RGB")
+    saturation = np.asarray(thumb.convert("HSV").getchannel("S").filter(ImageFilter.MedianFilter(7)))
+    tissue = saturation > _otsu(saturation)
+    patches = []
+    for y in range(0, height - PATCH + 1, PATCH):
+        for x in range(0, width - PATCH + 1, PATCH):
+            y0, x0 = int(y / downsample), int(x / downsample)
+            y1, x1 = max(y0 + 1, int((y + PATCH) / downsample)), max(x0 + 1, int((x + PATCH) / downsample))
+            if tissue[y0:y1, x0:x1].any():
+                patches.append((x, y))
+    del Image
+    return patches
+
+
+class _Patches:
+    """A map-style dataset: patch i read with OpenSlide's ``read_region``, one handle per worker."""
+
+    def __init__(self, slide: str, corners: list[tuple[int, int]]) -> None:
+        self.slide, self.corners, self.handle: Any = slide, corners, None
+
+    def __len__(self) -> int:
+        return len(self.corners)
+
+    def __getitem__(self, i: int) -> Any:
+        import openslide
+        import torch
+
+        if self.handle is None:
+            self.handle = openslide.OpenSlide(self.slide)
+        region = self.handle.read_region(self.corners[i], 0, (PATCH, PATCH))
+        return torch.from_numpy(np.asarray(region)[..., :3].copy())
+
+
+def case_peer(slide: str, weights: str) -> dict[str, Any]:
+    import torch
+
+    from wsi_xr.models import load_vae
+
+    start = time.perf_counter()
+    corners = peer_patches(slide)
+    segmented = time.perf_counter() - start
+    model = load_vae(weights)
+    loader = torch.utils.data.DataLoader(_Patches(slide, corners), batch_size=16, num_workers=2, persistent_workers=False)
+    tiles = 0
+    with torch.inference_mode():
+        for batch in loader:  # (B, 256, 256, 3) uint8
+            n = batch.shape[0]
+            grid = batch.reshape(n, PATCH // TILE, TILE, PATCH // TILE, TILE, 3).permute(0, 1, 3, 5, 2, 4)
+            x = grid.reshape(-1, 3, TILE, TILE).float() / 255.0
+            model.features(x)
+            tiles += x.shape[0]
+    return {"seconds": time.perf_counter() - start, "segment_s": segmented, "patches": len(corners), "tiles_encoded": tiles}
+
+
+def case_wsi_xr(slide: str, weights: str, store: str, scheduler: str | None, tree: str | None) -> dict[str, Any]:
+    command = [sys.executable, "-m", "wsi_xr.cli", "run", slide, store, "--weights", weights, "--overwrite", "--quiet"]
+    if scheduler:
+        command += ["--scheduler", scheduler]
+    env = dict(os.environ)
+    if tree:
+        env["PYTHONPATH"] = tree
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, text=True, env=env, cwd=tree or HERE.parent)
+    seconds = time.perf_counter() - start
+    import zarr
+
+    attrs = dict(zarr.open_group(store, mode="r").attrs)
+    return {"seconds": seconds, "tissue_tiles": int(attrs["tissue_tiles"])}
+
+
+def _case(*args: str) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-m", MODULE, *args], capture_output=True, text=True, cwd=HERE.parent)
+    if done.returncode:
+        raise RuntimeError(f"{MODULE} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _previous_tree(commit: str) -> str:
+    tree = CACHE / f"release-{commit}"
+    if not tree.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", "-f", str(tree), commit], check=True, cwd=HERE.parent, capture_output=True)
+    return str(tree)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case")
+    parser.add_argument("--slide")
+    parser.add_argument("--weights")
+    parser.add_argument("--store")
+    parser.add_argument("--scheduler", default="")
+    parser.add_argument("--tree", default="")
+    parser.add_argument("--sizes", default="16384,49152")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--previous", default="", help="a commit whose `wsi-xr run` is timed too")
+    args = parser.parse_args()
+    if args.case == "peer":
+        print(json.dumps(case_peer(args.slide, args.weights)))
+        return
+    if args.case == "wsi_xr":
+        print(json.dumps(case_wsi_xr(args.slide, args.weights, args.store, args.scheduler or None, args.tree or None)))
+        return
+    import torch
+
+    from wsi_xr.models import default_weights_path
+
+    capability = str(torch.backends.cpu.get_cpu_capability())
+    weights = str(default_weights_path())
+    tree = _previous_tree(args.previous) if args.previous else None
+    variants: dict[str, list[str]] = {"wsi-xr run": [], "wsi-xr run --scheduler threads": ["--scheduler", "threads"]}
+    if tree:
+        variants[f"{args.previous} wsi-xr run"] = ["--tree", tree]
+        variants[f"{args.previous} --scheduler threads"] = ["--tree", tree, "--scheduler", "threads"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-peer-") as scratch:
+        for size in [int(s) for s in args.sizes.split(",") if s]:
+            slide = str(synthetic_slide(size, 0.3))
+            times: dict[str, list[float]] = {"peer": [], **{name: [] for name in variants}}
+            peer: dict[str, Any] = {}
+            ours: dict[str, Any] = {}
+            for _ in range(args.rounds):  # alternated, fresh processes
+                peer = _case("--case", "peer", "--slide", slide, "--weights", weights)
+                times["peer"].append(peer["seconds"])
+                for name, extra in variants.items():
+                    store = str(Path(scratch) / f"{size}.zarr")
+                    ours = _case("--case", "wsi_xr", "--slide", slide, "--weights", weights, "--store", store, *extra)
+                    times[name].append(ours["seconds"])
+            best = {name: min(t) for name, t in times.items()}
+            row: dict[str, Any] = {
+                "size": size,
+                "cpu": capability,
+                "peer_s": round(best["peer"], 2),
+                "peer_tiles": peer["tiles_encoded"],
+                "wsi_xr_tissue_tiles": ours["tissue_tiles"],
+            }
+            for name in variants:
+                row[f"{name} s"] = round(best[name], 2)
+                row[f"peer / {name}"] = round(best["peer"] / best[name], 2)
+            row["runs"] = {name: [round(t, 2) for t in ts] for name, ts in times.items()}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    columns = [c for c in rows[0] if c != "runs"] if rows else []
+    note = (
+        f"Fastest of {args.rounds} alternated fresh-process runs each, on 30%-tissue synthetic slides, CPU capability {capability}, "
+        f"{os.cpu_count()} cores. The peer encodes every 64² tile of its Otsu-selected 256² patches (peer_tiles); wsi_xr encodes "
+        "its tissue tiles (wsi_xr_tissue_tiles). `peer / X` > 1: X is faster."
+    )
+    save("peer", {"rows": rows, "cpu": capability, "rounds": args.rounds}, note + "\n\n" + markdown_table(rows, columns))
+
+
+if __name__ == "__main__":
+    main()
