@@ -59,6 +59,36 @@ def test_fast_fp32_path_equals_eager_model(source: str, request: pytest.FixtureR
     assert_within_bound(fast, eager, 2 * bound.worst_case, "fast fp32 path against the eager model")
 
 
+@pytest.mark.parametrize("layers", [("conv",) * 4, ("gemm",) * 4, ("gemm", "conv", "gemm", "conv")])
+def test_every_layer_choice_is_float32_exact(layers: tuple[str, ...]) -> None:
+    """Each convolution as oneDNN's convolution or as im2col + GEMM: the same sums, within fp32 rounding."""
+    from wsi_xr.models import tiles_to_tensor
+    from wsi_xr.models.gemm import LayeredEncoder
+
+    tiles = _synthetic_tiles(64)
+    model = load_vae()
+    bound = fp32_mu_bound(model, tiles)
+    with torch.inference_mode():
+        mu = LayeredEncoder(model, layers)(tiles_to_tensor(tiles)).numpy()
+    assert_float32_exact(mu, bound, f"encoder with layers {layers}")
+    # a layer computed wrongly (its kernel read transposed) is caught by the same bound
+    broken = LayeredEncoder(model, ("gemm",) * 4)
+    broken.weights[2] = broken.weights[2].reshape(4, 4, 32, 64).transpose(0, 1).reshape(512, 64).contiguous()
+    with torch.inference_mode(), pytest.raises(AssertionError, match="float32 rounding"):
+        assert_float32_exact(broken(tiles_to_tensor(tiles)).numpy(), bound, "a transposed kernel")
+
+
+def test_layer_choice_is_made_once_and_only_from_the_two_kinds() -> None:
+    from wsi_xr.models.gemm import KINDS, LayeredEncoder, choose_layers, layered_encoder
+
+    model = load_vae()
+    chosen = choose_layers(model)
+    assert len(chosen) == 4 and set(chosen) <= set(KINDS)
+    assert layered_encoder(model) is layered_encoder(model)  # timed once per model and thread count
+    with pytest.raises(ValueError, match="layers must be"):
+        LayeredEncoder(model, ("conv", "fft", "conv", "conv"))
+
+
 def test_exactness_criteria_fail_bf16_and_a_subtly_wrong_model(cmu: Path) -> None:
     """The criteria are tight enough to fail bf16 arithmetic, and a model whose BatchNorm epsilon is 1e-3, not 1e-5."""
     tiles = _cmu_tiles(cmu, 32)

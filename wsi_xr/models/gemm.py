@@ -1,69 +1,132 @@
-"""VAE2's encoder mean as four matrix products: the same arithmetic as the convolutions, laid out for BLAS.
+"""VAE2's encoder mean with each convolution run the way this CPU runs it fastest.
 
-Each of the encoder's 4x4, stride-2, unpadded convolutions is a matrix product: the 4x4 input
-windows of every output pixel, gathered into rows (``im2col``), times the kernel reshaped to
-``(16 * C_in, C_out)``. On channels-last (NHWC) activations the windows are a strided view of
-the input, so gathering is one copy and each product's output is already the next layer's
-NHWC input. The products go to torch's ``addmm`` (MKL or oneDNN's GEMM, which reach the
-machine's matrix-product peak on every x86 and ARM CPU torch supports), where oneDNN's direct
-convolutions for these small channel counts fall well short of it on some CPUs (about 40% of
-peak on AVX2-only CPUs; see benchmarks/RESULTS.md, "Encoder on every CPU").
+Each of the encoder's 4x4, stride-2, unpadded convolutions can run as oneDNN's direct
+convolution (what ``nn.Conv2d`` calls) or as a matrix product: the 4x4 windows of every output
+pixel gathered into rows (``im2col``: on channels-last memory a strided view, then one copy),
+times the kernel reshaped to ``(16 * C_in, C_out)``, through torch's ``addmm`` (MKL or oneDNN's
+GEMM). Which is faster depends on the layer and the CPU: on an AVX-512 CPU oneDNN's convolution
+wins for the first three layers and the product is 2.4x faster for the last one (128 -> 256
+channels on a 6x6 input); other CPUs differ. :func:`choose_layers` times both for each layer,
+once per process and thread count, and :class:`LayeredEncoder` runs the winners.
 
-Nothing is folded or reordered in value: the input is divided by 255 as ``tiles_to_tensor``
-does, BatchNorm is applied as its own step (eval mode, its running statistics), and the
-flattening before ``fc1`` is matched by permuting ``fc1``'s columns. Only the order of the
-float32 additions differs from the eager model, so :mod:`wsi_xr.models.rounding`'s bound holds.
+Both ways compute the same float32 sums (the same inputs, the same rounded ``tile / 255``,
+BatchNorm as its own step); only the order of the additions differs, so
+:mod:`wsi_xr.models.rounding`'s bound holds for every choice.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+import weakref
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["GemmEncoder"]
+__all__ = ["KINDS", "LayeredEncoder", "choose_layers", "layered_encoder"]
 
+#: How a convolution may run: oneDNN's direct convolution, or im2col + GEMM.
+KINDS = ("conv", "gemm")
 #: Kernel side and stride of every encoder convolution of VAE2.
 KERNEL, STRIDE = 4, 2
+#: A layer runs as GEMM only when that is at least this much faster than the convolution:
+#: near-ties keep the convolution, so the choice does not flip between runs.
+MARGIN = 0.85
+#: Indices in ``VAE2.encoder`` of the convolutions, and of the BatchNorm after the third.
+CONVS, NORM = (0, 2, 4, 7), 5
 
 
-class GemmEncoder:
-    """``mu`` of a :class:`~wsi_xr.models.VAE2` in eval mode, from ``(N, 64, 64, 3)`` uint8 tiles, on the CPU.
+def _gemm_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The convolution of ``h`` (``(N, C, H, W)``, channels-last memory) as im2col + GEMM;
+    ``weight`` ``(16 * C, C_out)``. Returns ``(N, C_out, H', W')`` in channels-last memory."""
+    nhwc = h.permute(0, 2, 3, 1)  # a view: channels-last memory is NHWC
+    n, height, width, channels = nhwc.shape
+    out_h, out_w = (height - KERNEL) // STRIDE + 1, (width - KERNEL) // STRIDE + 1
+    s_n, s_h, s_w, s_c = nhwc.stride()
+    windows = nhwc.as_strided((n, out_h, out_w, KERNEL, KERNEL, channels), (s_n, STRIDE * s_h, STRIDE * s_w, s_h, s_w, s_c))
+    rows = windows.reshape(n * out_h * out_w, KERNEL * KERNEL * channels)  # the one copy
+    return torch.addmm(bias, rows, weight).view(n, out_h, out_w, -1).permute(0, 3, 1, 2)
 
-    Holds its own copies of the weights in GEMM layout (about 3 MB); build one per model and
-    call it like a function. float32 only; bf16 runs the convolutions under autocast instead.
+
+class LayeredEncoder:
+    """``mu`` of a :class:`~wsi_xr.models.VAE2` (eval mode, on the CPU) with each encoder
+    convolution run as ``layers[i]`` says (``"conv"`` or ``"gemm"``).
+
+    Takes what the model's ``features`` takes: ``(N, 3, 64, 64)`` float32 in ``[0, 1]``
+    (:func:`~wsi_xr.models.tiles_to_tensor`'s channels-last tensor is the fast input).
     """
 
-    def __init__(self, model: Any) -> None:
-        convs = [model.encoder[0], model.encoder[2], model.encoder[4], model.encoder[7]]
-        self.norm = model.encoder[5]
-        with torch.no_grad():
-            # (C_out, C_in, kh, kw) -> (kh, kw, C_in, C_out): rows in the order of the gathered windows
-            self.weights = [c.weight.detach().float().cpu().permute(2, 3, 1, 0).reshape(-1, c.out_channels).contiguous() for c in convs]
-            self.biases = [c.bias.detach().float().cpu().contiguous() for c in convs]
-            channels = convs[-1].out_channels
-            side = int(round((model.fc1.in_features // channels) ** 0.5))
-            # fc1 reads the (C, H, W) flattening; the products give (H, W, C): permute its columns to match
-            fc = model.fc1.weight.detach().float().cpu()
-            self.fc_weight = fc.reshape(-1, channels, side, side).permute(0, 2, 3, 1).reshape(fc.shape[0], -1).t().contiguous()
-            self.fc_bias = model.fc1.bias.detach().float().cpu().contiguous()
+    def __init__(self, model: Any, layers: tuple[str, ...]) -> None:
+        if len(layers) != len(CONVS) or any(kind not in KINDS for kind in layers):
+            raise ValueError(f"layers must be {len(CONVS)} of {KINDS}, got {layers!r}")
+        self.model, self.layers = model, tuple(layers)
+        # (C_out, C_in, kh, kw) -> (kh, kw, C_in, C_out): rows in the order of the gathered windows
+        self.weights = {
+            i: model.encoder[i].weight.detach().permute(2, 3, 1, 0).reshape(-1, model.encoder[i].out_channels).contiguous()
+            for i, kind in zip(CONVS, layers)
+            if kind == "gemm"
+        }
 
-    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
-        """``(N, 64, 64, 3)`` uint8 (a CPU tensor, any strides) to ``mu`` ``(N, z_dim)`` float32."""
-        n = tiles.shape[0]
-        h = tiles
-        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            _, height, width, channels = h.shape
-            out_h, out_w = (height - KERNEL) // STRIDE + 1, (width - KERNEL) // STRIDE + 1
-            s_n, s_h, s_w, s_c = h.stride()
-            windows = h.as_strided((n, out_h, out_w, KERNEL, KERNEL, channels), (s_n, STRIDE * s_h, STRIDE * s_w, s_h, s_w, s_c))
-            rows = windows.reshape(n * out_h * out_w, KERNEL * KERNEL * channels)  # the one copy
-            if layer == 0:
-                rows = rows.to(torch.float32).div_(255.0)  # as tiles_to_tensor: the same rounded inputs
-            z = torch.addmm(bias, rows, weight)
-            if layer == 2:  # encoder.5, BatchNorm2d: per channel, which is the last axis here
-                norm = self.norm
-                z = F.batch_norm(z, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
-            h = z.clamp_min_(0.0).view(n, out_h, out_w, -1)
-        return torch.addmm(self.fc_bias, h.reshape(n, -1), self.fc_weight)
+    def layer(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        """Convolution ``index`` (0-3) of ``h``, run as chosen, before its activation."""
+        conv = self.model.encoder[CONVS[index]]
+        if self.layers[index] == "gemm":
+            return _gemm_conv(h, self.weights[CONVS[index]], conv.bias.detach())
+        return conv(h)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for index in range(len(CONVS)):
+            h = self.layer(index, h)
+            if CONVS[index] + 1 == NORM:
+                h = self.model.encoder[NORM](h)
+            h = torch.relu_(h)
+        return self.model.fc1(h.reshape(h.shape[0], -1))  # flattened (C, H, W) as the eager model does
+
+
+def _seconds(fn: Any, repeats: int = 5) -> float:
+    fn()  # warm: oneDNN builds its kernel, the allocator its pools
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def choose_layers(model: Any, batch: int = 64) -> tuple[str, ...]:
+    """Time each convolution both ways on ``batch`` tiles with torch's current thread count;
+    ``"gemm"`` where it is faster by the :data:`MARGIN`, else ``"conv"``. About 0.1-0.3 s."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand((batch, 3, 64, 64), generator=generator).contiguous(memory_format=torch.channels_last)
+    both = LayeredEncoder(model, ("gemm",) * len(CONVS))
+    chosen = []
+    with torch.inference_mode():
+        h = x
+        for index, i in enumerate(CONVS):
+            conv = model.encoder[i]
+            direct = _seconds(lambda h=h, conv=conv: conv(h))
+            product = _seconds(lambda h=h, index=index: both.layer(index, h))
+            chosen.append("gemm" if product < MARGIN * direct else "conv")
+            h = torch.relu(conv(h))
+    return tuple(chosen)
+
+
+_chosen: dict[tuple[int, int], tuple[str, ...]] = {}
+_encoders: weakref.WeakKeyDictionary[Any, dict[int, LayeredEncoder]] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def layered_encoder(model: Any) -> LayeredEncoder:
+    """The :class:`LayeredEncoder` of ``model`` for torch's current thread count, the layers
+    chosen once per process, architecture and thread count (:func:`choose_layers`, under a lock,
+    so concurrent tasks do not time each other)."""
+    threads = torch.get_num_threads()
+    with _lock:
+        per_model = _encoders.setdefault(model, {})
+        if threads not in per_model:
+            key = (threads, sum(p.numel() for p in model.encoder.parameters()))
+            if key not in _chosen:
+                _chosen[key] = choose_layers(model)
+            per_model[threads] = LayeredEncoder(model, _chosen[key])
+        return per_model[threads]

@@ -263,7 +263,9 @@ def encode_tiles(model: VAE2, tiles: Any, *, batch_size: int | None = None, prec
     device, in :func:`torch.inference_mode`, ``batch_size`` tiles at a time (None: the
     measured best for the device and precision, :func:`default_batch_size`). ``precision="bf16"`` runs the convolutions
     under bfloat16 autocast (faster on CPUs with AVX512-BF16/AMX and on recent GPUs; see
-    the README for its measured error); ``"fp32"`` is exact. Returns ``(N, z_dim)``
+    the README for its measured error); ``"fp32"`` is exact. On the CPU in fp32, each encoder
+    convolution runs as oneDNN's convolution or as im2col + GEMM, whichever this CPU runs
+    faster (:mod:`wsi_xr.models.gemm`): the same sums in another order. Returns ``(N, z_dim)``
     float32: a NumPy array for NumPy input, a tensor on the model's device for tensor input.
     """
     if precision not in PRECISIONS:
@@ -282,8 +284,13 @@ def encode_tiles(model: VAE2, tiles: Any, *, batch_size: int | None = None, prec
     n = int(tiles.shape[0])
     out = torch.empty((n, model.z_dim), dtype=torch.float32, device=device)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    features = model.features
+    if device.type == "cpu" and precision == "fp32" and not model.training:
+        from wsi_xr.models.gemm import layered_encoder
+
+        features = layered_encoder(model)  # each convolution as this CPU runs it fastest: the same sums
     with torch.inference_mode(), autocast:
         for start in range(0, n, batch_size):
             x = tiles_to_tensor(tiles[start : start + batch_size]).to(device, non_blocking=True)
-            out[start : start + x.shape[0]] = model.features(x).float()
+            out[start : start + x.shape[0]] = features(x).float()
     return out.cpu().numpy() if as_numpy else out
