@@ -79,7 +79,8 @@ class _Patches:
     """A map-style dataset: patch i read with OpenSlide's ``read_region``, one handle per worker."""
 
     def __init__(self, slide: str, corners: list[tuple[int, int]]) -> None:
-        self.slide, self.corners, self.handle: Any = slide, corners, None
+        self.slide, self.corners = slide, corners
+        self.handle: Any = None
 
     def __len__(self) -> int:
         return len(self.corners)
