@@ -18,6 +18,7 @@ import xarray as xr
 from dask.base import tokenize
 from xarray.backends import BackendArray
 
+from wsi_xr import accessor as _accessor  # noqa: F401  (registers .wsi on what this module returns)
 from wsi_xr._timing import stage
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.readers import DAMAGED_POLICIES, GPU_BACKENDS, DecodedWindow, LevelInfo, OpenedSlide, SlideInfo, decide_backend, open_file, read_window

@@ -29,8 +29,10 @@ import xarray as xr
 from xarray.backends import BackendEntrypoint
 from xarray.core import indexing
 
-from wsi_xr.readers import open_file
-from wsi_xr.slide import SlideBackendArray, default_chunk_size, level_coords, slide_attrs
+from wsi_xr import accessor as _accessor  # noqa: F401  (xarray loads this entry point when it opens anything: .wsi is then registered)
+
+# wsi_xr's readers and slide arrays are imported when a slide is opened, not when xarray lists
+# its backends (it imports every backend's entry point for any open_dataset/open_zarr).
 
 #: File name endings the probe reads: TIFF-based (cuCIM, tifffile) and OpenSlide's formats.
 EXTENSIONS = (
@@ -59,6 +61,8 @@ def _names(drop_variables: str | Iterable[str] | None) -> set[str]:
 
 def _level_dataset(opened: Any, level: int, drop: set[str]) -> xr.Dataset:
     """One level as a Dataset: ``image (y, x, c)`` read lazily, level-0 coordinates, the slide's attrs."""
+    from wsi_xr.slide import SlideBackendArray, default_chunk_size, level_coords, slide_attrs
+
     lv = opened.info.levels[level]
     side = default_chunk_size(lv)
     variables = {}
@@ -97,6 +101,7 @@ class WsiXrBackendEntrypoint(BackendEntrypoint):
     ) -> xr.Dataset:
         """One level as a Dataset with the variable ``image`` (unless dropped)."""
         from wsi_xr.errors import InvalidArgumentError
+        from wsi_xr.readers import open_file
 
         opened = open_file(filename_or_obj, backend)
         levels = len(opened.info.levels)
@@ -113,6 +118,8 @@ class WsiXrBackendEntrypoint(BackendEntrypoint):
         **kwargs: Any,
     ) -> dict[str, xr.Dataset]:
         """Every level as a group ``level_0``, ``level_1``, ...; the root holds the slide's metadata."""
+        from wsi_xr.readers import open_file
+
         opened = open_file(filename_or_obj, backend)
         info = opened.info
         drop = _names(drop_variables)

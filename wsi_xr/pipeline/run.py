@@ -23,6 +23,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from wsi_xr import accessor as _accessor  # noqa: F401  (registers .wsi on what this module returns)
 from wsi_xr.errors import InvalidArgumentError, SlideReadError, StoreError
 from wsi_xr.pipeline.chunks import ChunkJob, RunPlan, chunk_graph, plan_run
 from wsi_xr.pipeline.finalize import finalize

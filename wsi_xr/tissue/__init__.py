@@ -7,12 +7,46 @@
 - :mod:`.kernels`, :mod:`.coarse`, :mod:`.pen`, :mod:`.threshold`: the kernels under them.
 """
 
-from wsi_xr.tissue.core import ChunkStatistics, choose_threshold, chunk_statistics, two_stage_rule
-from wsi_xr.tissue.kernels import block_statistics, tile_moments
-from wsi_xr.tissue.mask import resolve_threshold, tissue_mask
-from wsi_xr.tissue.params import MaskParams, validate_mask_arguments
-from wsi_xr.tissue.plan import MaskPlan, plain_plan, plan_chunks, plan_mask
-from wsi_xr.tissue.threshold import DEFAULT_THRESHOLD, auto_threshold
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers and editors
+    from wsi_xr.tissue.core import ChunkStatistics, choose_threshold, chunk_statistics, two_stage_rule
+    from wsi_xr.tissue.kernels import block_statistics, tile_moments
+    from wsi_xr.tissue.mask import resolve_threshold, tissue_mask
+    from wsi_xr.tissue.params import MaskParams, validate_mask_arguments
+    from wsi_xr.tissue.plan import MaskPlan, plain_plan, plan_chunks, plan_mask
+    from wsi_xr.tissue.threshold import DEFAULT_THRESHOLD, auto_threshold
+
+# Loaded on first use: the CLI reads MaskParams' defaults without importing Dask.
+_LAZY = {
+    "ChunkStatistics": "core",
+    "choose_threshold": "core",
+    "chunk_statistics": "core",
+    "two_stage_rule": "core",
+    "block_statistics": "kernels",
+    "tile_moments": "kernels",
+    "resolve_threshold": "mask",
+    "tissue_mask": "mask",
+    "MaskParams": "params",
+    "validate_mask_arguments": "params",
+    "MaskPlan": "plan",
+    "plain_plan": "plan",
+    "plan_chunks": "plan",
+    "plan_mask": "plan",
+    "DEFAULT_THRESHOLD": "threshold",
+    "auto_threshold": "threshold",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f"wsi_xr.tissue.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'wsi_xr.tissue' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_THRESHOLD",

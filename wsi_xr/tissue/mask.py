@@ -21,6 +21,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
+from wsi_xr import accessor as _accessor  # noqa: F401  (registers .wsi on what this module returns)
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.slide import opened_slide_of
 from wsi_xr.tissue.core import (
