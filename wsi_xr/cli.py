@@ -25,6 +25,11 @@ log = logging.getLogger("wsi_xr")
 
 #: Exit code for user errors (bad file, bad argument, store in the wrong state).
 EXIT_USER_ERROR = 2
+#: ``wsi-xr run`` on one slide of at most this many level-0 pixels uses Dask's threaded
+#: scheduler: starting a LocalCluster costs 1-3 s and computes nothing faster on one machine
+#: (one worker in this process, as the threaded scheduler; benchmarks/RESULTS.md, "Peer").
+#: Larger slides and cohorts get the cluster, for its dashboard.
+SMALL_JOB_PIXELS = 32768 * 32768
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -210,8 +215,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = {**settings, "weights": checked.model, "overwrite": args.overwrite, "progress": not args.quiet}  # checked once
     start = time.perf_counter()
     processes = args.workers is not None and args.workers > 1
+    scheduler = args.scheduler
+    if scheduler is None and args.workers is None and args.threads_per_worker is None and len(opened) == 1:
+        info = opened[0].info
+        if info.width * info.height <= SMALL_JOB_PIXELS:  # a cluster would cost more than it gives
+            scheduler = "threads"
+            print("small slide: Dask's threaded scheduler, no cluster (--workers N starts one)", file=sys.stderr)
     try:
-        with _client(args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker, processes=processes) as client:
+        with _client(scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker, processes=processes) as client:
             if len(opened) == 1:
                 ds = process_slide(opened[0], out, client=client, **options)
                 summaries = [(Path(slides[0]).name, ds)]
@@ -548,9 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mask_options(p)
     p.add_argument("--batch-size", type=_positive_int, default=None, help="encoder batch (default: measured per device; on a CPU 64 fp32, 128 bf16)")
     _add_precision_option(p)
-    p.add_argument("--scheduler", default=None, help="tcp://host:port of an existing Dask cluster, or 'threads' (default: a LocalCluster)")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="tcp://host:port of an existing Dask cluster, or 'threads' (default: the threaded scheduler for one slide of at most 32768² pixels, else a LocalCluster)",
+    )
     p.add_argument("--workers", type=_positive_int, default=None, help="LocalCluster workers (more than 1: separate processes)")
-    p.add_argument("--threads-per-worker", type=_positive_int, default=None)
+    p.add_argument("--threads-per-worker", type=_positive_int, default=None, help="threads of each LocalCluster worker (default: one per core)")
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -138,11 +138,14 @@ def prepare_model(model: Any = None, *, device: str = "cpu", precision: str = "f
         return Model(ModelRef(model.ref.path, model.ref.sha256, device, precision), model.data)
     if isinstance(model, VAE2):
         data, path = vae_bytes(model), None
-    else:
-        source = Path(model) if model is not None else default_weights_path()
-        load_vae(source, device="cpu")  # validate here, in the client, with a clear error
-        data, path = source.read_bytes(), str(source.resolve())
-    return Model(ModelRef(path, hashlib.sha256(data).hexdigest(), device, precision), data)
+        return Model(ModelRef(path, hashlib.sha256(data).hexdigest(), device, precision), data)
+    source = Path(model) if model is not None else default_weights_path()
+    data, path = source.read_bytes(), str(source.resolve())
+    loaded = load_vae(source, device="cpu")  # validate here, in the client, with a clear error
+    ref = ModelRef(path, hashlib.sha256(data).hexdigest(), device, precision)
+    if device == "cpu":
+        _remember(ref, loaded)  # tasks in this process (the threaded scheduler) use it: loaded once per run
+    return Model(ref, data)
 
 
 def model_ref(model: Any = None, *, device: str = "cpu", precision: str = "fp32") -> ModelRef:
@@ -152,7 +155,7 @@ def model_ref(model: Any = None, *, device: str = "cpu", precision: str = "fp32"
 
 #: Models loaded in this process, by :class:`ModelRef`: a few, least recently used dropped.
 _models: OrderedDict[ModelRef, Any] = OrderedDict()
-_models_lock = threading.Lock()
+_models_lock = threading.RLock()  # re-entered by _remember
 MODEL_CACHE_SIZE = 4
 
 
@@ -213,6 +216,18 @@ def torch_channels_last() -> Any:
     return torch.channels_last
 
 
+def _remember(ref: ModelRef, model: Any) -> Any:
+    """Keep ``model`` (eval mode) as the loaded model of ``ref`` in this process; returns it ready for inference."""
+    if INFERENCE_CHANNELS_LAST:
+        model = model.to(memory_format=torch_channels_last())  # nn.Module.to takes memory_format (documented)
+    with _models_lock:
+        _models[ref] = model
+        _models.move_to_end(ref)
+        while len(_models) > MODEL_CACHE_SIZE:
+            _models.popitem(last=False)
+    return model
+
+
 def worker_model(ref: ModelRef, data: bytes | None = None) -> Any:
     """The model for ``ref``, loaded once per process (eval mode) from ``data`` (its weights'
     bytes) or, without them, from ``ref.path``; a few are kept (:data:`MODEL_CACHE_SIZE`)."""
@@ -229,13 +244,7 @@ def worker_model(ref: ModelRef, data: bytes | None = None) -> Any:
             model = load_vae(ref.path, device=ref.device)
         else:
             raise InvalidArgumentError("a model given as an object needs its bytes (prepare_model(...).data).")
-        if INFERENCE_CHANNELS_LAST:
-            # nn.Module.to takes memory_format (documented), but torch's overloads of it omit it
-            model = model.to(memory_format=torch_channels_last())  # type: ignore[call-overload]
-        _models[ref] = model
-        while len(_models) > MODEL_CACHE_SIZE:
-            _models.popitem(last=False)
-        return model
+        return _remember(ref, model)
 
 
 def encode_block(
