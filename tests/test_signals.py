@@ -41,10 +41,17 @@ def _done_on_disk(store: Path) -> int:
         return 0
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_prints_one_line_and_a_rerun_resumes(slow_slide: Path, weights: Path, tmp_path: Path, sig: int, code: int) -> None:
+@pytest.mark.parametrize(
+    ("sig", "code", "cluster"),
+    [(signal.SIGINT, 130, []), (signal.SIGTERM, 143, ["--workers", "1"])],
+    ids=["SIGINT-threads", "SIGTERM-LocalCluster"],
+)
+def test_interrupt_prints_one_line_and_a_rerun_resumes(
+    slow_slide: Path, weights: Path, tmp_path: Path, sig: int, code: int, cluster: list[str]
+) -> None:
     store = tmp_path / "s.zarr"
-    args = CLI + ["run", str(slow_slide), str(store), "--weights", str(weights), "--chunk", "512", "--quiet"]  # default LocalCluster
+    # a small slide runs on the threaded scheduler by default; --workers 1 starts a LocalCluster
+    args = CLI + ["run", str(slow_slide), str(store), "--weights", str(weights), "--chunk", "512", "--quiet", *cluster]
     run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while _done_on_disk(store) < 8 and run.poll() is None and time.monotonic() < deadline:

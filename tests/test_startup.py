@@ -76,7 +76,7 @@ def test_a_small_slide_runs_without_a_cluster(tmp_path: Path) -> None:
     slide = tmp_path / "small.tif"
     write_synthetic_slide(slide, 1024, 1024, seed=2)
     cli = [sys.executable, "-m", "wsi_xr.cli", "run", str(slide)]
-    small = subprocess.run([*cli, str(tmp_path / "a.zarr"), "--quiet"], capture_output=True, text=True, timeout=300)
+    small = subprocess.run([*cli, str(tmp_path / "a.zarr")], capture_output=True, text=True, timeout=300)
     assert small.returncode == 0 and "threaded scheduler" in small.stderr and "dashboard" not in small.stderr, small.stderr
     cluster = subprocess.run([*cli, str(tmp_path / "b.zarr"), "--quiet", "--workers", "1"], capture_output=True, text=True, timeout=300)
     assert cluster.returncode == 0 and "Dask dashboard" in cluster.stderr, cluster.stderr

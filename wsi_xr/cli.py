@@ -220,7 +220,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         info = opened[0].info
         if info.width * info.height <= SMALL_JOB_PIXELS:  # a cluster would cost more than it gives
             scheduler = "threads"
-            print("small slide: Dask's threaded scheduler, no cluster (--workers N starts one)", file=sys.stderr)
+            if not args.quiet:
+                print("small slide: Dask's threaded scheduler, no cluster (--workers N starts one)", file=sys.stderr)
     try:
         with _client(scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker, processes=processes) as client:
             if len(opened) == 1:
