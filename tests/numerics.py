@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -84,7 +85,7 @@ def assert_mu_is_float32_exact(actual: np.ndarray, tiles: np.ndarray, model: tor
     assert_within_bound(actual, exact, every_tile, f"{what} (every tile)")
 
 
-def latent_tolerance(slide: str | Path, weights: str | Path | None, tile_mask: np.ndarray, *, sample: int = 48) -> np.ndarray:
+def latent_tolerance(slide: str | Path, weights: Any, tile_mask: np.ndarray, *, sample: int = 48) -> np.ndarray:
     """Per feature: how far two float32 encodings of a level-0 mask's tissue tiles may differ.
 
     Reads up to ``sample`` of the tissue tiles (64 px, at ``64 * index``) from ``slide``
@@ -95,7 +96,7 @@ def latent_tolerance(slide: str | Path, weights: str | Path | None, tile_mask: n
     from wsi_xr.models import load_vae
 
     rows, cols = np.nonzero(np.asarray(tile_mask))
-    model = load_vae(weights)
+    model = weights if isinstance(weights, torch.nn.Module) else load_vae(weights)  # a path, None (the default), or a VAE2
     if rows.size == 0:
         return np.zeros(model.z_dim)
     picked = np.unique(np.linspace(0, rows.size - 1, min(sample, rows.size)).round().astype(int))

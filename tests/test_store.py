@@ -81,7 +81,9 @@ def test_process_slide_takes_an_opened_slide(small_slide: Path, weights: Path, t
     a = process_slide(opened, tmp_path / "a.zarr", weights=weights, chunks=512, progress=False).compute()
     assert opened.damage(0) is grid  # scanned once, reused
     b = process_slide(small_slide, tmp_path / "b.zarr", weights=weights, chunks=512, progress=False).compute()
-    _assert_same_store(a, b)
+    # latents within fp32 rounding: torch's thread count in a Dask thread (left by earlier work in
+    # this process) picks the kernels' summation order
+    _assert_same_store(a, b, latent_tolerance(small_slide, weights, a.tile_mask.values))
     assert a.attrs["backend"] == "cucim" and "safe" in a.attrs["backend_reason"]
 
 
@@ -205,8 +207,8 @@ def test_cohort_slides_in_flight_on_a_local_cluster(small_slide: Path, weights: 
         with get_task_stream(client) as recorded:
             tree = process_slides(slides, tmp_path / "together.zarr", client=client, **options)
         stream = recorded.data
-    for name in alone:
-        _assert_same_store(alone[name], tree[name].to_dataset().compute())
+    for name, path in zip(alone, slides):  # another scheduler's threads: latents within float32 rounding
+        _assert_same_store(alone[name], tree[name].to_dataset().compute(), latent_tolerance(path, weights, alone[name].tile_mask.values))
     spans: dict[str, tuple[float, float]] = {}
     for task in stream:
         key = str(task["key"])

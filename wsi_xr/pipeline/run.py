@@ -113,9 +113,10 @@ def _prepare(
     start = time.perf_counter()
     opened = open_file(source, backend)
     plan = plan_run(opened, options)
-    group = open_or_create_slide_group(store_path, group_name, plan.layout(), plan.fingerprint, plan.mask.excluded, overwrite=overwrite)
+    group, resumed = open_or_create_slide_group(store_path, group_name, plan.layout(), plan.fingerprint, plan.mask.excluded, overwrite=overwrite)
     folder = store_path / group_name if group_name else store_path
-    repair(group, folder, group_name, plan)
+    if resumed:  # a store this process just built holds nothing to repair
+        repair(group, folder, group_name, plan)
     done = read_array(group, "chunk_done")
     job = ChunkJob.of(str(store_path.resolve()), group_name, options)
     assert options.model is not None

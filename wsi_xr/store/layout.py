@@ -224,9 +224,10 @@ def open_or_create_slide_group(
     read_error: np.ndarray,
     *,
     overwrite: bool,
-) -> Any:
-    """The slide's Zarr group in ``store`` (or its ``group_name``): resumed when it is this
-    run's, created atomically when absent; hold the store's :class:`StoreLock` first.
+) -> tuple[Any, bool]:
+    """The slide's Zarr group in ``store`` (or its ``group_name``), and whether it was resumed:
+    resumed when it is this run's, created atomically when absent; hold the store's
+    :class:`StoreLock` first.
 
     Refuses what :func:`check_slide_target` refuses.
     """
@@ -237,7 +238,7 @@ def open_or_create_slide_group(
     target = store / group_name if group_name else store
     remove_stale_temporaries(target)
     if check_slide_target(store, group_name, fingerprint, overwrite=overwrite):
-        return zarr.open_group(target, mode="r+", zarr_format=3, use_consolidated=False)
+        return zarr.open_group(target, mode="r+", zarr_format=3, use_consolidated=False), True
     fingerprint = {**fingerprint, "layout": LAYOUT_VERSION}
 
     def build(group: Any) -> None:
@@ -247,7 +248,7 @@ def open_or_create_slide_group(
         _create_arrays(group, layout, read_error)
 
     _build_then_rename(target, build)
-    return zarr.open_group(target, mode="r+", zarr_format=3, use_consolidated=False)
+    return zarr.open_group(target, mode="r+", zarr_format=3, use_consolidated=False), False
 
 
 def _check_cohort_root(store: Path) -> None:
