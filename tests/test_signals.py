@@ -50,7 +50,7 @@ def test_interrupt_prints_one_line_and_a_rerun_resumes(
     slow_slide: Path, weights: Path, tmp_path: Path, sig: int, code: int, cluster: list[str]
 ) -> None:
     store = tmp_path / "s.zarr"
-    # a small slide runs on the threaded scheduler by default; --workers 1 starts a LocalCluster
+    # one slide runs on the threaded scheduler by default; --workers 1 starts a LocalCluster
     args = CLI + ["run", str(slow_slide), str(store), "--weights", str(weights), "--chunk", "512", "--quiet", *cluster]
     run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

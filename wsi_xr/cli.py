@@ -25,11 +25,12 @@ log = logging.getLogger("wsi_xr")
 
 #: Exit code for user errors (bad file, bad argument, store in the wrong state).
 EXIT_USER_ERROR = 2
-#: ``wsi-xr run`` on one slide of at most this many level-0 pixels uses Dask's threaded
-#: scheduler: starting a LocalCluster costs 1-3 s and computes nothing faster on one machine
-#: (one worker in this process, as the threaded scheduler; benchmarks/RESULTS.md, "Peer").
-#: Larger slides and cohorts get the cluster, for its dashboard.
-SMALL_JOB_PIXELS = 32768 * 32768
+#: ``wsi-xr run`` on one slide, without --scheduler or --workers, uses Dask's threaded
+#: scheduler: a LocalCluster (one worker of threads in this process) computes nothing faster on
+#: one machine and costs more: 8.19 against 8.39 s at 16384² (within noise) but 45.5 against
+#: 39.6 s at 49152² (AVX512, 2 cores; benchmarks/RESULTS.md, "A peer pipeline"). Cohorts get the
+#: cluster, and its dashboard; so do GPU runs (a LocalCUDACluster, one worker per GPU).
+SINGLE_SLIDE_SCHEDULER = "threads"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -216,12 +217,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     processes = args.workers is not None and args.workers > 1
     scheduler = args.scheduler
-    if scheduler is None and args.workers is None and args.threads_per_worker is None and len(opened) == 1:
-        info = opened[0].info
-        if info.width * info.height <= SMALL_JOB_PIXELS:  # a cluster would cost more than it gives
-            scheduler = "threads"
-            if not args.quiet:
-                print("small slide: Dask's threaded scheduler, no cluster (--workers N starts one)", file=sys.stderr)
+    single = len(opened) == 1 and settings["device"] == "cpu"  # GPUs: a LocalCUDACluster, one worker per GPU
+    if scheduler is None and args.workers is None and args.threads_per_worker is None and single:
+        scheduler = SINGLE_SLIDE_SCHEDULER  # one slide on this machine: a LocalCluster costs more than it gives
+        if not args.quiet:
+            print("one slide: Dask's threaded scheduler, no cluster (--workers N starts one, with a dashboard)", file=sys.stderr)
     try:
         with _client(scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker, processes=processes) as client:
             if len(opened) == 1:
@@ -563,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scheduler",
         default=None,
-        help="tcp://host:port of an existing Dask cluster, or 'threads' (default: the threaded scheduler for one slide of at most 32768² pixels, else a LocalCluster)",
+        help="tcp://host:port of an existing Dask cluster, or 'threads' (default: the threaded scheduler for one slide, a LocalCluster for several)",
     )
     p.add_argument("--workers", type=_positive_int, default=None, help="LocalCluster workers (more than 1: separate processes)")
     p.add_argument("--threads-per-worker", type=_positive_int, default=None, help="threads of each LocalCluster worker (default: one per core)")
