@@ -7,7 +7,9 @@ times the kernel reshaped to ``(16 * C_in, C_out)``, through torch's ``addmm`` (
 GEMM). Which is faster depends on the layer and the CPU: on an AVX-512 CPU oneDNN's convolution
 wins for the first three layers and the product is 2.4x faster for the last one (128 -> 256
 channels on a 6x6 input); other CPUs differ. :func:`choose_layers` times both for each layer,
-once per process and thread count, and :class:`LayeredEncoder` runs the winners.
+for the CPU at hand (``python -m benchmarks.bench_encoder_kernels`` prints its choice), and
+:data:`LAYERS_BY_CAPABILITY` records the winners per CPU capability, which
+:class:`LayeredEncoder` runs.
 
 Both ways compute the same float32 sums (the same inputs, the same rounded ``tile / 255``,
 BatchNorm as its own step); only the order of the additions differs, so
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["KINDS", "LayeredEncoder", "choose_layers", "layered_encoder"]
+__all__ = ["KINDS", "LAYERS_BY_CAPABILITY", "LayeredEncoder", "choose_layers", "cpu_layers", "layered_encoder"]
 
 #: How a convolution may run: oneDNN's direct convolution, or im2col + GEMM.
 KINDS = ("conv", "gemm")
@@ -112,21 +114,30 @@ def choose_layers(model: Any, batch: int = 64) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-_chosen: dict[tuple[int, int], tuple[str, ...]] = {}
-_encoders: weakref.WeakKeyDictionary[Any, dict[int, LayeredEncoder]] = weakref.WeakKeyDictionary()
+#: The layers per CPU capability (``torch.backends.cpu.get_cpu_capability()``), from
+#: :func:`choose_layers` on the CPUs measured (benchmarks/RESULTS.md, "Encoder on every CPU"):
+#: on AVX512 and on AVX2 (emulated on the same machine) only the last convolution is faster as
+#: a GEMM, with 1 and 2 threads alike. A CPU not measured keeps oneDNN's convolutions. A fixed
+#: table, not a timing at run time: the same machine always computes the same bits.
+LAYERS_BY_CAPABILITY = {
+    "AVX512": ("conv", "conv", "conv", "gemm"),
+    "AVX2": ("conv", "conv", "conv", "gemm"),
+}
+DEFAULT_LAYERS = ("conv",) * len(CONVS)
+
+_encoders: weakref.WeakKeyDictionary[Any, LayeredEncoder] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
+def cpu_layers() -> tuple[str, ...]:
+    """How this CPU runs each encoder convolution (:data:`LAYERS_BY_CAPABILITY`)."""
+    return LAYERS_BY_CAPABILITY.get(str(torch.backends.cpu.get_cpu_capability()), DEFAULT_LAYERS)
+
+
 def layered_encoder(model: Any) -> LayeredEncoder:
-    """The :class:`LayeredEncoder` of ``model`` for torch's current thread count, the layers
-    chosen once per process, architecture and thread count (:func:`choose_layers`, under a lock,
-    so concurrent tasks do not time each other)."""
-    threads = torch.get_num_threads()
+    """The :class:`LayeredEncoder` of ``model`` for this CPU (:func:`cpu_layers`), built once per model."""
     with _lock:
-        per_model = _encoders.setdefault(model, {})
-        if threads not in per_model:
-            key = (threads, sum(p.numel() for p in model.encoder.parameters()))
-            if key not in _chosen:
-                _chosen[key] = choose_layers(model)
-            per_model[threads] = LayeredEncoder(model, _chosen[key])
-        return per_model[threads]
+        encoder = _encoders.get(model)
+        if encoder is None:
+            encoder = _encoders[model] = LayeredEncoder(model, cpu_layers())
+        return encoder
