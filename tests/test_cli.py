@@ -178,3 +178,19 @@ def test_bench_shows_dask_cluster_logs_only_with_verbose(tmp_path: Path) -> None
     assert "processes" in quiet.stdout
     verbose = subprocess.run(CLI + ["-v", *args], capture_output=True, text=True, timeout=300)
     assert verbose.returncode == 0 and "Nanny" in verbose.stderr, verbose.stderr
+
+
+def test_every_command_and_option_says_what_it_does() -> None:
+    """`wsi-xr COMMAND --help` has a description, and every argument and option a help text."""
+    import argparse
+
+    from wsi_xr.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    undocumented = {
+        name: [a.option_strings[-1] if a.option_strings else a.dest for a in sub._actions if not a.help] for name, sub in commands.choices.items()
+    }
+    assert not {k: v for k, v in undocumented.items() if v}, undocumented
+    assert all(sub.description for sub in commands.choices.values())
+    assert commands.choices["run"].format_usage().strip() == "usage: wsi-xr run [options] SLIDE [SLIDE ...] OUT.zarr"

@@ -523,27 +523,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsi-xr", description="Whole-slide images as lazy xarray arrays.")
     parser.add_argument("--version", action="version", version=f"wsi_xr {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="one of the commands below; `wsi-xr COMMAND --help` for its options"
+    )
 
-    p = sub.add_parser("info", help="describe a slide: levels, mpp, backend, tiles")
-    p.add_argument("slide")
+    def command(name: str, summary: str, **kwargs: Any) -> argparse.ArgumentParser:
+        """A sub-command whose one-line summary is also the first line of its own --help."""
+        return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".", **kwargs)
+
+    p = command("info", "describe a slide: levels, mpp, backend, tiles")
+    p.add_argument("slide", help="a slide file (.svs, .tif, .ndpi, .mrxs, DICOM, ...)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("synth", help="write a synthetic H&E-like slide with known tissue")
-    p.add_argument("out")
-    p.add_argument("--width", type=_positive_int, default=8192)
-    p.add_argument("--height", type=_positive_int, default=8192)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tissue-fraction", type=float, default=0.3)
-    p.add_argument("--compression", choices=["jpeg", "deflate", "none"], default="jpeg")
+    p = command("synth", "write a synthetic H&E-like slide with known tissue")
+    p.add_argument("out", help="the pyramidal TIFF to write")
+    p.add_argument("--width", type=_positive_int, default=8192, help="level-0 width in px (default 8192)")
+    p.add_argument("--height", type=_positive_int, default=8192, help="level-0 height in px (default 8192)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed draws the same slide (default 0)")
+    p.add_argument("--tissue-fraction", type=float, default=0.3, help="share of the slide covered by tissue (default 0.3)")
+    p.add_argument("--compression", choices=["jpeg", "deflate", "none"], default="jpeg", help="tile compression (default jpeg)")
     p.add_argument("--pen-strokes", type=int, default=0, help="marker-ink strokes to draw, with ground truth (default 0)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("mask", help="tissue mask of a slide, written to Zarr")
-    p.add_argument("slide")
+    p = command("mask", "tissue mask of a slide, written to Zarr")
+    p.add_argument("slide", help="a slide file")
     p.add_argument("out", help="output Zarr store (a folder)")
     _add_mask_options(p)
     p.add_argument("--scheduler", default=None, help="address of a Dask scheduler (default: local threads)")
@@ -553,8 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_mask)
 
-    p = sub.add_parser("run", help="mask + encode slide(s) into a Zarr store (resumable)")
-    p.add_argument("paths", nargs="+", metavar="SLIDE... OUT.zarr")
+    p = command(
+        "run",
+        "mask and encode one slide, or a cohort, into a Zarr store (resumable: run the same command again to finish)",
+        usage="wsi-xr run [options] SLIDE [SLIDE ...] OUT.zarr",
+    )
+    p.add_argument("paths", nargs="+", metavar="SLIDE", help="the slide(s), then the output store OUT.zarr (several slides: one group each)")
     p.add_argument("--weights", default=None, help="VAE weights file (default: the shipped weights)")
     p.add_argument("--parquet", default=None, help="also write one row per tissue tile to this Parquet file")
     _add_mask_options(p)
@@ -573,17 +583,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a store that wsi_xr wrote (made from another slide or with other parameters); "
         "a folder holding anything wsi_xr did not write is never replaced, and --parquet replaces only a Parquet file",
     )
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, only the summary")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("train", help="train the VAE on tissue tiles of slides")
-    p.add_argument("slides", nargs="+")
+    p = command("train", "train the VAE on tissue tiles of slides")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="training slides")
     p.add_argument("--out", required=True, help="weights file to write")
-    p.add_argument("--epochs", type=_positive_int, default=10)
-    p.add_argument("--max-tiles", type=_positive_int, default=None)
-    p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training tiles (default 10)")
+    p.add_argument("--max-tiles", type=_positive_int, default=None, help="at most N training tiles (random, --seed; default: all)")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="tiles per step (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of tile sampling, initialisation and shuffling (default 0)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train (default cpu)")
     p.add_argument("--lr", type=float, default=1e-3, help="(peak) Adam learning rate (default 1e-3)")
     p.add_argument("--loss", choices=["bce", "mse"], default="bce", help="bce: the reference summed BCE (default); mse: summed squared error")
     p.add_argument("--kl-weight", type=float, default=1.0, help="weight of the KL term, on top of the reference 1/(1600*32*32) (default 1)")
@@ -615,10 +625,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train on every tissue tile shifted by multiples of S px (a divisor of 64, e.g. 16: 16 windows per tile); default: the 64-px grid only",
     )
     p.add_argument("--init", default=None, metavar="WEIGHTS", help="start from these weights (fine-tune) instead of a fresh model")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval-vae", help="reconstruction MSE: VAE vs PCA vs downsampling, on held-out tiles")
+    p = command("eval-vae", "reconstruction MSE: VAE vs PCA vs downsampling, on held-out tiles")
     p.add_argument("weights", help="VAE weights file")
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="evaluation slides")
     p.add_argument(
@@ -638,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=int, default=64, help="gap in level-0 px between a region and training tiles (default 64)")
     p.add_argument("--max-tiles", type=_positive_int, default=None, help="at most N evaluation tiles per slide (random, --seed)")
     p.add_argument("--max-train-tiles", type=_positive_int, default=None, help="at most N PCA training tiles")
-    p.add_argument("--pca-components", type=_positive_int, default=32)
+    p.add_argument("--pca-components", type=_positive_int, default=32, help="components of the PCA baseline (default 32, as the latents)")
     p.add_argument(
         "--train-stride",
         type=_positive_int,
@@ -646,50 +656,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit the PCA also on the training tiles shifted by multiples of S px, as `train --stride S` trains on",
     )
     p.add_argument("--no-dihedral", action="store_true", help="fit the PCA without the 8 flips/rotations of each training tile")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of tile sampling (default 0)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run the VAE (default cpu)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the numbers as JSON")
     p.set_defaults(func=cmd_eval_vae)
 
-    p = sub.add_parser("plot-recon", help="tissue tiles above their VAE reconstructions")
-    p.add_argument("weights")
-    p.add_argument("slide")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=_positive_int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p = command("plot-recon", "tissue tiles above their VAE reconstructions")
+    p.add_argument("weights", help="VAE weights file")
+    p.add_argument("slide", help="a slide file")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--n", type=_positive_int, default=10, help="tiles to draw (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tile choice (default 0)")
     p.add_argument("--region", default=None, metavar="X,Y,W,H", help="draw the tiles from inside this level-0 block only (e.g. a held-out block)")
     p.set_defaults(func=cmd_plot_recon)
 
-    p = sub.add_parser("bench", help="benchmark chunkings / backends / schedulers")
+    p = command("bench", "benchmark chunkings / backends / schedulers")
     p.add_argument("slide", nargs="?", default=None, help="slide to measure (default: a synthetic one)")
     p.add_argument("--size", type=_positive_int, default=8192, help="side of the synthetic slide (default 8192)")
-    p.add_argument("--chunks", type=_csv(_positive_int), default=[512, 1024, 2048, 4096])
+    p.add_argument("--chunks", type=_csv(_positive_int), default=[512, 1024, 2048, 4096], help="chunk sides to compare (default 512,1024,2048,4096)")
     p.add_argument("--stage", type=_csv(str), default=["read"], help="read,mask,pipeline")
     p.add_argument("--backend", type=_csv(str), default=["cucim"], help="cucim,tifffile")
     p.add_argument("--scheduler", type=_csv(str), default=["threads"], help="threads,processes,distributed")
-    p.add_argument("--repeat", type=_positive_int, default=3)
+    p.add_argument("--repeat", type=_positive_int, default=3, help="timed repeats of each case, after a warm-up (default 3)")
     p.add_argument("--weights", default=None, help="VAE weights for --stage pipeline")
     p.add_argument("--out", default=None, help="write results as JSON")
     p.add_argument("--plot", default=None, help="write a throughput plot (PNG)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("verify", help="read every chunk of a store and check its checksums and invariants (exit 1 on a problem)")
+    p = command("verify", "read every chunk of a store and check its checksums and invariants (exit 1 on a problem)")
     p.add_argument("store", help="a store written by `wsi-xr run` (one slide or a cohort)")
     p.add_argument("--parquet", default=None, help="also check that this Parquet file holds exactly the store's tissue rows")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("migrate", help="update a store written by wsi_xr 0.1.0 to the current layout (in place)")
-    p.add_argument("store")
+    p = command("migrate", "update a store written by wsi_xr 0.1.0 to the current layout (in place)")
+    p.add_argument("store", help="the store to update")
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("demo", help="run the pipeline on a built-in synthetic slide")
+    p = command("demo", "run the pipeline on a built-in synthetic slide")
     p.add_argument("--out", default="demo_output", help="folder for the outputs (default demo_output)")
     _add_precision_option(p)
     p.add_argument("--size", type=_positive_int, default=8192, help="side of the synthetic slide (default 8192)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic slide (default 0)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("plot", help="thumbnail with the tile mask overlaid, as PNG")
+    p = command("plot", "thumbnail with the tile mask overlaid, as PNG")
     p.add_argument("store", help="a Zarr store written by `wsi-xr mask` or `wsi-xr run`")
     p.add_argument("--slide", default=None, help="the slide (default: the path stored in the store)")
     p.add_argument("--group", default=None, help="group of a cohort store (slide name)")
