@@ -18,7 +18,6 @@ Writes benchmarks/results/encoder_kernels.json and .md, naming the CPU capabilit
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import markdown_table, save
+from benchmarks.common import markdown_table, save, timed
 
 FLOP_PER_TILE = 29.49e6  # the four convolutions and fc1 (bench_scale's figure)
 
@@ -40,13 +39,7 @@ def _tiles(n: int) -> np.ndarray:
 
 
 def _best(fn: Callable[[], Any], rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return timed(fn, repeat=rounds)["min_s"]
 
 
 def _stream(encoder: Callable[[torch.Tensor], torch.Tensor], tiles: np.ndarray, batch: int = 64) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import wrapt
 
+from wsi_xr._lazy import lazy_getattr
 from wsi_xr.errors import (
     ClusterError,
     InvalidArgumentError,
@@ -54,14 +55,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # bound once: later lookups are plain attribute reads
-        return value
-    raise AttributeError(f"module 'wsi_xr' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 class _Package(types.ModuleType):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import statistics
@@ -31,6 +32,8 @@ from wsi_xr.slide import open_slide
 
 STAGES = ("read", "mask", "pipeline")
 SCHEDULERS = ("threads", "processes", "distributed")
+
+log = logging.getLogger("wsi_xr")
 
 
 @dataclass
@@ -187,12 +190,13 @@ def run_benchmark(
     """Measure every combination; see the module docstring for what is recorded.
 
     ``on_result`` is called with each result as soon as it is measured (the CLI prints a
-    table row); ``progress=True`` prints those rows when no callback is given.
+    table row); ``progress=True`` logs those rows (INFO, logger ``wsi_xr``) when no callback
+    is given: the library prints nothing.
     """
     if on_result is None and progress:
 
         def on_result(result: BenchResult) -> None:
-            print(format_row(result), flush=True)
+            log.info("%s", format_row(result))
 
     import tempfile
 

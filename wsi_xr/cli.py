@@ -112,6 +112,7 @@ def cmd_mask(args: argparse.Namespace) -> int:
     mask = tissue_mask(image, tile=params.tile, patch=params.patch, threshold=params.threshold, coarse=params.coarse, reject_pen=params.reject_pen)
     with _client(args.scheduler or "threads") as client:
         (computed,) = compute(mask, client=client, progress=not args.quiet)
+        _end_progress_line(client, args.quiet)
     computed = resolve_threshold(computed)
     write_zarr(computed, args.out, overwrite=args.overwrite)
     tiles = computed.tile_mask
@@ -150,6 +151,12 @@ def _client(scheduler: str | None, **shape: Any) -> Iterator[Any]:
             if not log.isEnabledFor(logging.DEBUG):
                 logging.getLogger("distributed").setLevel(logging.CRITICAL)
             raise
+
+
+def _end_progress_line(client: Any, quiet: bool) -> None:
+    """End the line distributed's progress bar leaves open (the threaded scheduler's bar ends its own)."""
+    if client is not None and not quiet:
+        print()
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -230,6 +237,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             else:
                 tree = process_slides(opened, out, client=client, **options)
                 summaries = [(name, tree[name].to_dataset()) for name in tree.children]
+            _end_progress_line(client, args.quiet)
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM from a batch scheduler (see main)
         interrupt.args = (f"interrupted: {target.chunks_done()} of {target.chunks_total} chunks saved; run the same command again to resume",)
         raise

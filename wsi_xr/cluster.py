@@ -117,6 +117,5 @@ def compute(*collections: Any, client: Any = None, progress: bool = True) -> tup
     if progress:
         from distributed import progress as show_progress
 
-        show_progress(futures)
-        print()
+        show_progress(futures)  # the bar's line is left open: the CLI ends it (the library prints nothing)
     return tuple(client.gather(futures))

@@ -189,8 +189,7 @@ def _run_all(runs: list[_SlideRun], client: Any, progress: bool) -> None:
     if progress:
         from distributed import progress as show_progress
 
-        show_progress(list(futures))
-        print()
+        show_progress(list(futures))  # the bar's line is left open: the CLI ends it (the library prints nothing)
     for run in runs:
         if run.tasks is None:
             _finish(run)

@@ -30,9 +30,6 @@ from wsi_xr.tissue.core import two_stage_rule
 
 __all__ = ["Problem", "VerifyReport", "check_written", "damaged_chunks", "verify_group", "verify_store"]
 
-#: Chunks zarr decodes per batch when a whole array is read: about twice as fast as zarr's
-#: default of 1 on the store's small chunks (a 49152² slide's 576-chunk arrays, 2 cores).
-READ_BATCH = 16
 #: Arrays with one chunk per slide chunk: a problem in chunk (i, j) means slide chunk (i, j) is recomputed.
 PER_CHUNK = ("tile_variance", "patch_variance", "latent", "chunk_done", "pen_mask")
 #: Arrays finalising writes whole: rewritten by the next finalisation.
@@ -116,8 +113,7 @@ def _read_chunks(folder: Path, group_name: str | None, group: zarr.Group, report
         stored = _stored_chunk_keys(folder, array)
         present = {coords: array.metadata.encode_chunk_key(coords) in stored for coords in np.ndindex(*array.cdata_shape)}
         try:
-            with zarr.config.set({"codec_pipeline.batch_size": READ_BATCH}):
-                values = np.asarray(array[...])
+            values = np.asarray(array[...])
         except Exception:  # a crc32c mismatch, a truncated or garbled chunk: find which
             values = np.full(array.shape, array.fill_value, dtype=array.dtype)
             for coords in [c for c, here in present.items() if here]:

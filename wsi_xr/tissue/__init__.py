@@ -9,6 +9,8 @@
 
 from typing import TYPE_CHECKING
 
+from wsi_xr._lazy import lazy_getattr
+
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers and editors
     from wsi_xr.tissue.core import ChunkStatistics, choose_threshold, chunk_statistics, two_stage_rule
     from wsi_xr.tissue.kernels import block_statistics, tile_moments
@@ -38,15 +40,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f"wsi_xr.tissue.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'wsi_xr.tissue' has no attribute {name!r}")
-
+__getattr__ = lazy_getattr(__name__, {name: f"wsi_xr.tissue.{module}" for name, module in _LAZY.items()}, globals())
 
 __all__ = [
     "DEFAULT_THRESHOLD",
