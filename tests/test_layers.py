@@ -24,6 +24,7 @@ from wsi_xr.datasets.synth import write_synthetic_slide
 LAYERS = {
     "wsi_xr.readers": 0,
     "wsi_xr.slide": 1,
+    "wsi_xr.resample": 1,
     "wsi_xr.tissue": 2,
     "wsi_xr.encode": 2,
     "wsi_xr.models": 2,

@@ -31,6 +31,7 @@ __all__ = [
     "open_pyramid",
     "open_slide",
     "opened_slide_of",
+    "pyramid_attrs",
     "slide_array",
     "slide_attrs",
     "slide_dataarray",
@@ -306,6 +307,7 @@ def open_slide(
     *,
     device: str = "cpu",
     damaged: str = "raise",
+    mpp: float | None = None,
 ) -> xr.DataArray:
     """Open one level of a slide as a lazy ``xr.DataArray`` ``(y, x, c)`` of uint8 RGB.
 
@@ -329,31 +331,36 @@ def open_slide(
         What a block touching a damaged TIFF tile does: ``"raise"`` a
         :class:`~wsi_xr.SlideReadError` (default), or ``"fill"`` those pixels with zeros
         (for callers that track damage themselves, like :func:`wsi_xr.tissue_mask`).
+    mpp
+        Microns per level-0 pixel, for a file that lacks it or states it wrongly (None:
+        the file's). ``attrs["mpp_source"]`` says which: ``"file"``, ``"user"`` or
+        ``"missing"``.
 
     Returns
     -------
     xr.DataArray
         Named ``image``; coordinates ``y``/``x`` are level-0 pixel offsets, ``c`` is
-        ``["R", "G", "B"]``; attrs hold ``mpp``, ``level``, ``downsample``, ``backend``,
-        ``vendor``, ``source`` and the file's tile size and compression.
+        ``["R", "G", "B"]``; attrs hold ``mpp``, ``mpp_source``, ``level_mpp``, ``level``,
+        ``downsample``, ``backend``, ``vendor``, ``source`` and the file's tile size and
+        compression.
 
     Raises
     ------
     WsiXrError
         The file is missing or unreadable, or an argument is invalid.
     """
-    return slide_dataarray(open_file(path, backend), level, chunks, device=device, damaged=damaged)
+    return slide_dataarray(open_file(path, backend, mpp=mpp), level, chunks, device=device, damaged=damaged)
 
 
-def open_pyramid(path: SlideSource, chunks: ChunkSpec = None, backend: str = "auto", *, device: str = "cpu") -> xr.DataTree:
+def open_pyramid(path: SlideSource, chunks: ChunkSpec = None, backend: str = "auto", *, device: str = "cpu", mpp: float | None = None) -> xr.DataTree:
     """Open every level of a slide as an ``xr.DataTree``: nodes ``level_0``, ``level_1``, ...
 
     Each node holds the level's :func:`open_slide` array as variable ``image``; the root
-    holds the slide's metadata as attrs. Nothing is read.
+    holds the slide's metadata as attrs. Nothing is read. ``mpp`` as in :func:`open_slide`.
     """
-    opened = open_file(path, backend)
+    opened = open_file(path, backend, mpp=mpp)
     info = opened.info
-    nodes: dict[str, xr.Dataset] = {"/": xr.Dataset(attrs={"source": info.path, "vendor": info.vendor, "mpp": info.mpp, "levels": len(info.levels)})}
+    nodes: dict[str, xr.Dataset] = {"/": xr.Dataset(attrs=pyramid_attrs(info))}
     for lv in info.levels:
         nodes[f"level_{lv.index}"] = slide_dataarray(opened, lv.index, chunks, device=device).to_dataset()
     return xr.DataTree.from_dict(nodes)
@@ -383,6 +390,11 @@ def slide_dataarray(
     return array
 
 
+def pyramid_attrs(info: SlideInfo) -> dict[str, Any]:
+    """The attributes of a pyramid's root (the same for :func:`open_pyramid` and ``engine="wsi_xr"``)."""
+    return {"source": info.path, "vendor": info.vendor, "mpp": info.mpp, "mpp_source": info.mpp_source, "levels": len(info.levels)}
+
+
 def slide_attrs(opened: OpenedSlide, level: int, *, damaged: str = "raise") -> dict[str, Any]:
     """The attributes of one level's image array (the same for :func:`open_slide` and ``engine="wsi_xr"``)."""
     info = opened.info
@@ -395,6 +407,7 @@ def slide_attrs(opened: OpenedSlide, level: int, *, damaged: str = "raise") -> d
         "level": level,
         "downsample": lv.downsample,
         "mpp": info.mpp,
+        "mpp_source": info.mpp_source,
         "level_mpp": None if info.mpp is None else info.mpp * lv.downsample,
         "tile_size": [lv.tile_height, lv.tile_width],
         "compression": lv.compression_name,

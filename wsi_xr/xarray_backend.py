@@ -80,7 +80,7 @@ class WsiXrBackendEntrypoint(BackendEntrypoint):
 
     description = "Whole-slide images (SVS, tiled TIFF, NDPI, MRXS, DICOM, ...) as lazy arrays with level-0 coordinates"
     url = "https://github.com/wsi-xr/wsi_xr"
-    open_dataset_parameters = ("filename_or_obj", "drop_variables", "level", "backend")
+    open_dataset_parameters = ("filename_or_obj", "drop_variables", "level", "backend", "mpp")
 
     def guess_can_open(self, filename_or_obj: Any) -> bool:
         try:
@@ -98,12 +98,13 @@ class WsiXrBackendEntrypoint(BackendEntrypoint):
         drop_variables: str | Iterable[str] | None = None,
         level: int = 0,
         backend: str = "auto",
+        mpp: float | None = None,
     ) -> xr.Dataset:
-        """One level as a Dataset with the variable ``image`` (unless dropped)."""
+        """One level as a Dataset with the variable ``image`` (unless dropped); ``mpp`` replaces the file's."""
         from wsi_xr.errors import InvalidArgumentError
         from wsi_xr.readers import open_file
 
-        opened = open_file(filename_or_obj, backend)
+        opened = open_file(filename_or_obj, backend, mpp=mpp)
         levels = len(opened.info.levels)
         if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level < levels:
             raise InvalidArgumentError(f"{opened.info.path}: level={level} does not exist; the slide has levels 0..{levels - 1}.")
@@ -115,15 +116,17 @@ class WsiXrBackendEntrypoint(BackendEntrypoint):
         *,
         drop_variables: str | Iterable[str] | None = None,
         backend: str = "auto",
+        mpp: float | None = None,
         **kwargs: Any,
     ) -> dict[str, xr.Dataset]:
         """Every level as a group ``level_0``, ``level_1``, ...; the root holds the slide's metadata."""
         from wsi_xr.readers import open_file
+        from wsi_xr.slide import pyramid_attrs
 
-        opened = open_file(filename_or_obj, backend)
+        opened = open_file(filename_or_obj, backend, mpp=mpp)
         info = opened.info
         drop = _names(drop_variables)
-        groups = {"/": xr.Dataset(attrs={"source": info.path, "vendor": info.vendor, "mpp": info.mpp, "levels": len(info.levels)})}
+        groups = {"/": xr.Dataset(attrs=pyramid_attrs(info))}
         for lv in info.levels:
             groups[f"/level_{lv.index}"] = _level_dataset(opened, lv.index, drop)
         return groups
@@ -134,7 +137,8 @@ class WsiXrBackendEntrypoint(BackendEntrypoint):
         *,
         drop_variables: str | Iterable[str] | None = None,
         backend: str = "auto",
+        mpp: float | None = None,
         **kwargs: Any,
     ) -> xr.DataTree:
         """Every level: nodes ``level_0``, ``level_1``, ... each holding ``image``."""
-        return xr.DataTree.from_dict(self.open_groups_as_dict(filename_or_obj, drop_variables=drop_variables, backend=backend))
+        return xr.DataTree.from_dict(self.open_groups_as_dict(filename_or_obj, drop_variables=drop_variables, backend=backend, mpp=mpp))

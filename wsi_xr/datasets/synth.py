@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -66,6 +67,7 @@ __all__ = [
     "tile_tissue_fraction",
     "tile_truth",
     "tissue_truth",
+    "write_rescanned_slide",
     "write_synthetic_slide",
 ]
 
@@ -1134,3 +1136,62 @@ def write_synthetic_slide(
         with tifffile.TiffFile(path) as reader, tifffile.TiffWriter(path, append=True) as writer:
             write(writer, _downsampled_tiles(cast(tifffile.TiffPage, reader.pages[level - 1]), size), level, subfiletype=1)
     return spec
+
+
+def write_rescanned_slide(
+    source: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    level: int = 1,
+    tile_size: int = 256,
+    compression: str = "jpeg",
+    jpeg_quality: int = 90,
+) -> float | None:
+    """Write the same tissue as a coarser scan: ``source``'s ``level`` as level 0 of a new slide.
+
+    A synthetic slide's level ``L`` is the 2 x 2 box average of level ``L - 1`` as stored,
+    so level 1 of a 0.25 µm/px slide is what a 0.5 µm/px (20x) scanner would record of the
+    same tissue, and it is compressed again here, as a scanner's own tiles are. The new
+    file's mpp is the source's times ``2**level``; its pyramid halves as
+    :func:`write_synthetic_slide`'s does. Returns the new mpp (None when the source has none).
+    For tests of physical scale (same tissue at 40x and 20x).
+    """
+    from wsi_xr.outputs import check_output_file
+
+    check_output_file(path, "tiff")
+    with tifffile.TiffFile(source) as reader:
+        pages = [p for p in reader.pages if isinstance(p, tifffile.TiffPage)]
+        if not 0 < level < len(pages):
+            raise InvalidArgumentError(f"{source}: level={level!r}: the slide has levels 0 to {len(pages) - 1}; give one of 1..{len(pages) - 1}.")
+        pixels = pages[level].asarray()
+        tag = pages[0].tags.get("XResolution")
+        mpp = None
+        if tag is not None and pages[0].tags.get("ResolutionUnit") is not None and int(pages[0].tags["ResolutionUnit"].value) == 3:
+            numerator, denominator = tag.value
+            mpp = 1e4 * denominator / numerator * 2**level
+    codec = _COMPRESSIONS[compression]
+    options: dict[str, Any] = {"photometric": "rgb", "tile": (tile_size, tile_size), "dtype": np.uint8, "metadata": None, "compression": codec}
+    if codec == "jpeg":
+        options["compressionargs"] = {"level": jpeg_quality}
+
+    def resolution(down: int) -> dict[str, Any]:
+        if mpp is None:
+            return {}
+        per_cm = 1e4 / (mpp * down)
+        return {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
+
+    path = os.fspath(path)
+    with tifffile.TiffWriter(path) as writer:
+        writer.write(pixels, description=f"wsi_xr rescan of {Path(source).name} level {level}", **resolution(1), **options)
+    h, w = pixels.shape[:2]
+    n = 1
+    while max(h, w) > tile_size:
+        h, w = (h + 1) // 2, (w + 1) // 2
+        with tifffile.TiffFile(path) as reader, tifffile.TiffWriter(path, append=True) as writer:
+            tiles = _downsampled_tiles(cast(tifffile.TiffPage, reader.pages[n - 1]), tile_size)
+            try:
+                writer.write(tiles, shape=(h, w, 3), subfiletype=1, **resolution(2**n), **options)
+            finally:
+                tiles.close()  # type: ignore[attr-defined]
+        n += 1
+    return mpp

@@ -50,7 +50,9 @@ class RunPlan:
 
     @property
     def level(self) -> int:
-        return self.options.level
+        """The level read (the target mpp's choice, or the options' level)."""
+        assert self.mask.level is not None
+        return self.mask.level
 
     def layout(self) -> SlideLayout:
         """The store layout of this slide."""
@@ -69,7 +71,7 @@ class RunPlan:
 
 def plan_run(opened: OpenedSlide, options: RunOptions) -> RunPlan:
     """The run's plan of one slide: :func:`~wsi_xr.tissue.plan_mask` and the fingerprint."""
-    mask = plan_mask(opened, options.level, options.chunks, options.mask)
+    mask = plan_mask(opened, options.level, options.chunks, options.mask, options.scale(opened))
     return RunPlan(mask, options, run_fingerprint(opened, options, mask.chunks))
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from wsi_xr.encode import Model, ModelRef, check_precision, check_torch_threads, prepare_model
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.readers import GPU_BACKENDS, OpenedSlide
+from wsi_xr.resample import ReadScale, check_target_mpp, choose_scale
 from wsi_xr.slide import ChunkSpec
 from wsi_xr.tissue.params import MaskParams
 from wsi_xr.tissue.plan import Chunks, plan_chunks
@@ -54,6 +55,11 @@ class RunOptions:
     reject_pen: bool = _MASK.reject_pen
     torch_threads: int | str | None = None
     model: Model | None = None
+    target_mpp: float | None = None
+
+    def scale(self, opened: OpenedSlide) -> ReadScale | None:
+        """How ``opened`` is read at :attr:`target_mpp` (None: at :attr:`level` as it is)."""
+        return None if self.target_mpp is None else choose_scale(opened.info, self.target_mpp, self.tile)
 
     @property
     def mask(self) -> MaskParams:
@@ -82,6 +88,10 @@ def validate_run_options(weights: Any = None, **settings: Any) -> RunOptions:
         raise InvalidArgumentError(f"device={options.device!r}: use 'cpu' or 'cuda'.")
     check_precision(options.precision, options.device)
     check_torch_threads(options.torch_threads)
+    target = check_target_mpp(options.target_mpp)
+    if target is not None and options.level != 0:
+        raise InvalidArgumentError(f"level={options.level} and target_mpp={target}: the target chooses the level to read; give one of them.")
+    options = RunOptions(**{**options.__dict__, "target_mpp": target})
     model = prepare_model(weights, device=options.device, precision=options.precision)
     return RunOptions(**{**options.__dict__, "model": model})
 
@@ -93,14 +103,20 @@ def check_slide_options(opened: OpenedSlide, options: RunOptions) -> Chunks:
     """
     if options.device == "cpu" and opened.backend in GPU_BACKENDS:
         raise InvalidArgumentError(f"{opened.info.path}: backend {opened.backend!r} needs device='cuda'.")
-    return plan_chunks(opened, options.level, options.chunks, options.mask)
+    return plan_chunks(opened, options.level, options.chunks, options.mask, options.scale(opened))
 
 
 def run_fingerprint(opened: OpenedSlide, options: RunOptions, chunks: Chunks) -> dict[str, Any]:
     """The parameters that define a run's results: a store made with others is not resumed."""
     info = opened.info
     assert options.ref is not None
+    scale = {}  # only when set: stores made without them still resume
+    if info.mpp_source == "user":
+        scale["mpp"] = info.mpp
+    if options.target_mpp is not None:
+        scale["target_mpp"] = options.target_mpp
     return {
+        **scale,
         "source": info.path,
         "file_size": info.file_size,
         "mtime_ns": info.mtime_ns,

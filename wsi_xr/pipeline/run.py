@@ -220,6 +220,8 @@ def process_slide(
     precision: str = "fp32",
     reject_pen: bool = MaskParams.reject_pen,
     torch_threads: int | str | None = None,
+    mpp: float | None = None,
+    target_mpp: float | None = None,
     client: Any = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -246,6 +248,13 @@ def process_slide(
         Torch threads per encoding task: None (default: torch's own setting), an int, or
         ``"auto"`` (cores / concurrent Dask tasks: what ``wsi-xr run`` uses, measured
         fastest on a CPU). Set and put back per task; not part of the results.
+    mpp
+        Microns per level-0 pixel, replacing the file's (for slides that lack it or state
+        it wrongly); recorded with ``mpp_source="user"``.
+    target_mpp
+        Work at this resolution (µm per pixel): tiles cover ``tile * target_mpp`` microns
+        on every slide. The level at or finer than the target is read once and
+        area-averaged to it (see :func:`wsi_xr.tissue_mask`); ``level`` must stay 0.
     client
         A ``distributed.Client`` (None: dask's threaded scheduler).
     progress
@@ -269,8 +278,9 @@ def process_slide(
         precision=precision,
         reject_pen=reject_pen,
         torch_threads=torch_threads,
+        target_mpp=target_mpp,
     )
-    opened = open_file(path, backend)
+    opened = open_file(path, backend, mpp=mpp)
     store_path = check_run_target(store, [(opened, group)], options, overwrite=overwrite).path
     with StoreLock(store_path):
         try:
@@ -301,6 +311,7 @@ def process_slides(
     *,
     weights: Any = None,
     backend: str = "auto",
+    mpp: float | None = None,
     client: Any = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -311,12 +322,13 @@ def process_slides(
     Every slide's chunks are computed together, so a cluster stays busy across slides
     (many small slides do not run one after another); each slide is finalised as soon as
     its own chunks are done, and a killed run resumes per slide and per chunk. Takes the
-    keyword arguments of :func:`process_slide`. Returns ``xr.open_datatree(store)``.
+    keyword arguments of :func:`process_slide` (``mpp`` applies to every slide). Returns
+    ``xr.open_datatree(store)``.
     """
     if not paths:
         raise InvalidArgumentError("no slides given.")
     options = validate_run_options(weights, **settings)
-    opened = [open_file(p, backend) for p in paths]  # every file checked before any work
+    opened = [open_file(p, backend, mpp=mpp) for p in paths]  # every file checked before any work
     names = group_names(paths)
     store_path = check_run_target(store, list(zip(opened, names)), options, overwrite=overwrite).path
     with StoreLock(store_path):

@@ -97,15 +97,22 @@ class OpenedSlide:
         object.__setattr__(self, "_scanning", {})
 
 
-def open_file(source: str | os.PathLike[str] | OpenedSlide, backend: str = "auto") -> OpenedSlide:
+def open_file(source: str | os.PathLike[str] | OpenedSlide, backend: str = "auto", *, mpp: float | None = None) -> OpenedSlide:
     """Probe a slide file and choose its backend, or pass an :class:`OpenedSlide` through.
 
     An already opened slide is returned as it is when ``backend`` is ``"auto"`` or its
-    own backend; another backend is decided from its probe (the file is not probed again).
+    own backend (and no ``mpp`` is given); another backend is decided from its probe (the
+    file is not probed again). ``mpp`` (µm per level-0 pixel) replaces the file's, for
+    slides that lack it or state it wrongly: ``info.mpp_source`` becomes ``"user"``.
     """
     if isinstance(source, OpenedSlide):
-        if backend in ("auto", source.backend):
+        info = source.info.with_mpp(mpp)
+        if backend in ("auto", source.backend) and info is source.info:
             return source
-        return OpenedSlide(source.info, decide_backend(source.info, backend))
-    info = probe(source)
+        choice = source.choice if backend in ("auto", source.backend) else decide_backend(info, backend)
+        opened = OpenedSlide(info, choice)
+        opened._damage.update(source._damage)  # the same file: its scans hold
+        opened._content.extend(source._content)
+        return opened
+    info = probe(source).with_mpp(mpp)
     return OpenedSlide(info, decide_backend(info, backend))

@@ -16,6 +16,7 @@ Nothing here decodes pixels.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, replace
@@ -25,7 +26,7 @@ from typing import Any
 import tifffile
 
 from wsi_xr._logging import third_party_logs
-from wsi_xr.errors import SlideOpenError, UnsupportedFormatError
+from wsi_xr.errors import InvalidArgumentError, SlideOpenError, UnsupportedFormatError
 
 #: TIFF compression codes (tag 259) that cuCIM 26.10 decodes correctly on CPU.
 CUCIM_SAFE_COMPRESSIONS = frozenset({1, 7})  # none, JPEG
@@ -83,6 +84,24 @@ class SlideInfo:
     #: ``"generic-tiff"`` (described with tifffile) or ``"mrxs"``, ``"dicom"``, ``"ndpi"``,
     #: ``"scn"``, ``"bif"``, ``"vms"``, ... (described with OpenSlide).
     format: str = "generic-tiff"
+    #: Where ``mpp`` comes from: ``"file"`` (the probe read it), ``"user"`` (given with
+    #: ``mpp=`` / ``--mpp``, see :func:`~wsi_xr.readers.open_file`) or ``"missing"`` (unknown).
+    mpp_source: str = "file"
+
+    def __post_init__(self) -> None:
+        if self.mpp is None and self.mpp_source == "file":
+            object.__setattr__(self, "mpp_source", "missing")
+
+    def with_mpp(self, mpp: float | None) -> SlideInfo:
+        """This description with the user's ``mpp`` (µm per level-0 pixel; None: the file's)."""
+        if mpp is None:
+            return self
+        if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not math.isfinite(mpp) or not _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1]:
+            raise InvalidArgumentError(
+                f"{self.path}: mpp={mpp!r}: give the microns per level-0 pixel, a number from {_MPP_RANGE[0]} to {_MPP_RANGE[1]} "
+                "(0.25 for a 40x scan, 0.5 for 20x)."
+            )
+        return replace(self, mpp=float(mpp), mpp_source="user")
 
     def problem(self, backend: str) -> str | None:
         """Why ``backend`` must not read this file, or None when it may."""
@@ -120,6 +139,7 @@ class SlideInfo:
             "file_size": self.file_size,
             "vendor": self.vendor,
             "mpp": self.mpp,
+            "mpp_source": self.mpp_source,
             "photometric": self.photometric,
             "format": self.format,
             "cucim_safe": self.cucim_safe,

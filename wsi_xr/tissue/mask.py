@@ -23,6 +23,8 @@ from dask.base import tokenize
 
 from wsi_xr import accessor as _accessor  # noqa: F401  (registers .wsi on what this module returns)
 from wsi_xr.errors import InvalidArgumentError
+from wsi_xr.readers import open_file
+from wsi_xr.resample import check_target_mpp, choose_scale
 from wsi_xr.slide import opened_slide_of
 from wsi_xr.tissue.core import (
     blocks_any,
@@ -105,22 +107,32 @@ def _auto_threshold_block(stats: np.ndarray) -> np.ndarray:
     return np.asarray(choose_threshold(stats[..., 0], "auto")[0])
 
 
-def mask_plan_of(image: xr.DataArray, params: MaskParams) -> tuple[MaskPlan, Any]:
+def mask_plan_of(image: xr.DataArray, params: MaskParams, *, target_mpp: float | None = None, mpp: float | None = None) -> tuple[MaskPlan, Any]:
     """The plan of ``image``'s mask and the blocks to compute it from.
 
     For an unmodified slide array (:func:`wsi_xr.slide.opened_slide_of` finds the slide
     in its graph) :func:`plan_mask` at the image's own chunks, and the plan's blocks (read
     with the coarse skip, reporting decode failures); for other pixels :func:`plain_plan`
-    and the pixels themselves.
+    and the pixels themselves. With ``target_mpp`` the slide's level at or finer than the
+    target is read and resampled (:mod:`wsi_xr.resample`); ``mpp`` replaces the file's.
     """
     if tuple(image.dims) != ("y", "x", "c"):
         raise InvalidArgumentError(f"tissue_mask needs an image with dims ('y', 'x', 'c'), got {image.dims}.")
     data = image.data if isinstance(image.data, da.Array) else da.from_array(image.data, chunks=(params.patch * 8, params.patch * 8, -1))
     opened = opened_slide_of(image)
+    target = check_target_mpp(target_mpp)
     if opened is None:
+        if target is not None:
+            raise InvalidArgumentError(
+                "target_mpp needs an image straight from wsi_xr.open_slide (this one was modified): open the slide and pass that."
+            )
         return plain_plan((image.sizes["y"], image.sizes["x"]), (data.chunks[0], data.chunks[1]), params), data
-    plan = plan_mask(opened, int(image.attrs["level"]), (data.chunks[0][0], data.chunks[1][0]), params)
+    opened = open_file(opened, mpp=mpp)
     device = "cuda" if type(data._meta).__module__.startswith("cupy") else "cpu"
+    if target is not None:
+        plan = plan_mask(opened, 0, None, params, choose_scale(opened.info, target, params.tile))
+    else:
+        plan = plan_mask(opened, int(image.attrs["level"]), (data.chunks[0][0], data.chunks[1][0]), params)
     return plan, plan.pixels(device)
 
 
@@ -132,6 +144,8 @@ def tissue_mask(
     threshold: float | str = MaskParams.threshold,
     coarse: str | int = MaskParams.coarse,
     reject_pen: bool = MaskParams.reject_pen,
+    target_mpp: float | None = None,
+    mpp: float | None = None,
 ) -> xr.Dataset:
     """Two-stage variance tissue mask of a slide image, lazily and blockwise.
 
@@ -160,6 +174,16 @@ def tissue_mask(
         and remove them from ``tile_mask``; adds ``pen_mask`` and records the rule's
         thresholds in ``attrs`` (``pen_rule``, ``pen_*``). The variance threshold is
         chosen as without it. Off by default: the default is the exact reference rule.
+    target_mpp
+        Work at this resolution (µm per pixel): tiles and patches are ``tile`` and
+        ``patch`` pixels at ``target_mpp``, so they cover the same microns on every slide.
+        The level at or finer than the target is read (once) and area-averaged to it
+        (:mod:`wsi_xr.resample`); coordinates stay level-0 pixels; ``attrs`` record the
+        level read, ``scale_factor`` and the target. Needs an image straight from
+        :func:`wsi_xr.open_slide` (any level: the target chooses) and a slide mpp.
+    mpp
+        Microns per level-0 pixel, replacing the file's (for slides that lack it or
+        state it wrongly); ``attrs["mpp_source"]`` says ``"user"``.
 
     Returns
     -------
@@ -173,7 +197,7 @@ def tissue_mask(
         ``attrs["threshold"]`` says ``"auto"`` until a writer fills it in.
     """
     params = MaskParams(tile, patch, threshold, coarse, reject_pen)
-    plan, data = mask_plan_of(image, params)
+    plan, data = mask_plan_of(image, params, target_mpp=target_mpp, mpp=mpp)
     nty, ntx = plan.tile_grid
     tile_chunks, pchunks = plan.tile_chunks, plan.patch_chunks
     excluded_input = da.from_array(plan.excluded[..., None], chunks=tile_chunks + ((1,),))
@@ -248,8 +272,14 @@ def tissue_mask(
         **plan.attrs(),
         "threshold": value if isinstance(value, float) else "auto",
         "threshold_method": method,
-        **{key: image.attrs[key] for key in ("source", "level", "downsample", "mpp", "backend") if key in image.attrs and plan.opened is None},
+        **{
+            key: image.attrs[key]
+            for key in ("source", "level", "downsample", "mpp", "mpp_source", "backend")
+            if key in image.attrs and plan.opened is None
+        },
     }
+    if plan.opened is None and mpp is not None:
+        attrs.update(mpp=check_target_mpp(mpp), mpp_source="user")
     return xr.Dataset(
         {
             "tile_mask": (("tile_y", "tile_x"), tile_mask),
