@@ -100,4 +100,4 @@ def test_tile_and_patch_advice_is_sensible(tile: int, patch: int, advice: str, n
 def test_the_default_chunk_holds_whole_patches(synth_slide: Path, weights: Path, tmp_path: Path) -> None:
     """patch=768 needs no --chunk: the default chunk becomes a multiple of it."""
     ds = wsi_xr.process_slide(synth_slide, tmp_path / "p768.zarr", weights=weights, patch=768, progress=False)
-    assert ds.attrs["complete"] and all(c % 768 == 0 for c in ds.attrs["wsi_xr_run"]["chunks"][0][:-1])
+    assert ds.attrs["complete"] and all(c % 768 == 0 for c in ds.wsi.attrs["wsi_xr_run"]["chunks"][0][:-1])

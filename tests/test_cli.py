@@ -114,7 +114,7 @@ def test_demo_writes_everything(tmp_path: Path) -> None:
     done = run("demo", "--out", str(out), "--size", "2048")
     assert done.returncode == 0, done.stderr
     ds = xr.open_zarr(out / "result.zarr")
-    assert ds.attrs["complete"] is True and ds.attrs["tissue_tiles"] > 0
+    assert ds.wsi.attrs["complete"] is True and ds.attrs["tissue_tiles"] > 0
     rows = pd.read_parquet(out / "tiles.parquet")
     assert len(rows) == ds.attrs["tissue_tiles"] and list(rows.columns[:2]) == ["x", "y"]
     for name in ("mask-overlay.png", "latent-map.png"):

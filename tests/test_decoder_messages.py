@@ -95,7 +95,7 @@ def test_pipeline_never_encodes_a_tile_the_decoder_complained_about(flipped: tup
     untouched = ~truth
     np.testing.assert_array_equal(ds.tile_mask.values[untouched], reference.tile_mask.values[untouched])
     stored = xr.open_zarr(tmp_path / "f.zarr", consolidated=False)
-    assert stored.attrs["complete"] is True and int(stored.read_error.sum()) == int(truth.sum())
+    assert stored.wsi.attrs["complete"] is True and int(stored.read_error.sum()) == int(truth.sum())
 
 
 def test_cucim_warnings_go_to_logging_not_the_terminal(tmp_path: Path) -> None:
@@ -160,9 +160,11 @@ def test_a_store_started_without_decoder_checks_is_not_resumed(flipped: tuple[Pa
     store = tmp_path / "old.zarr"
     wsi_xr.process_slide(clean, store, weights=weights, chunks=512, progress=False)
     meta = json.loads((store / "zarr.json").read_text())
-    del meta["attributes"]["wsi_xr_run"]["read_checks"]  # what 0.2.0 wrote
+    run = json.loads(meta["attributes"]["wsi_xr_run"])  # JSON text, since attributes are netCDF-safe
+    del run["read_checks"]  # what 0.2.0 wrote
+    meta["attributes"]["wsi_xr_run"] = run  # as 0.2.0 wrote it: the dict itself
     (store / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(wsi_xr.StoreError, match="did not check for decoder errors"):
         wsi_xr.process_slide(clean, store, weights=weights, chunks=512, progress=False)
     redone = wsi_xr.process_slide(clean, store, weights=weights, chunks=512, overwrite=True, progress=False)
-    assert redone.attrs["wsi_xr_run"]["read_checks"] >= 1
+    assert redone.wsi.attrs["wsi_xr_run"]["read_checks"] >= 1

@@ -119,7 +119,7 @@ def test_bf16_is_finite_close_and_recorded(cmu: Path, tmp_path: Path) -> None:
     relative = np.linalg.norm(bf16 - fp32) / np.linalg.norm(fp32)
     assert 0 < relative < BF16_RELATIVE_TOLERANCE  # not exact, but close
     ds = process_slide(cmu, tmp_path / "bf16.zarr", precision="bf16", chunks=512, progress=False)
-    assert ds.attrs["precision"] == "bf16" and ds.attrs["wsi_xr_run"]["precision"] == "bf16"
+    assert ds.attrs["precision"] == "bf16" and ds.wsi.attrs["wsi_xr_run"]["precision"] == "bf16"
     exact = process_slide(cmu, tmp_path / "fp32.zarr", chunks=512, progress=False)
     assert exact.attrs["precision"] == "fp32"
     tissue = exact.tile_mask.values

@@ -84,7 +84,7 @@ def test_cohort_and_mask_writers_refuse_foreign_data(synth_slide: Path, weights:
     with pytest.raises(wsi_xr.StoreError, match="already exists"):
         write_zarr(mask, store)
     write_zarr(mask, store, overwrite=True)  # a mask store wsi_xr wrote: replaced
-    assert xr.open_zarr(store).attrs["wsi_xr_mask"]["layout"] >= 2
+    assert xr.open_zarr(store).wsi.attrs["wsi_xr_mask"]["layout"] >= 2
     other_zarr = tmp_path / "someone-elses.zarr"
     xr.Dataset({"a": ("x", np.arange(3))}).to_zarr(other_zarr, zarr_format=3)
     with pytest.raises(wsi_xr.StoreError, match="not a wsi_xr store"):

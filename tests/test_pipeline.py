@@ -94,7 +94,7 @@ def test_finalize_blanks_only_encoded_non_tissue_and_checks_what_it_reads(synth_
     group["latent"][...] = values
     group.attrs["complete"] = False
     repaired = process_slide(synth_slide, store, weights=weights, chunks=512, progress=False).compute()
-    assert repaired.attrs["complete"] is True
+    assert repaired.wsi.attrs["complete"] is True
     np.testing.assert_array_equal(repaired.tile_mask.values, mask)
     assert np.isfinite(repaired.latent.values[ty + rows[0], tx + cols[0]]).all()
     assert np.isnan(repaired.latent.values[~mask]).all() and not np.isnan(repaired.latent.values[mask]).any()
@@ -188,13 +188,13 @@ def test_resume_after_sigkill(tmp_path: Path, weights: Path) -> None:
     killed_at = _done_chunks(store)
     assert 0 < killed_at < 256
     partial = xr.open_zarr(store, consolidated=False)
-    assert partial.attrs["complete"] is False  # never marked complete with chunks missing
+    assert partial.wsi.attrs["complete"] is False  # never marked complete with chunks missing
 
     reset_read_stats()
     rerun = subprocess.run(CLI + ["run", *args[:1], str(store), *args[1:]], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     a, b = xr.open_zarr(reference).compute(), xr.open_zarr(store).compute()
-    assert b.attrs["complete"] is True
+    assert b.wsi.attrs["complete"] is True
     for name in ("tile_mask", "patch_mask", "read_error", "tile_variance", "patch_variance", "latent"):
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
     assert a.attrs["threshold"] == b.attrs["threshold"]
@@ -260,7 +260,7 @@ def test_distributed_cluster_by_address(synth_slide: Path, weights: Path, tmp_pa
         client_tmp = set(Path(tempfile.gettempdir()).iterdir())
         with Client(address, timeout=60) as client:
             from_object = process_slide(synth_slide, tmp_path / "object.zarr", weights=model, chunks=512, client=client).compute()
-        assert from_object.attrs["weights"] is None and from_object.attrs["weights_sha256"]
+        assert from_object.wsi.attrs["weights"] is None and from_object.attrs["weights_sha256"]
         assert_latents_agree(from_object.latent.values, local.latent.values, tolerance, "latents of a model object on a remote cluster")
         assert set(Path(tempfile.gettempdir()).iterdir()) == client_tmp, "a temp file was left behind"
         assert not list(worker_tmp.rglob("*.pt"))

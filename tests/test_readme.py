@@ -40,4 +40,4 @@ def test_every_python_example_in_the_readme_runs(tmp_path: Path, monkeypatch: py
     boxed = namespace["boxed"]
     assert int(np.isfinite(boxed.values[..., 0]).sum()) == n  # type: ignore[attr-defined]
     assert namespace["rows"] == sum(int(namespace["tree"][g].tile_mask.sum()) for g in ("a", "b"))  # type: ignore[index]
-    assert namespace["pens"].attrs["reject_pen"] is True  # type: ignore[attr-defined]
+    assert namespace["pens"].wsi.attrs["reject_pen"] is True  # type: ignore[attr-defined]

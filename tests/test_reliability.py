@@ -728,7 +728,7 @@ def reference(run_slide: Path, vae_weights: Path, tmp_path_factory: pytest.TempP
     store = tmp_path_factory.mktemp("fault-ref") / "reference.zarr"
     with dask.config.set(scheduler="threads"):
         ds = wsi_xr.process_slide(run_slide, store, weights=vae_weights, **RUN_OPTIONS).compute()
-    assert ds.attrs["complete"] is True and ds.attrs["tissue_tiles"] > 300
+    assert ds.wsi.attrs["complete"] is True and ds.attrs["tissue_tiles"] > 300
     arrays = {name: ds[name].values for name in ("tile_mask", "tile_variance", "patch_mask", "read_error", "latent")}
     return {**arrays, "latent_tolerance": latent_tolerance(run_slide, vae_weights, ds.tile_mask.values)}
 
@@ -747,7 +747,7 @@ def _same_as_reference(store: Path, reference: dict[str, np.ndarray]) -> None:
     import xarray as xr
 
     ds = xr.open_zarr(store, consolidated=False).compute()
-    assert ds.attrs["complete"] is True
+    assert ds.wsi.attrs["complete"] is True
     for name in ("tile_mask", "patch_mask", "read_error"):
         np.testing.assert_array_equal(ds[name].values, reference[name], err_msg=name)
     np.testing.assert_array_equal(ds.tile_variance.values, reference["tile_variance"])
@@ -834,7 +834,7 @@ def test_store_unwritable_mid_run_is_a_clear_error_and_resumable(run_slide: Path
     err = result.get("error")
     assert isinstance(err, wsi_xr.StoreError), f"want a StoreError, got {err!r}"
     assert str(store) in str(err) and "not marked complete" in str(err)
-    assert xr.open_zarr(store, consolidated=False).attrs["complete"] is False
+    assert xr.open_zarr(store, consolidated=False).wsi.attrs["complete"] is False
     assert not (store.parent / f".{store.name}.lock").exists(), "the lock outlived the failed run"
     # the fault fixed, the same call finishes the job, and nothing differs
     chunks_dir.unlink()
@@ -870,7 +870,7 @@ def test_full_disk_mid_run_is_a_clear_error_and_resumable(run_slide: Path, vae_w
         message = str(caught.value)
         assert str(store) in message and ("No space left" in message or "space" in message.lower()), message
         assert 0 < _done_chunks(store) < 144, "the disk did not fill mid-run"
-        assert xr.open_zarr(store, consolidated=False).attrs["complete"] is False
+        assert xr.open_zarr(store, consolidated=False).wsi.attrs["complete"] is False
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed
         with dask.config.set(scheduler="threads"):
             wsi_xr.process_slide(run_slide, store, weights=vae_weights, **RUN_OPTIONS)
@@ -913,7 +913,7 @@ def test_second_run_on_a_busy_store_names_the_owner(run_slide: Path, vae_weights
         assert second.stderr.strip().startswith("wsi-xr run: error: ") and f"PID {first.pid}" in second.stderr
         # the refusals left the first run's lock and store alone
         assert (store.parent / f".{store.name}.lock").read_text().split()[0] == str(first.pid)
-        assert xr.open_zarr(store, consolidated=False).attrs["complete"] is False
+        assert xr.open_zarr(store, consolidated=False).wsi.attrs["complete"] is False
     finally:
         first.kill()
         first.wait()

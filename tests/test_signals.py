@@ -73,4 +73,4 @@ def test_interrupt_prints_one_line_and_a_rerun_resumes(
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming: {on_disk} of 256 chunks already done" in rerun.stderr
     ds = xr.open_zarr(store, consolidated=False)
-    assert ds.attrs["complete"] is True and bool(ds.chunk_done.all())
+    assert ds.wsi.attrs["complete"] is True and bool(ds.chunk_done.all())

@@ -22,7 +22,7 @@ import wsi_xr
 from tests.numerics import assert_latents_agree, latent_tolerance
 from wsi_xr.datasets.synth import write_synthetic_slide
 from wsi_xr.pipeline import process_slide, process_slides, to_dataframe, write_parquet
-from wsi_xr.store import LAYOUT_VERSION, migrate_store
+from wsi_xr.store import LAYOUT_VERSION, decode_attrs, migrate_store
 
 CLI = [sys.executable, "-m", "wsi_xr.cli"]
 VARIABLES = ("tile_mask", "patch_mask", "read_error", "tile_variance", "patch_variance", "latent", "chunk_done")
@@ -43,7 +43,7 @@ def _assert_same_store(a: xr.Dataset, b: xr.Dataset, latent_tolerance: np.ndarra
             assert_latents_agree(b[name].values, a[name].values, latent_tolerance, "latents")
             continue
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
-    assert a.attrs["complete"] is True and b.attrs["complete"] is True
+    assert a.wsi.attrs["complete"] is True and b.wsi.attrs["complete"] is True
     assert a.attrs["threshold"] == b.attrs["threshold"] and a.attrs["tissue_tiles"] == b.attrs["tissue_tiles"]
 
 
@@ -148,9 +148,9 @@ def _downgrade_to_layout_1(store: Path) -> None:
     doc["dimension_names"] = ["tile_y", "tile_x", "latent"]
     meta.write_text(json.dumps(doc))
     group = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
-    run = dict(group.attrs["wsi_xr_run"])
-    del run["layout"], run["precision"], run["reject_pen"]
-    group.attrs["wsi_xr_run"] = run
+    attrs = decode_attrs(group.attrs)  # as 0.1.0 wrote them: JSON natives (the fingerprint a dict, bools)
+    del attrs["wsi_xr_run"]["layout"], attrs["wsi_xr_run"]["precision"], attrs["wsi_xr_run"]["reject_pen"]
+    group.attrs.put(attrs)
     zarr.consolidate_metadata(store)
 
 
@@ -166,7 +166,7 @@ def test_old_stores_get_a_clear_message_and_migrate(small_slide: Path, weights: 
     assert migrated.latent.dims == ("tile_y", "tile_x", "feature") and set(migrated.indexes) == set(migrated.dims)
     np.testing.assert_array_equal(migrated.latent.values, current.latent.values)
     np.testing.assert_array_equal(migrated.chunk_y.values, current.chunk_y.values)
-    assert migrated.attrs["wsi_xr_run"]["layout"] == LAYOUT_VERSION
+    assert migrated.wsi.attrs["wsi_xr_run"]["layout"] == LAYOUT_VERSION and isinstance(migrated.attrs["wsi_xr_run"], str)
     assert migrate_store(store) == []  # a second time changes nothing
 
 
@@ -239,7 +239,7 @@ def test_a_slide_without_a_whole_tile_gives_no_rows_in_a_cohort(synth_slide: Pat
     write_synthetic_slide(tiny, 40, 30, seed=1)
     store = tmp_path / "cohort.zarr"
     tree = process_slides([synth_slide, tiny], store, weights=weights, progress=False)
-    assert tree["tiny"].to_dataset().sizes["tile_y"] == 0 and tree["tiny"].attrs["complete"] is True
+    assert tree["tiny"].to_dataset().sizes["tile_y"] == 0 and tree["tiny"].to_dataset().wsi.attrs["complete"] is True
     empty = to_dataframe(xr.open_zarr(store, group="tiny", consolidated=False))
     assert len(empty) == 0 and list(empty.columns) == ["x", "y", *[f"latent_{i}" for i in range(32)]]
     rows = write_parquet(store, tmp_path / "rows.parquet")

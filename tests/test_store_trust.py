@@ -96,7 +96,7 @@ def test_damage_is_found_and_repaired_by_a_rerun(damage: str, slide: Path, weigh
     done = subprocess.run(CLI + ["verify", str(store)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and variable in done.stdout and "Traceback" not in done.stderr, done.stderr
     repaired = wsi_xr.process_slide(slide, store, weights=weights, **OPTIONS).compute()  # the same command again
-    assert repaired.attrs["complete"] is True
+    assert repaired.wsi.attrs["complete"] is True
     for name in ("tile_mask", "patch_mask", "read_error", "tile_variance", "patch_variance"):
         np.testing.assert_array_equal(repaired[name].values, ref[name].values, err_msg=name)
     assert_latents_agree(repaired.latent.values, ref.latent.values, tolerance, "latents after repair")
@@ -200,7 +200,7 @@ def test_a_slide_rewritten_during_the_run_leaves_the_store_incomplete(slide: Pat
     store = tmp_path / "s.zarr"
     with Callback(finish=rewrite), pytest.raises(wsi_xr.StoreError, match="changed while it was being read"):
         wsi_xr.process_slide(work, store, weights=weights, **OPTIONS)
-    assert xr.open_zarr(store, consolidated=False).attrs["complete"] is False
+    assert xr.open_zarr(store, consolidated=False).wsi.attrs["complete"] is False
 
 
 def test_identity_fingerprint_is_cheap_and_tells_slides_apart(slide: Path, tmp_path: Path) -> None:

@@ -351,3 +351,18 @@ def test_cli_mask_and_plot(synth_slide: Path, tmp_path: Path) -> None:
     drawn = subprocess.run(cli + ["plot", str(out), "--out", str(png)], capture_output=True, text=True)
     assert drawn.returncode == 0, drawn.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("tile", "patch"), [(224, 896), (256, 2048), (2048, 4096)])
+def test_large_tiles_and_patches_have_exact_variances(tile: int, patch: int) -> None:
+    """Before 0.3.0 a tile's sum of squares was summed in uint32 (wrong above 147-px tiles) and
+    count * sum of squares in int64 (wrong above ~1990-px patches): silently wrong variances.
+    Saturated noise (values 0 and 255) is the worst case for both sums."""
+    from wsi_xr.tissue.kernels import block_statistics
+
+    rng = np.random.default_rng(tile)
+    block = (rng.integers(0, 2, (patch, patch, 3)) * 255).astype(np.uint8)
+    tile_var, patch_var = block_statistics(block, tile, patch)
+    assert tile_var[0, 0] == pytest.approx(block[:tile, :tile].astype(np.float64).var(), rel=1e-12)
+    assert tile_var[-1, -1] == pytest.approx(block[-tile:, -tile:].astype(np.float64).var(), rel=1e-12)
+    assert patch_var[0, 0] == pytest.approx(block.astype(np.float64).var(), rel=1e-12)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers and editor
     from wsi_xr.pipeline.verify import verify_store
     from wsi_xr.readers import probe
     from wsi_xr.slide import open_pyramid, open_slide
+    from wsi_xr.store import open_store
     from wsi_xr.tissue import tissue_mask
 
 # Everything else is loaded on first use, so that ``import wsi_xr`` and ``wsi-xr --help`` cost
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers and editor
 _LAZY = {
     "open_slide": "wsi_xr.slide",
     "open_pyramid": "wsi_xr.slide",
+    "open_store": "wsi_xr.store",
     "probe": "wsi_xr.readers",
     "tissue_mask": "wsi_xr.tissue",
     "encode": "wsi_xr.encode",
@@ -98,6 +100,7 @@ __all__ = [
     "load_vae",
     "open_pyramid",
     "open_slide",
+    "open_store",
     "probe",
     "process_slide",
     "process_slides",

@@ -1,13 +1,17 @@
-"""The ``.wsi`` accessor on slide DataArrays (stateless: everything lives in coords/attrs)."""
+"""The ``.wsi`` accessors on slide DataArrays and mask/pipeline Datasets (stateless: everything lives in coords/attrs)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import xarray as xr
 
 from wsi_xr.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.image import AxesImage
 
 
 @xr.register_dataarray_accessor("wsi")
@@ -26,6 +30,25 @@ class WsiAccessor:
     def mpp(self) -> float | None:
         """Microns per level-0 pixel (None when the file does not say)."""
         return self._obj.attrs.get("mpp")
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The attributes with their original types (:func:`wsi_xr.store.decode_attrs`)."""
+        from wsi_xr.store.attrs import decode_attrs
+
+        return decode_attrs(self._obj.attrs)
+
+    def plot(self, ax: Axes | None = None, **kwargs: Any) -> AxesImage:
+        """Draw this image ``(y, x, c)`` (or a ``(tile_y, tile_x)`` grid) in level-0 pixels, y downward,
+        each pixel covering ``[c, c + size)`` from its top-left coordinate: overlays drawn with
+        ``ds.wsi.plot(ax=...)`` align with it. Keyword arguments: :func:`wsi_xr.plot.imshow`.
+
+        >>> artist = image.wsi.plot()                 # a new Figure: artist.figure
+        >>> ds.wsi.plot("tile_mask", ax=artist.axes)  # tissue tiles over the slide
+        """
+        from wsi_xr.plot import imshow
+
+        return imshow(self._obj, ax, **kwargs)
 
     def tiles(self, size: int) -> xr.DataArray:
         """The image as a grid of ``size`` x ``size`` tiles.
@@ -128,3 +151,29 @@ class WsiDatasetAccessor:
         >>> tissue = ds.wsi.tissue_tiles()          # latent (tile, feature), tile_y/tile_x per tile
         """
         return tissue_tiles(self._obj, variables)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The attributes with their original types: a store's (or a netCDF file's written from one)
+        run fingerprint as a dict, ``complete`` as a bool, ``mpp`` None where the file did not say
+        (:func:`wsi_xr.store.decode_attrs`). ``ds.attrs`` itself holds them as stored, so that
+        ``ds.to_netcdf(path)`` works."""
+        from wsi_xr.store.attrs import decode_attrs
+
+        return decode_attrs(self._obj.attrs)
+
+    def plot(self, variable: str = "tile_mask", ax: Axes | None = None, **kwargs: Any) -> AxesImage:
+        """Draw one ``(tile_y, tile_x)`` or ``(patch_y, patch_x)`` variable in level-0 pixels, y downward,
+        on tile edges (a tile at ``c`` covers ``[c, c + tile)``), so it lies over a slide drawn with
+        ``image.wsi.plot()`` exactly. A bool variable draws its True tiles in one colour
+        (``colour=``, ``alpha=``) and leaves the rest transparent. Keyword arguments:
+        :func:`wsi_xr.plot.imshow`.
+
+        >>> artist = image.wsi.plot()
+        >>> ds.wsi.plot("tile_mask", ax=artist.axes, alpha=0.4)
+        """
+        from wsi_xr.plot import imshow
+
+        if variable not in self._obj.data_vars:
+            raise InvalidArgumentError(f"no variable {variable!r} to plot; the Dataset has {sorted(map(str, self._obj.data_vars))}.")
+        return imshow(self._obj[variable], ax, attrs=self.attrs, **kwargs)

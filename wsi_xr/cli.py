@@ -46,7 +46,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  format      {info.format}")
     print(f"  vendor      {info.vendor}")
     print(f"  size        {info.width} x {info.height} px (level 0)")
-    print(f"  mpp         {info.mpp if info.mpp is not None else 'unknown'}")
+    print(f"  mpp         {f'{info.mpp} µm/px' if info.mpp is not None else 'unknown (wsi_xr takes --mpp / mpp= for it)'}")
     print(f"  backend     {choice.name} ({choice.reason})")
     print(f"  photometric {info.photometric}")
     print("  level  width x height   downsample  tile      compression")
@@ -108,8 +108,16 @@ def cmd_mask(args: argparse.Namespace) -> int:
     if args.scheduler:
         check_scheduler_address(args.scheduler)
     start = time.perf_counter()
-    image = open_slide(args.slide, chunks=args.chunk, device=_device(args.device))
-    mask = tissue_mask(image, tile=params.tile, patch=params.patch, threshold=params.threshold, coarse=params.coarse, reject_pen=params.reject_pen)
+    image = open_slide(args.slide, chunks=args.chunk, device=_device(args.device), mpp=args.mpp)
+    mask = tissue_mask(
+        image,
+        tile=params.tile,
+        patch=params.patch,
+        threshold=params.threshold,
+        coarse=params.coarse,
+        reject_pen=params.reject_pen,
+        target_mpp=_target_mpp(args),
+    )
     with _client(args.scheduler or "threads") as client:
         (computed,) = compute(mask, client=client, progress=not args.quiet)
         _end_progress_line(client, args.quiet)
@@ -160,25 +168,38 @@ def _end_progress_line(client: Any, quiet: bool) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    """Draw the slide thumbnail with the stored tile mask overlaid."""
+    """Draw the slide thumbnail with the stored tile mask overlaid, or (``--latent``) the latent map."""
 
     from wsi_xr.outputs import check_output_file
-    from wsi_xr.store import open_store
+    from wsi_xr.store import open_store, output_groups
 
     check_output_file(args.out, "png")  # before any work: fail fast on an unwritable path
-    from wsi_xr.plot import plot_mask_overlay
+    from wsi_xr.plot import plot_latent_map, plot_mask_overlay
 
     if args.group is None:
-        from wsi_xr.store import slide_groups
-
-        groups = slide_groups(args.store) if Path(args.store, "zarr.json").is_file() else []
+        groups = output_groups(args.store)
         if groups:
             raise InvalidArgumentError(f"{args.store}: a cohort store of {len(groups)} slides; pass --group NAME, one of: {', '.join(groups)}.")
-    mask = open_store(args.store, group=args.group)
-    slide = args.slide or mask.attrs.get("source")
-    if not slide:
-        raise InvalidArgumentError(f"{args.store}: no slide path stored; pass --slide SLIDE.")
-    out = plot_mask_overlay(mask, slide, args.out)
+    ds = open_store(args.store, group=args.group)
+    where = f"{args.store} (group {args.group})" if args.group else str(args.store)
+    if args.latent and "latent" not in ds:
+        raise InvalidArgumentError(
+            f"{where}: has no latent cube (a tissue-mask store, from `wsi-xr mask`?); --latent needs a store written by "
+            "`wsi-xr run`. Leave out --latent to draw the tile mask."
+        )
+    slide = args.slide or ds.attrs.get("source")
+    if args.latent:
+        if args.slide is None and slide and not Path(slide).exists():
+            print(
+                f"note: {slide} (the slide stored in {where}) not found; drawing the latent map alone (pass --slide SLIDE to draw it beside).",
+                file=sys.stderr,
+            )
+            slide = None
+        out = plot_latent_map(ds, args.out, slide=slide or None)
+    else:
+        if not slide:
+            raise InvalidArgumentError(f"{where}: no slide path stored; pass --slide SLIDE.")
+        out = plot_mask_overlay(ds, slide, args.out)
     print(f"wrote {out}")
     return 0
 
@@ -206,18 +227,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         "coarse": args.coarse,
         "chunks": args.chunk,
         "batch_size": args.batch_size,
+        # the encoder (checked once below; its tile, patch and target mpp resolved there)
         "device": _device(args.device),
         "precision": args.precision,
         "reject_pen": args.reject_pen,
         "torch_threads": "auto",  # cores / concurrent tasks: no oversubscription
+        "target_mpp": _target_mpp(args),
     }
     # every argument, weights file, slide and the output are checked before a cluster starts
     if args.scheduler:
         check_scheduler_address(args.scheduler)
-    checked = validate_run_options(args.weights, **settings)
-    opened = [open_file(s) for s in slides]
+    checked = validate_run_options(
+        args.weights, encoder=args.encoder, encoder_spec=_encoder_spec(args), encoder_kwargs=args.encoder_kwargs, **settings
+    )
+    opened = [open_file(s, mpp=args.mpp) for s in slides]
     groups: list[str | None] = [None] if len(opened) == 1 else list(group_names(opened))
     target = check_run_target(out, list(zip(opened, groups)), checked, overwrite=args.overwrite)
+    _say_missing_mpp(opened)
     if target.chunks_resumed:
         print(f"resuming: {target.chunks_resumed} of {target.chunks_total} chunks already done", file=sys.stderr)
     options = {**settings, "weights": checked.model, "overwrite": args.overwrite, "progress": not args.quiet}  # checked once
@@ -364,6 +390,26 @@ def cmd_eval_vae(args: argparse.Namespace) -> int:
         from wsi_xr.outputs import check_output_file
 
         check_output_file(args.json, "json")  # fail fast on an unwritable path
+    if args.leave_one_out:
+        from wsi_xr.models.loso import fold_table, leave_one_slide_out
+
+        if regions or args.train_slides:
+            raise InvalidArgumentError("--leave-one-out holds out whole slides: it takes no --region or --train-slides.")
+        folds = leave_one_slide_out(
+            [args.weights, *args.slides],
+            epochs=args.epochs,
+            stride=args.train_stride,
+            max_train_tiles=args.max_train_tiles,
+            max_eval_tiles=args.max_tiles or 1000,
+            seed=args.seed,
+        )
+        print(fold_table(folds))
+        print("MSE of pixels in [0, 1] on the held-out slide's tissue tiles; VAE and PCA-32 fitted on the other slides' tiles only")
+        if args.json:
+            settings = {"epochs": args.epochs, "stride": args.train_stride, "seed": args.seed, "command": " ".join(sys.argv)}
+            Path(args.json).write_text(json.dumps({"folds": [f.to_dict() for f in folds], **settings}, indent=2) + "\n")
+            print(f"wrote {args.json}")
+        return 0
     report = evaluate_slides(
         args.weights,
         args.slides,
@@ -482,12 +528,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_mask_options(p: argparse.ArgumentParser) -> None:
+def _add_mask_options(p: argparse.ArgumentParser, *, encoder_tiles: bool = False) -> None:
+    """The mask's options; ``encoder_tiles``: the tile defaults to the encoder's (``run``)."""
     from wsi_xr.tissue.params import MaskParams  # the defaults live there
 
     defaults = MaskParams()
-    p.add_argument("--tile", type=_positive_int, default=defaults.tile, help=f"tile side in pixels (default {defaults.tile})")
-    p.add_argument("--patch", type=_positive_int, default=defaults.patch, help=f"patch side in pixels (default {defaults.patch})")
+    if encoder_tiles:
+        p.add_argument("--tile", type=_positive_int, default=None, help=f"tile side in pixels (default: the encoder's, {defaults.tile} for the VAE)")
+        p.add_argument("--patch", type=_positive_int, default=None, help=f"patch side in pixels (default: 4 tiles, {defaults.patch} for the VAE)")
+    else:
+        p.add_argument("--tile", type=_positive_int, default=defaults.tile, help=f"tile side in pixels (default {defaults.tile})")
+        p.add_argument("--patch", type=_positive_int, default=defaults.patch, help=f"patch side in pixels (default {defaults.patch})")
     p.add_argument("--threshold", type=_threshold, default=defaults.threshold, help=f"variance threshold, or auto (default {defaults.threshold})")
     p.add_argument(
         "--coarse", type=_coarse, default=defaults.coarse, help=f"auto, none, or the pyramid level for the coarse skip (default {defaults.coarse})"
@@ -495,6 +546,109 @@ def _add_mask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=_positive_int, default=None, help="chunk side in pixels (multiple of --patch)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="CuPy chunks on the GPU (auto: when a GPU is present)")
     p.add_argument("--reject-pen", action="store_true", help="remove tiles covered by pen ink from the mask (adds pen_mask)")
+
+
+def _add_scale_options(p: argparse.ArgumentParser) -> None:
+    """--mpp, and the target resolution as --target-mpp or --magnification (one of them)."""
+    p.add_argument(
+        "--mpp",
+        type=_positive_float,
+        default=None,
+        help="microns per level-0 pixel, for slides that lack it or state it wrongly (default: the file's)",
+    )
+    target = p.add_mutually_exclusive_group()
+    target.add_argument(
+        "--target-mpp",
+        type=_positive_float,
+        default=None,
+        help="work at this resolution in µm/px: the level at or finer than it is read and area-averaged to it, "
+        "so tiles cover the same microns on every slide (default: level 0 as it is)",
+    )
+    target.add_argument(
+        "--magnification",
+        type=_positive_float,
+        default=None,
+        help="the target resolution as an objective power: 20 means --target-mpp 0.5, 40 means 0.25",
+    )
+
+
+def _target_mpp(args: argparse.Namespace) -> float | None:
+    from wsi_xr.resample import magnification_mpp
+
+    return magnification_mpp(args.magnification) if args.magnification is not None else args.target_mpp
+
+
+def _say_missing_mpp(opened: Sequence[Any]) -> None:
+    """One line naming the slides whose file states no mpp (their tiles have no known size in microns)."""
+    missing = [Path(o.path).name for o in opened if o.info.mpp_source == "missing"]
+    if missing:
+        print(
+            f"no mpp in {', '.join(missing)}: tiles are level pixels of unknown size (stored as mpp_source 'missing'); pass --mpp to state it",
+            file=sys.stderr,
+        )
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
+def _add_encoder_options(p: argparse.ArgumentParser) -> None:
+    """--encoder and the spec of an encoder that does not carry one (a TorchScript file)."""
+    p.add_argument(
+        "--encoder",
+        default=None,
+        help="another encoder than the VAE: a TorchScript file (with --encoder-tile, -mean, -std) or a timm model name "
+        "(timm:NAME, with --weights: a local file; nothing is downloaded)",
+    )
+    p.add_argument("--encoder-tile", type=_positive_int, default=None, help="the encoder's tile side in pixels (e.g. 224); gives it a spec")
+    p.add_argument("--encoder-mean", type=_three_floats, default=None, help="per-channel mean for pixels in [0, 1], R,G,B (default 0,0,0)")
+    p.add_argument("--encoder-std", type=_three_floats, default=None, help="per-channel std for pixels in [0, 1], R,G,B (default 1,1,1)")
+    p.add_argument("--encoder-mpp", type=_positive_float, default=None, help="the resolution the encoder was trained at, µm/px (its target mpp)")
+    p.add_argument(
+        "--encoder-kwargs", type=_json_object, default=None, help="a timm model's keyword arguments as JSON, e.g. '{\"init_values\": 1e-5}'"
+    )
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a JSON object, e.g. '{{\"init_values\": 1e-5}}'")
+    return value
+
+
+def _three_floats(text: str) -> tuple[float, float, float]:
+    parts = text.split(",")
+    try:
+        values = tuple(float(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give three numbers R,G,B, e.g. 0.485,0.456,0.406") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: give three numbers R,G,B, e.g. 0.485,0.456,0.406")
+    return values[0], values[1], values[2]
+
+
+def _encoder_spec(args: argparse.Namespace) -> Any:
+    """The EncoderSpec the --encoder-* options describe (None: the encoder's own, or none given)."""
+    given = {"mean": args.encoder_mean, "std": args.encoder_std, "target_mpp": args.encoder_mpp}
+    if args.encoder_tile is None:
+        if any(v is not None for v in given.values()):
+            raise InvalidArgumentError("--encoder-mean, --encoder-std and --encoder-mpp describe an encoder with --encoder-tile; give it too.")
+        return None
+    if args.encoder is None:
+        raise InvalidArgumentError("--encoder-tile describes the encoder given with --encoder; give it too (the VAE's tile is 64).")
+    from wsi_xr.models.encoders import EncoderSpec
+
+    name = args.encoder[len("timm:") :] if args.encoder.startswith("timm:") else Path(args.encoder).stem
+    return EncoderSpec(name, tile=args.encoder_tile, **{k: v for k, v in given.items() if v is not None})
 
 
 def _add_precision_option(p: argparse.ArgumentParser) -> None:
@@ -560,6 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("slide", help="a slide file")
     p.add_argument("out", help="output Zarr store (a folder)")
     _add_mask_options(p)
+    _add_scale_options(p)
     p.add_argument("--scheduler", default=None, help="address of a Dask scheduler (default: local threads)")
     p.add_argument(
         "--overwrite", action="store_true", help="replace a mask store that wsi_xr wrote; a folder holding anything else is never replaced"
@@ -573,9 +728,11 @@ def build_parser() -> argparse.ArgumentParser:
         usage="wsi-xr run [options] SLIDE [SLIDE ...] OUT.zarr",
     )
     p.add_argument("paths", nargs="+", metavar="SLIDE", help="the slide(s), then the output store OUT.zarr (several slides: one group each)")
-    p.add_argument("--weights", default=None, help="VAE weights file (default: the shipped weights)")
+    p.add_argument("--weights", default=None, help="the encoder's weights file (default: the shipped VAE weights)")
+    _add_encoder_options(p)
     p.add_argument("--parquet", default=None, help="also write one row per tissue tile to this Parquet file")
-    _add_mask_options(p)
+    _add_mask_options(p, encoder_tiles=True)
+    _add_scale_options(p)
     p.add_argument("--batch-size", type=_positive_int, default=None, help="encoder batch (default: measured per device; on a CPU 64 fp32, 128 bf16)")
     _add_precision_option(p)
     p.add_argument(
@@ -667,6 +824,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of tile sampling (default 0)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run the VAE (default cpu)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the numbers as JSON")
+    p.add_argument(
+        "--leave-one-out",
+        action="store_true",
+        help="WEIGHTS and SLIDEs are all slides: for each, train a VAE (and fit PCA-32) on the others' tissue tiles and score it "
+        "on that slide; one row per held-out slide, with the shipped weights beside",
+    )
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=24,
+        help="training epochs per fold with --leave-one-out (the shipped recipe's other settings; default 24)",
+    )
     p.set_defaults(func=cmd_eval_vae)
 
     p = command("plot-recon", "tissue tiles above their VAE reconstructions")
@@ -707,10 +876,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic slide (default 0)")
     p.set_defaults(func=cmd_demo)
 
-    p = command("plot", "thumbnail with the tile mask overlaid, as PNG")
-    p.add_argument("store", help="a Zarr store written by `wsi-xr mask` or `wsi-xr run`")
+    p = command("plot", "thumbnail with the tile mask overlaid (or, with --latent, the latent map), as PNG")
+    p.add_argument("store", help="a Zarr store written by `wsi-xr mask` or `wsi-xr run`, or a netCDF file written from one")
     p.add_argument("--slide", default=None, help="the slide (default: the path stored in the store)")
     p.add_argument("--group", default=None, help="group of a cohort store (slide name)")
+    p.add_argument(
+        "--latent",
+        action="store_true",
+        help="draw the latent map instead: the first 3 principal components of the tissue tiles' latents as RGB on the tile "
+        "grid, beside the slide when it is found (a store written by `wsi-xr run`)",
+    )
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func=cmd_plot)
     return parser

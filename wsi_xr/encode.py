@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
@@ -28,6 +28,9 @@ from wsi_xr import accessor as _accessor  # noqa: F401  (registers .wsi on what 
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.tissue.kernels import array_namespace
 
+if TYPE_CHECKING:
+    from wsi_xr.models.encoders import EncoderRef, LoadedEncoder
+
 __all__ = [
     "PRECISIONS",
     "Model",
@@ -36,7 +39,10 @@ __all__ = [
     "check_torch_threads",
     "encode",
     "encode_block",
+    "encoder_attrs",
+    "features_of",
     "model_ref",
+    "prepare_encoder",
     "prepare_model",
     "resolve_torch_threads",
     "torch_threads_scope",
@@ -148,6 +154,46 @@ def prepare_model(model: Any = None, *, device: str = "cpu", precision: str = "f
     return Model(ref, data)
 
 
+def prepare_encoder(
+    encoder: Any = None, *, weights: Any = None, spec: Any = None, device: str = "cpu", precision: str = "fp32", timm_kwargs: Any = None
+) -> Model | LoadedEncoder:
+    """The model an ``encoder=`` argument names, checked in the client and ready to travel.
+
+    ``encoder`` None (or a :class:`Model`): the VAE, from ``weights`` (a path, a VAE2, None
+    for the shipped default) through :func:`prepare_model` (its fast CPU path). Anything
+    else goes to :func:`wsi_xr.models.encoders.load_encoder` (a ``torch.nn.Module`` with
+    ``spec``, a TorchScript file with ``spec``, a timm name with local ``weights``, a
+    :class:`~wsi_xr.models.encoders.LoadedEncoder`); a VAE named that way comes back as a
+    :class:`Model` too.
+    """
+    if encoder is None:
+        if spec is not None:
+            raise InvalidArgumentError("spec= describes an encoder given with encoder=; the default encoder (the VAE) has its own.")
+        return prepare_model(weights, device=device, precision=precision)
+    if isinstance(encoder, Model):
+        return prepare_model(encoder, device=device, precision=precision)
+    from wsi_xr.models import VAE2
+    from wsi_xr.models.encoders import LoadedEncoder, load_encoder
+
+    if isinstance(encoder, VAE2):
+        return prepare_model(encoder, device=device, precision=precision)
+    check_precision(precision, device)
+    loaded = load_encoder(encoder, spec=spec, weights=weights, timm_kwargs=timm_kwargs, device=device, precision=precision)
+    if loaded.spec.kind == "vae":  # VAE weights named by path: the VAE's own path
+        return prepare_model(loaded.ref.source, device=device, precision=precision)
+    assert isinstance(loaded, LoadedEncoder)
+    return loaded
+
+
+def encoder_attrs(model: Model | LoadedEncoder) -> dict[str, Any]:
+    """Provenance of a prepared model for a store's or cube's attrs: ``weights``,
+    ``weights_sha256`` (both kinds), and for an encoder other than the VAE its name, kind,
+    spec (tile, mean, std, target mpp, features) and source (``encoder_*``)."""
+    if isinstance(model, Model):
+        return {"encoder": "vae2", "encoder_kind": "vae", "weights": model.ref.path, "weights_sha256": model.ref.sha256}
+    return {**model.attrs(), "weights": model.ref.source, "weights_sha256": model.ref.sha256}
+
+
 def model_ref(model: Any = None, *, device: str = "cpu", precision: str = "fp32") -> ModelRef:
     """The :class:`ModelRef` of :func:`prepare_model` (kept for callers of 0.2.0)."""
     return prepare_model(model, device=device, precision=precision).ref
@@ -247,46 +293,67 @@ def worker_model(ref: ModelRef, data: bytes | None = None) -> Any:
         return _remember(ref, model)
 
 
+def features_of(ref: ModelRef | EncoderRef) -> int:
+    """The length of the feature vector ``ref``'s model gives (the VAE's: its latent size)."""
+    from wsi_xr.models import LATENT_SIZE
+
+    if isinstance(ref, ModelRef):
+        return LATENT_SIZE
+    assert ref.spec.features is not None, "an EncoderRef made by load_encoder knows its feature length"
+    return ref.spec.features
+
+
 def encode_block(
     pixels: Any,
     tissue: np.ndarray,
-    ref: ModelRef,
+    ref: ModelRef | EncoderRef,
     *,
     tile: int = 64,
     batch_size: int | None = None,
     weights: bytes | None = None,
     torch_threads: int | str | None = None,
 ) -> np.ndarray:
-    """Latents ``(tiles_y, tiles_x, feature)`` float32 of one block; NaN where ``tissue`` is False.
+    """Features ``(tiles_y, tiles_x, feature)`` float32 of one block; NaN where ``tissue`` is False.
 
-    Only the tissue tiles go through the encoder (``mu``, eval mode), in batches.
-    ``pixels`` may be NumPy or CuPy; CuPy tiles reach torch through DLPack.
+    Only the tissue tiles go through the encoder, in batches: the VAE (a :class:`ModelRef`:
+    ``mu``, eval mode) or any other encoder (an :class:`~wsi_xr.models.encoders.EncoderRef`:
+    its spec's normalisation, :func:`~wsi_xr.models.encoders.encode_batch`). ``pixels`` may
+    be NumPy or CuPy; CuPy tiles reach torch through DLPack.
     """
-    from wsi_xr.models import LATENT_SIZE, encode_tiles
+    from wsi_xr.models import encode_tiles
 
     nty, ntx = tissue.shape
-    out = np.full((nty, ntx, LATENT_SIZE), np.nan, dtype=np.float32)
+    out = np.full((nty, ntx, features_of(ref)), np.nan, dtype=np.float32)
     rows, cols = np.nonzero(tissue)
     if rows.size == 0:
         return out
     xp = array_namespace(pixels)
     grid = xp.reshape(pixels[: nty * tile, : ntx * tile, :3], (nty, tile, ntx, tile, 3))
     tiles = grid.transpose(0, 2, 1, 3, 4)[xp.asarray(rows), xp.asarray(cols)]  # NumPy or CuPy
-    model = worker_model(ref, weights)
     with torch_threads_scope(resolve_torch_threads(torch_threads)):
-        if xp is np:
-            latents = encode_tiles(model, tiles, batch_size=batch_size, precision=ref.precision)
-        else:
+        if xp is not np:
             import torch
 
-            tensor = torch.from_dlpack(xp.ascontiguousarray(tiles))
-            latents = encode_tiles(model, tensor, batch_size=batch_size, precision=ref.precision).cpu().numpy()
-    out[rows, cols] = latents
+            tiles = torch.from_dlpack(xp.ascontiguousarray(tiles))
+        if isinstance(ref, ModelRef):
+            latents = encode_tiles(worker_model(ref, weights), tiles, batch_size=batch_size, precision=ref.precision)
+        else:
+            from wsi_xr.models.encoders import encode_batch, worker_encoder
+
+            latents = encode_batch(worker_encoder(ref, weights), tiles, ref.spec, batch_size=batch_size, precision=ref.precision)
+    out[rows, cols] = latents if isinstance(latents, np.ndarray) else latents.cpu().numpy()
     return out
 
 
 def _encode_task(
-    pixels: Any, tissue: np.ndarray, weights: bytes, *, ref: ModelRef, tile: int, batch_size: int | None, torch_threads: int | str | None
+    pixels: Any,
+    tissue: np.ndarray,
+    weights: bytes,
+    *,
+    ref: ModelRef | EncoderRef,
+    tile: int,
+    batch_size: int | None,
+    torch_threads: int | str | None,
 ) -> np.ndarray:
     return encode_block(pixels, np.asarray(tissue)[..., 0], ref, tile=tile, batch_size=batch_size, weights=weights, torch_threads=torch_threads)
 
@@ -300,6 +367,8 @@ def encode(
     device: str = "cpu",
     precision: str = "fp32",
     torch_threads: int | str | None = None,
+    encoder: Any = None,
+    encoder_spec: Any = None,
 ) -> xr.DataArray:
     """The latent cube of the tissue tiles of ``image``, lazily, with ``map_blocks``.
 
@@ -310,7 +379,13 @@ def encode(
     mask
         Its :func:`wsi_xr.tissue_mask` Dataset (same tile size).
     model
-        Weights file path, a :class:`~wsi_xr.models.VAE2`, or None for the shipped default.
+        Weights file path, a :class:`~wsi_xr.models.VAE2`, or None for the shipped default
+        (with ``encoder``: that encoder's weights file).
+    encoder, encoder_spec
+        Any other encoder (see :func:`prepare_encoder`): a ``torch.nn.Module`` or a
+        TorchScript file with its :class:`~wsi_xr.models.encoders.EncoderSpec`, a timm name
+        with local weights (``model``), a prepared encoder. The mask's tile must be the
+        spec's tile (``tissue_mask(image, tile=spec.tile, patch=4 * spec.tile)``).
     precision
         ``"fp32"`` (exact) or ``"bf16"`` (opt-in autocast; recorded in ``attrs``).
     torch_threads
@@ -321,13 +396,12 @@ def encode(
     Returns
     -------
     xr.DataArray
-        ``latent (tile_y, tile_x, feature)`` float32, NaN where not tissue.
+        ``latent (tile_y, tile_x, feature)`` float32, NaN where not tissue; ``attrs`` hold
+        the encoder's provenance (:func:`encoder_attrs`) and the precision.
 
     Note: this reads the image blocks again if the mask was computed separately; the
     pipeline (:func:`wsi_xr.process_slide`) fuses both into one read.
     """
-    from wsi_xr.models import LATENT_SIZE
-
     tile = int(mask.attrs.get("tile", 64))
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise InvalidArgumentError(f"batch_size={batch_size}: must be an integer >= 1 (or None: the measured default).")
@@ -337,8 +411,15 @@ def encode(
     tissue = tissue.rechunk(tile_chunks) if isinstance(tissue, da.Array) else da.from_array(np.asarray(tissue), chunks=tile_chunks)
     check_precision(precision, device)
     check_torch_threads(torch_threads)
-    prepared = prepare_model(model, device=device, precision=precision)
+    prepared = prepare_encoder(encoder, weights=model, spec=encoder_spec, device=device, precision=precision)
     ref = prepared.ref
+    encoder_tile = 64 if isinstance(ref, ModelRef) else ref.spec.tile
+    if encoder_tile != tile:
+        raise InvalidArgumentError(
+            f"the mask's tiles are {tile} px but the encoder takes {encoder_tile} px tiles; "
+            f"compute the mask with tissue_mask(image, tile={encoder_tile}, patch={4 * encoder_tile})."
+        )
+    n_features = features_of(ref)
     tissue = tissue[..., None]
     # Named from a token of the pixels, the tissue tiles, the model (its weights' hash), the
     # device, precision and batch: two encodings never share a key in one dask.compute.
@@ -348,7 +429,7 @@ def encode(
         data,
         tissue,
         prepared.graph_input(),
-        chunks=tile_chunks + ((LATENT_SIZE,),),
+        chunks=tile_chunks + ((n_features,),),
         dtype=np.float32,
         meta=np.empty((0, 0, 0), dtype=np.float32),
         ref=ref,
@@ -360,7 +441,7 @@ def encode(
     return xr.DataArray(
         latents,
         dims=("tile_y", "tile_x", "feature"),
-        coords={"tile_y": mask.tile_y.values, "tile_x": mask.tile_x.values, "feature": np.arange(LATENT_SIZE)},
+        coords={"tile_y": mask.tile_y.values, "tile_x": mask.tile_x.values, "feature": np.arange(n_features)},
         name="latent",
-        attrs={"weights": ref.path, "weights_sha256": ref.sha256, "precision": precision},
+        attrs={**encoder_attrs(prepared), "precision": precision},
     )

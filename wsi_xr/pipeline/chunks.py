@@ -16,7 +16,7 @@ separate tasks and lose the ordering.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import dask.array as da
 import numpy as np
@@ -29,8 +29,11 @@ from wsi_xr.encode import ModelRef, encode_block
 from wsi_xr.pipeline.options import RunOptions, candidate_floor, run_fingerprint
 from wsi_xr.readers import OpenedSlide, unpack_window
 from wsi_xr.store import SlideLayout, zarr_array
-from wsi_xr.tissue.core import chunk_statistics, two_stage_rule
+from wsi_xr.tissue.core import chunk_statistics, masked_statistics, two_stage_rule
 from wsi_xr.tissue.plan import MaskPlan, plan_mask
+
+if TYPE_CHECKING:
+    from wsi_xr.models.encoders import EncoderRef
 
 __all__ = ["ChunkJob", "RunPlan", "chunk_graph", "plan_run"]
 
@@ -56,16 +59,15 @@ class RunPlan:
 
     def layout(self) -> SlideLayout:
         """The store layout of this slide."""
-        from wsi_xr.models import LATENT_SIZE
-
         coords = self.mask.coords()
         tile_chunks, patch_chunks = self.mask.tile_chunks, self.mask.patch_chunks
         return SlideLayout(
             **coords,
             tile_chunks=(tile_chunks[0][0], tile_chunks[1][0]),
             patch_chunks=(patch_chunks[0][0], patch_chunks[1][0]),
-            n_features=LATENT_SIZE,
+            n_features=self.options.features,
             tile_flags=("pen_mask",) if self.options.reject_pen else (),
+            n_subtiles=self.options.subtiles**2,
         )
 
 
@@ -84,24 +86,27 @@ class ChunkJob:
     tile: int
     patch: int
     candidate_floor: float
-    ref: ModelRef
+    ref: ModelRef | EncoderRef
     batch_size: int | None
     reject_pen: bool
     torch_threads: int | str | None = None
+    subtiles: int = 0
 
     @classmethod
     def of(cls, store: str, group: str | None, options: RunOptions) -> ChunkJob:
         assert options.ref is not None
+        params = options.mask
         return cls(
             store,
             group,
-            options.tile,
-            options.patch,
+            params.tile,
+            params.patch,
             candidate_floor(options),
             options.ref,
             options.batch_size,
             options.reject_pen,
             options.torch_threads,
+            options.subtiles,
         )
 
 
@@ -148,15 +153,34 @@ def _chunk_task(
             zarr_array(g, "tile_variance")[ty0 : ty0 + nty, tx0 : tx0 + ntx] = stats.tile_variance.astype(np.float32)
             zarr_array(g, "patch_variance")[ty0 // k : ty0 // k + patch_var.shape[0], tx0 // k : tx0 // k + patch_var.shape[1]] = patch_var
             zarr_array(g, "latent")[ty0 : ty0 + nty, tx0 : tx0 + ntx, :] = latents
+            if job.subtiles:
+                zarr_array(g, "subtile_variance")[ty0 : ty0 + nty, tx0 : tx0 + ntx, :] = subtile_variances(pixels, excluded, read_patches, job)
         count = int(candidates.sum())
     elif nty and ntx:  # nothing to read here (coarse skip): the variances are stored as not read (NaN),
         with stage("write"):  # so every chunk marked done has its variance chunks (checked on rerun)
             npy, npx = -(-nty // k), -(-ntx // k)
             zarr_array(g, "tile_variance")[ty0 : ty0 + nty, tx0 : tx0 + ntx] = np.full((nty, ntx), np.nan, dtype=np.float32)
             zarr_array(g, "patch_variance")[ty0 // k : ty0 // k + npy, tx0 // k : tx0 // k + npx] = np.full((npy, npx), np.nan, dtype=np.float32)
+            if job.subtiles:
+                zarr_array(g, "subtile_variance")[ty0 : ty0 + nty, tx0 : tx0 + ntx, :] = np.full(
+                    (nty, ntx, job.subtiles**2), np.nan, dtype=np.float32
+                )
     zarr_array(g, "chunk_done")[i, j] = True  # only after the data: a kill before this redoes the chunk
     failpoint("chunk-done")
     return np.full((1, 1, 1), count, dtype=np.int64)
+
+
+def subtile_variances(pixels: Any, excluded: np.ndarray, read_patches: np.ndarray, job: ChunkJob) -> np.ndarray:
+    """float32 ``(tiles_y, tiles_x, subtiles**2)``: the variance of each sub-tile (side
+    ``tile / subtiles``) of every tile, row-major inside the tile; NaN where not read or a read
+    error. From the pixels already decoded (the tissue core's kernels, the tile as the patch)."""
+    n, tile = job.subtiles, job.tile
+    nty, ntx = excluded.shape
+    k = job.patch // tile
+    read_tiles = np.repeat(np.repeat(read_patches, k, axis=0), k, axis=1)[:nty, :ntx]
+    sub_excluded = np.repeat(np.repeat(excluded, n, axis=0), n, axis=1)
+    variance, _ = masked_statistics(pixels[: nty * tile, : ntx * tile], sub_excluded, read_tiles, tile=tile // n, patch=tile)
+    return variance.reshape(nty, n, ntx, n).transpose(0, 2, 1, 3).reshape(nty, ntx, n * n).astype(np.float32)
 
 
 def chunk_graph(plan: RunPlan, job: ChunkJob, done: np.ndarray, weights: Any) -> da.Array:

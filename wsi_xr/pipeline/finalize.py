@@ -15,15 +15,17 @@ import numpy as np
 import zarr
 
 from wsi_xr._failpoints import failpoint
+from wsi_xr.encode import encoder_attrs
 from wsi_xr.errors import StoreError
 from wsi_xr.pipeline.chunks import RunPlan
 from wsi_xr.pipeline.options import CANDIDATE_FLOOR, candidate_floor
 from wsi_xr.pipeline.verify import Problem, check_written
 from wsi_xr.readers.identity import content_fingerprint
-from wsi_xr.store import json_safe_attrs, read_array, zarr_array
+from wsi_xr.store import read_array, zarr_array
+from wsi_xr.store.attrs import update_attrs
 from wsi_xr.tissue.core import blocks_any, choose_threshold, two_stage_rule
 
-__all__ = ["finalize", "maybe_encoded"]
+__all__ = ["finalize", "maybe_encoded", "tissue_fraction"]
 
 
 def maybe_encoded(tile_var: np.ndarray, patch_of_tile: np.ndarray, excluded: np.ndarray, floor: float) -> np.ndarray:
@@ -35,6 +37,14 @@ def maybe_encoded(tile_var: np.ndarray, patch_of_tile: np.ndarray, excluded: np.
     """
     below_floor32 = np.nextafter(np.float32(floor), np.float32(-np.inf))  # float32 compare: > this is >= float32(floor)
     return two_stage_rule(tile_var.astype(np.float32, copy=False), patch_of_tile.astype(np.float32, copy=False), excluded, below_floor32)
+
+
+def tissue_fraction(subtile_variance: np.ndarray, threshold: float) -> np.ndarray:
+    """float32 ``(tile_y, tile_x)``: the share of each tile's sub-tiles whose variance exceeds
+    ``threshold`` (the run's, as for the mask); NaN where the tile was not read."""
+    with np.errstate(invalid="ignore"):
+        above = (subtile_variance > threshold).mean(axis=-1)
+    return np.where(np.isnan(subtile_variance).any(axis=-1), np.nan, above).astype(np.float32)
 
 
 def finalize(group: zarr.Group, plan: RunPlan, folder: Path) -> dict[str, Any]:
@@ -68,6 +78,8 @@ def finalize(group: zarr.Group, plan: RunPlan, folder: Path) -> dict[str, Any]:
         patch_mask = patch_var > threshold
     zarr_array(group, "patch_mask")[...] = patch_mask
     zarr_array(group, "tile_mask")[...] = tile_mask
+    if options.subtiles:
+        zarr_array(group, "tissue_fraction")[...] = tissue_fraction(read_array(group, "subtile_variance"), threshold)
     failpoint("finalize-masks")
     # Only latent chunks holding an encoded tile that is not tissue change: read and
     # rewrite those alone (at 49152², 76 of 576 chunks), checking their tissue tiles'
@@ -94,15 +106,14 @@ def finalize(group: zarr.Group, plan: RunPlan, folder: Path) -> dict[str, Any]:
         **mask.attrs(),
         "threshold": float(threshold),
         "threshold_method": method,
-        "weights": options.ref.path if options.ref else None,
-        "weights_sha256": options.ref.sha256 if options.ref else None,
+        **(encoder_attrs(options.model) if options.model is not None else {}),  # weights, weights_sha256, encoder_*
         "precision": options.precision,
         "pen_tiles": pen_tiles,
         "wsi_xr_version": __version__,
         "tissue_tiles": int(tile_mask.sum()),
         "read_errors": int(excluded.sum()),
     }
-    group.attrs.update(json_safe_attrs(attrs))
+    update_attrs(group.attrs, attrs)  # netCDF-safe (wsi_xr.store.attrs): a store's Dataset writes with plain to_netcdf
     failpoint("finalize-attrs")
     # What this run wrote is checked before the store is called complete: every chunk of
     # every array stored, with bytes that match their checksum, and every chunk done.
@@ -122,6 +133,6 @@ def finalize(group: zarr.Group, plan: RunPlan, folder: Path) -> dict[str, Any]:
             f"{f'; {len(problems) - 1} more' if len(problems) > 1 else ''}); the store is not complete. "
             "Check the disk, then run the same command again: it recomputes the chunks that fail."
         )
-    group.attrs["complete"] = True  # last, and only once checked: a store is never complete with chunks missing
+    update_attrs(group.attrs, {"complete": True})  # last, and only once checked: a store is never complete with chunks missing
     failpoint("finalize-complete")
     return attrs

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from wsi_xr.encode import Model, ModelRef, check_precision, check_torch_threads, prepare_model
+from wsi_xr.encode import Model, ModelRef, check_precision, check_torch_threads, features_of, prepare_encoder
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.readers import GPU_BACKENDS, OpenedSlide
 from wsi_xr.resample import ReadScale, check_target_mpp, choose_scale
@@ -13,6 +13,9 @@ from wsi_xr.slide import ChunkSpec
 from wsi_xr.tissue.params import MaskParams
 from wsi_xr.tissue.plan import Chunks, plan_chunks
 from wsi_xr.tissue.threshold import THRESHOLD_RANGE
+
+if TYPE_CHECKING:
+    from wsi_xr.models.encoders import EncoderRef, LoadedEncoder
 
 __all__ = [
     "CANDIDATE_FLOOR",
@@ -43,8 +46,8 @@ class RunOptions:
     and the reading's.
     """
 
-    tile: int = _MASK.tile
-    patch: int = _MASK.patch
+    tile: int | None = None
+    patch: int | None = None
     threshold: float | str = _MASK.threshold
     coarse: str | int = _MASK.coarse
     chunks: ChunkSpec = None
@@ -54,34 +57,59 @@ class RunOptions:
     precision: str = "fp32"
     reject_pen: bool = _MASK.reject_pen
     torch_threads: int | str | None = None
-    model: Model | None = None
+    model: Model | LoadedEncoder | None = None
     target_mpp: float | None = None
 
     def scale(self, opened: OpenedSlide) -> ReadScale | None:
         """How ``opened`` is read at :attr:`target_mpp` (None: at :attr:`level` as it is)."""
-        return None if self.target_mpp is None else choose_scale(opened.info, self.target_mpp, self.tile)
+        return None if self.target_mpp is None else choose_scale(opened.info, self.target_mpp, self.mask.tile)
 
     @property
     def mask(self) -> MaskParams:
-        """The mask's settings (checked when built)."""
-        return MaskParams(self.tile, self.patch, self.threshold, self.coarse, self.reject_pen)
+        """The mask's settings (checked when built; tile and patch: the reference's until resolved)."""
+        tile = _MASK.tile if self.tile is None else self.tile
+        patch = (_MASK.patch if self.tile is None else 4 * tile) if self.patch is None else self.patch
+        return MaskParams(tile, patch, self.threshold, self.coarse, self.reject_pen)
 
     @property
-    def ref(self) -> ModelRef | None:
-        """The model's identity (weights hash, device, precision), once validated."""
+    def ref(self) -> ModelRef | EncoderRef | None:
+        """The model's identity (weights hash, device, precision; an encoder's spec), once validated."""
         return None if self.model is None else self.model.ref
 
+    @property
+    def subtiles(self) -> int:
+        """Sub-tiles per tile side for ``tissue_fraction``: 0 for the VAE (its 64-px tiles are the
+        mask's), else 4 (2, 1) for an encoder tile divisible by it (a 224-px tile: 56-px sub-tiles)."""
+        if self.model is None or isinstance(self.model, Model):
+            return 0
+        tile = self.mask.tile
+        return next(n for n in (4, 2, 1) if tile % n == 0)
 
-def validate_run_options(weights: Any = None, **settings: Any) -> RunOptions:
-    """Check every slide-independent argument of a run, load-test the weights, return them.
+    @property
+    def features(self) -> int:
+        """The length of the model's feature vector (the VAE: 32)."""
+        assert self.ref is not None
+        return features_of(self.ref)
+
+
+def validate_run_options(
+    weights: Any = None, *, encoder: Any = None, encoder_spec: Any = None, encoder_kwargs: Any = None, **settings: Any
+) -> RunOptions:
+    """Check every slide-independent argument of a run, load-test the encoder, return them.
 
     Cheap (no pixels are read): the CLI calls it before starting a cluster. ``weights`` is a
-    path, a VAE2, a :class:`~wsi_xr.encode.Model` (checked already: reused) or None.
+    path, a VAE2, a :class:`~wsi_xr.encode.Model` or
+    :class:`~wsi_xr.models.encoders.LoadedEncoder` (checked already: reused) or None;
+    ``encoder`` and ``encoder_spec`` name another encoder (:func:`~wsi_xr.encode.prepare_encoder`),
+    with ``weights`` as its weights file (``encoder_kwargs``: a timm model's keyword arguments). The tile is the encoder's (64 for the VAE), the
+    patch 4 tiles unless given, and the target mpp the spec's unless given.
     """
+    from wsi_xr.models.encoders import LoadedEncoder  # torch: loading the model imports it anyway
+
+    if encoder is None and isinstance(weights, LoadedEncoder):
+        encoder, weights = weights, None
     options = RunOptions(**settings)
-    params = options.mask  # checks tile, patch, threshold, coarse, reject_pen
-    if params.tile != 64:
-        raise InvalidArgumentError(f"tile={params.tile}: the VAE encodes 64x64 tiles; use tile=64 for the pipeline.")
+    MaskParams(threshold=options.threshold, coarse=options.coarse, reject_pen=options.reject_pen)  # the cheap checks first
     if options.batch_size is not None and (not isinstance(options.batch_size, int) or isinstance(options.batch_size, bool) or options.batch_size < 1):
         raise InvalidArgumentError(f"batch_size={options.batch_size}: must be an integer >= 1 (or None: the measured default).")
     if options.device not in ("cpu", "cuda"):
@@ -91,9 +119,18 @@ def validate_run_options(weights: Any = None, **settings: Any) -> RunOptions:
     target = check_target_mpp(options.target_mpp)
     if target is not None and options.level != 0:
         raise InvalidArgumentError(f"level={options.level} and target_mpp={target}: the target chooses the level to read; give one of them.")
-    options = RunOptions(**{**options.__dict__, "target_mpp": target})
-    model = prepare_model(weights, device=options.device, precision=options.precision)
-    return RunOptions(**{**options.__dict__, "model": model})
+    model = prepare_encoder(
+        encoder, weights=weights, spec=encoder_spec, timm_kwargs=encoder_kwargs, device=options.device, precision=options.precision
+    )
+    encoder_tile, name = (64, "the VAE") if isinstance(model, Model) else (model.spec.tile, f"encoder {model.spec.name!r}")
+    if options.tile is not None and options.tile != encoder_tile:
+        raise InvalidArgumentError(
+            f"tile={options.tile}: {name} encodes {encoder_tile}x{encoder_tile} tiles; leave tile unset (or use tile={encoder_tile})."
+        )
+    if target is None and not isinstance(model, Model):
+        target = model.spec.target_mpp  # the resolution the encoder was trained at
+    resolved = RunOptions(**{**options.__dict__, "tile": encoder_tile, "target_mpp": target, "model": model})
+    return RunOptions(**{**resolved.__dict__, "patch": resolved.mask.patch})  # checks tile and patch (default: 4 tiles)
 
 
 def check_slide_options(opened: OpenedSlide, options: RunOptions) -> Chunks:
@@ -110,11 +147,13 @@ def run_fingerprint(opened: OpenedSlide, options: RunOptions, chunks: Chunks) ->
     """The parameters that define a run's results: a store made with others is not resumed."""
     info = opened.info
     assert options.ref is not None
-    scale = {}  # only when set: stores made without them still resume
+    scale: dict[str, Any] = {}  # only when set: stores made without them still resume
     if info.mpp_source == "user":
         scale["mpp"] = info.mpp
     if options.target_mpp is not None:
         scale["target_mpp"] = options.target_mpp
+    if options.model is not None and not isinstance(options.model, Model):  # the spec (normalisation, tile) decides the features too
+        scale["encoder"] = options.model.spec.attrs()
     return {
         **scale,
         "source": info.path,

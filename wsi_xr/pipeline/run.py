@@ -32,6 +32,7 @@ from wsi_xr.pipeline.verify import damaged_chunks
 from wsi_xr.readers import OpenedSlide, open_file
 from wsi_xr.slide import ChunkSpec, SlideSource
 from wsi_xr.store import StoreLock, check_slide_target, chunks_done, consolidate, open_or_create_slide_group, read_array, zarr_array
+from wsi_xr.store.attrs import update_attrs
 from wsi_xr.tissue.params import MaskParams
 
 __all__ = ["RunTarget", "check_run_target", "group_names", "process_slide", "process_slides"]
@@ -145,7 +146,7 @@ def repair(group: zarr.Group, folder: Path, group_name: str | None, plan: RunPla
         for i, j in sorted(redo):
             done[i, j] = False
             errors[i * tcy : (i + 1) * tcy, j * tcx : (j + 1) * tcx] = plan.mask.excluded[i * tcy : (i + 1) * tcy, j * tcx : (j + 1) * tcx]
-    group.attrs["complete"] = False
+    update_attrs(group.attrs, {"complete": False})  # netCDF-safe, as every attribute (wsi_xr.store.attrs)
     lines = [p.line(folder) for p in problems]
     for line in lines:
         log.info("repairing: %s", line)
@@ -208,8 +209,10 @@ def process_slide(
     *,
     group: str | None = None,
     weights: Any = None,
-    tile: int = MaskParams.tile,
-    patch: int = MaskParams.patch,
+    encoder: Any = None,
+    encoder_spec: Any = None,
+    tile: int | None = None,
+    patch: int | None = None,
     threshold: float | str = MaskParams.threshold,
     coarse: str | int = MaskParams.coarse,
     chunks: ChunkSpec = None,
@@ -241,7 +244,20 @@ def process_slide(
     weights
         A weights file, a :class:`~wsi_xr.models.VAE2`, a :class:`~wsi_xr.encode.Model`
         (:func:`~wsi_xr.encode.prepare_model`: checked once, reused), or None for the
-        shipped default. Workers receive the weights' bytes through the graph.
+        shipped default. Workers receive the weights' bytes through the graph. With
+        ``encoder``: that encoder's weights file (a timm model's, a module's state dict).
+    encoder, encoder_spec
+        Another encoder than the VAE (README "Any encoder"): a ``torch.nn.Module`` or a
+        TorchScript file with its :class:`~wsi_xr.models.encoders.EncoderSpec` (tile side,
+        mean/std, target mpp), a timm model name with local ``weights``, or a
+        :class:`~wsi_xr.models.encoders.LoadedEncoder`. The tile grid is then the
+        encoder's (``tile`` = its tile, ``patch`` 4 tiles unless given), the target mpp its
+        spec's unless ``target_mpp`` is given, ``latent`` holds its features, and
+        ``tissue_fraction (tile_y, tile_x)`` the share of each tile's 4 x 4 sub-tiles above
+        the threshold. Provenance: ``encoder``, ``encoder_kind``, ``encoder_*`` spec attrs,
+        ``weights_sha256``.
+    tile, patch
+        Tile and patch sides in pixels (default: the encoder's tile, 64 for the VAE, and 4 tiles).
     reject_pen
         Remove tiles covered by pen ink from ``tile_mask`` (adds ``pen_mask``).
     torch_threads
@@ -267,6 +283,8 @@ def process_slide(
     """
     options = validate_run_options(
         weights,
+        encoder=encoder,
+        encoder_spec=encoder_spec,
         tile=tile,
         patch=patch,
         threshold=threshold,
@@ -336,7 +354,7 @@ def process_slides(
             runs = [_prepare(o, store_path, name, options, overwrite, backend, client) for o, name in zip(opened, names)]
             _run_all(runs, client, progress)
             root = zarr.open_group(store_path, mode="r+", zarr_format=3, use_consolidated=False)
-            root.attrs["slides"] = {name: o.path for name, o in zip(names, opened)}
+            update_attrs(root.attrs, {"slides": {name: o.path for name, o in zip(names, opened)}})  # JSON text: netCDF-safe
             consolidate(store_path)
         except OSError as err:
             raise StoreError(

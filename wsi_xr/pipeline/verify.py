@@ -26,16 +26,17 @@ import numpy as np
 import zarr
 
 from wsi_xr.store import RUN_ATTR, slide_groups, zarr_array
+from wsi_xr.store.attrs import decode_attrs
 from wsi_xr.tissue.core import two_stage_rule
 
 __all__ = ["Problem", "VerifyReport", "check_written", "damaged_chunks", "verify_group", "verify_store"]
 
 #: Arrays with one chunk per slide chunk: a problem in chunk (i, j) means slide chunk (i, j) is recomputed.
-PER_CHUNK = ("tile_variance", "patch_variance", "latent", "chunk_done", "pen_mask")
+PER_CHUNK = ("tile_variance", "patch_variance", "latent", "chunk_done", "pen_mask", "subtile_variance")
 #: Arrays finalising writes whole: rewritten by the next finalisation.
-FINALISED = ("tile_mask", "patch_mask")
+FINALISED = ("tile_mask", "patch_mask", "tissue_fraction")
 #: Arrays every stored chunk of which must exist once the group exists.
-ALWAYS_STORED = ("read_error", "chunk_done", "tile_y", "tile_x", "patch_y", "patch_x", "chunk_y", "chunk_x", "feature")
+ALWAYS_STORED = ("read_error", "chunk_done", "tile_y", "tile_x", "patch_y", "patch_x", "chunk_y", "chunk_x", "feature", "subtile")
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def check_written(folder: Path, group_name: str | None, latent_chunks: set[tuple
             try:
                 data = path.read_bytes()
             except FileNotFoundError:
-                required = name in (*ALWAYS_STORED, *FINALISED, "tile_variance", "patch_variance") or (
+                required = name in (*ALWAYS_STORED, *FINALISED, "tile_variance", "patch_variance", "subtile_variance") or (
                     name == "latent" and (coords[0], coords[1]) in latent_chunks
                 )
                 if required:
@@ -179,7 +180,7 @@ def verify_group(folder: Path, group_name: str | None, report: VerifyReport | No
     writes ``complete``. None: as the attribute says.
     """
     group = zarr.open_group(folder, mode="r", zarr_format=3, use_consolidated=False)
-    attrs: dict[str, Any] = dict(group.attrs)
+    attrs: dict[str, Any] = decode_attrs(group.attrs)  # dicts and bools as written, by this release or an earlier one
     if RUN_ATTR not in attrs:
         return [Problem(group_name, "(group)", None, "not a slide group written by wsi-xr run")]
     problems, contents = _read_chunks(folder, group_name, group, report)
@@ -304,7 +305,7 @@ def damaged_chunks(folder: Path, group_name: str | None) -> tuple[set[tuple[int,
     from wsi_xr.pipeline.options import CANDIDATE_FLOOR
 
     group = zarr.open_group(folder, mode="r", zarr_format=3, use_consolidated=False)
-    attrs: dict[str, Any] = dict(group.attrs)
+    attrs: dict[str, Any] = decode_attrs(group.attrs)  # dicts and bools as written, by this release or an earlier one
     run: dict[str, Any] = attrs.get(RUN_ATTR) or {}
     problems, contents = _read_chunks(folder, group_name, group, None)
     present, values = contents.present, contents.values

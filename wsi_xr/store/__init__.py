@@ -4,11 +4,13 @@
   resumed by fingerprint), cohorts, chunk bookkeeping;
 - :mod:`.ownership`: what wsi_xr wrote and what it may replace (``--overwrite``), atomic swaps;
 - :mod:`.lock`: the store lock;
-- :mod:`.masks`: tissue-mask stores (``wsi-xr mask``, :func:`write_zarr`);
-- :mod:`.migrate`: stores written by wsi_xr 0.1.0;
+- :mod:`.attrs`: attributes in a form netCDF can hold (dicts as JSON text, bools as 0/1), and back;
+- :mod:`.masks`: tissue-mask stores (``wsi-xr mask``, :func:`write_zarr`), :func:`open_store` (Zarr or netCDF);
+- :mod:`.migrate`: stores written by wsi_xr 0.1.0 and 0.2.0;
 - :mod:`.tables`: tile rows and Parquet.
 """
 
+from wsi_xr.store.attrs import ATTR_TYPES, decode_attrs, encode_attrs, normalise_attrs, update_attrs
 from wsi_xr.store.layout import (
     SlideLayout,
     check_slide_target,
@@ -21,7 +23,7 @@ from wsi_xr.store.layout import (
     zarr_array,
 )
 from wsi_xr.store.lock import StoreLock
-from wsi_xr.store.masks import open_store, write_zarr
+from wsi_xr.store.masks import open_store, output_groups, write_zarr
 from wsi_xr.store.migrate import migrate_store
 from wsi_xr.store.ownership import (
     COHORT_ATTR,
@@ -36,6 +38,7 @@ from wsi_xr.store.ownership import (
 from wsi_xr.store.tables import tile_rows, write_tile_parquet
 
 __all__ = [
+    "ATTR_TYPES",
     "COHORT_ATTR",
     "LAYOUT_VERSION",
     "MASK_ATTR",
@@ -46,16 +49,21 @@ __all__ = [
     "check_slide_target",
     "chunks_done",
     "consolidate",
+    "decode_attrs",
+    "encode_attrs",
     "foreign_content",
     "json_safe_attrs",
     "migrate_store",
+    "normalise_attrs",
     "open_or_create_slide_group",
     "open_store",
+    "output_groups",
     "read_array",
     "remove_stale_temporaries",
     "slide_groups",
     "swap_in",
     "tile_rows",
+    "update_attrs",
     "write_tile_parquet",
     "write_zarr",
     "zarr_array",

@@ -19,6 +19,7 @@ import numpy as np
 
 from wsi_xr._failpoints import failpoint
 from wsi_xr.errors import StoreError
+from wsi_xr.store.attrs import normalise_attrs, update_attrs
 
 if TYPE_CHECKING:
     import zarr
@@ -45,7 +46,11 @@ def read_array(group: zarr.Group, name: str) -> np.ndarray:
 
 
 def json_safe_attrs(attrs: dict) -> dict:
-    """Attrs that Zarr can store as JSON (None stays None, numpy scalars become Python)."""
+    """Attrs that Zarr can store as JSON (None stays None, numpy scalars become Python).
+
+    Not netCDF-safe: wsi_xr writes its stores' attributes with
+    :func:`~wsi_xr.store.attrs.update_attrs` / :func:`~wsi_xr.store.attrs.encode_attrs`.
+    """
     safe = {}
     for key, value in attrs.items():
         if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
@@ -78,6 +83,8 @@ class SlideLayout:
         Length of the latent vector.
     tile_flags
         Extra bool ``(tile_y, tile_x)`` variables to create (e.g. ``"pen_mask"``).
+    n_subtiles
+        Sub-tiles per tile for ``tissue_fraction`` (0: none).
     """
 
     tile_y: np.ndarray
@@ -90,6 +97,10 @@ class SlideLayout:
     patch_chunks: tuple[int, int]
     n_features: int
     tile_flags: tuple[str, ...] = field(default=())
+    #: Sub-tiles per tile (an encoder's tiles larger than the VAE's: 16, a 4 x 4 grid):
+    #: ``subtile_variance (tile_y, tile_x, subtile)`` and ``tissue_fraction (tile_y, tile_x)``
+    #: are created when > 0.
+    n_subtiles: int = 0
 
 
 def checksummed() -> dict[str, Any]:
@@ -132,6 +143,19 @@ def _create_arrays(group: Any, layout: SlideLayout, read_error: np.ndarray) -> N
         fill_value=np.nan,
         dimension_names=("tile_y", "tile_x", "feature"),
     )
+    if layout.n_subtiles:
+        n = layout.n_subtiles
+        group.create_array(**checksummed(), name="subtile", data=np.arange(n, dtype=np.int64), dimension_names=("subtile",))
+        group.create_array(
+            **checksummed(),
+            name="subtile_variance",
+            shape=(nty, ntx, n),
+            chunks=(tcy, tcx, n),
+            dtype="float32",
+            fill_value=np.nan,
+            dimension_names=("tile_y", "tile_x", "subtile"),
+        )
+        group.create_array(**checksummed(), name="tissue_fraction", dtype="float32", fill_value=np.nan, **tiles2d)
     failpoint("create-array")
     done = group.create_array(
         **checksummed(),
@@ -238,12 +262,14 @@ def open_or_create_slide_group(
     target = store / group_name if group_name else store
     remove_stale_temporaries(target)
     if check_slide_target(store, group_name, fingerprint, overwrite=overwrite):
-        return zarr.open_group(target, mode="r+", zarr_format=3, use_consolidated=False), True
+        group = zarr.open_group(target, mode="r+", zarr_format=3, use_consolidated=False)
+        normalise_attrs(group.attrs)  # a group an earlier release began holds dicts and bools: netCDF-safe from now on
+        return group, True
     fingerprint = {**fingerprint, "layout": LAYOUT_VERSION}
 
     def build(group: Any) -> None:
         # the fingerprint goes in first: a half-built group is never renamed into place anyway
-        group.attrs.update(json_safe_attrs({RUN_ATTR: fingerprint, "complete": False}))
+        update_attrs(group.attrs, {RUN_ATTR: fingerprint, "complete": False})
         failpoint("create-attrs")
         _create_arrays(group, layout, read_error)
 
@@ -277,7 +303,7 @@ def _ensure_cohort_root(store: Path) -> None:
     remove_stale_temporaries(store)
 
     def build(group: Any) -> None:
-        group.attrs[COHORT_ATTR] = {"layout": LAYOUT_VERSION}
+        update_attrs(group.attrs, {COHORT_ATTR: {"layout": LAYOUT_VERSION}})
 
     _build_then_rename(store, build)
 

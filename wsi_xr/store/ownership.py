@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from wsi_xr._failpoints import failpoint
 from wsi_xr.errors import StoreError
 from wsi_xr.outputs import check_parent
+from wsi_xr.store.attrs import decode_attrs
 
 if TYPE_CHECKING:
     pass
@@ -54,7 +55,8 @@ _ZARR_PARTIAL = re.compile(r"^(\d+|zarr)\.[0-9a-f]{32}\.partial$")
 
 
 def _zarr_attrs(folder: Path) -> dict[str, Any] | None:
-    """The attributes of the Zarr v3 group at ``folder``, or None when it is not one."""
+    """The attributes of the Zarr v3 group at ``folder`` (decoded: :func:`~wsi_xr.store.attrs.decode_attrs`,
+    so a run fingerprint is a dict whichever release wrote it), or None when it is not one."""
     meta = folder / "zarr.json"
     if not meta.is_file():
         return None
@@ -64,7 +66,10 @@ def _zarr_attrs(folder: Path) -> dict[str, Any] | None:
         return None
     if doc.get("node_type") != "group":
         return None
-    return dict(doc.get("attributes") or {})
+    try:
+        return decode_attrs(doc.get("attributes") or {})
+    except StoreError as err:
+        raise StoreError(f"{meta}: {err}") from err
 
 
 def _zarr_node(folder: Path) -> str | None:

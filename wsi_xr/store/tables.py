@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 
 def tile_rows(ds: xr.Dataset, slide: str | None = None) -> Any:
-    """One row per tissue tile of a slide Dataset: ``x``, ``y``, ``latent_0`` ... (+ ``slide``).
+    """One row per tissue tile of a slide Dataset: ``x``, ``y`` (``tissue_fraction`` for an
+    encoder's store), ``latent_0`` ... (+ ``slide``).
 
     Returns a pandas DataFrame (one slide's rows: bounded by the slide, not the cohort); a
     slide without a whole tile gives no rows (and the same columns).
@@ -28,8 +29,11 @@ def tile_rows(ds: xr.Dataset, slide: str | None = None) -> Any:
 
     from wsi_xr.accessor import tissue_tiles
 
-    tissue = tissue_tiles(ds, ["latent"])
+    extra = ["tissue_fraction"] if "tissue_fraction" in ds else []  # an encoder's store: the share of tissue per tile
+    tissue = tissue_tiles(ds, ["latent", *extra])
     frame = pd.DataFrame({"x": tissue["tile_x"].values.astype(np.int64), "y": tissue["tile_y"].values.astype(np.int64)})
+    for name in extra:
+        frame[name] = np.asarray(tissue[name].values, dtype=np.float32)
     latents = np.asarray(tissue["latent"].values)
     for i in range(latents.shape[1]):
         frame[f"latent_{i}"] = latents[:, i].astype(np.float32)

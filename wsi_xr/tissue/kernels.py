@@ -73,8 +73,11 @@ def tile_moments(block: Any, tile: int) -> tuple[Any, Any]:
     # contiguous columns.
     row_values = tile * ntx * tile * channels
     step = max(1, MOMENT_STEP_BYTES // (2 * row_values))
-    sums = xp.zeros((nty, ntx), dtype=xp.uint32)
-    sums2 = xp.zeros((nty, ntx), dtype=xp.uint32)
+    # a tile's sum of squares: up to tile * tile * channels * 255**2, which passes uint32 for
+    # tiles over 147 px (an encoder's 224-px tiles): sum those in uint64
+    acc = xp.uint32 if tile * tile * channels * 255**2 < 2**32 else xp.uint64
+    sums = xp.zeros((nty, ntx), dtype=acc)
+    sums2 = xp.zeros((nty, ntx), dtype=acc)
     for r in range(0, nty, step):
         n = min(step, nty - r)
         # widened first, then reshaped: a view, also when ``block`` is a column range
@@ -82,8 +85,8 @@ def tile_moments(block: Any, tile: int) -> tuple[Any, Any]:
         wide = xp.reshape(xp.astype(block[r * tile : (r + n) * tile, : ntx * tile, :], xp.uint16), (n, tile, ntx * tile * channels))
         columns = xp.sum(wide, axis=1, dtype=xp.uint32)
         columns2 = xp.sum(wide * wide, axis=1, dtype=xp.uint32)  # 255**2 fits in uint16
-        sums[r : r + n, :] = xp.sum(xp.reshape(columns, (n, ntx, tile * channels)), axis=2, dtype=xp.uint32)
-        sums2[r : r + n, :] = xp.sum(xp.reshape(columns2, (n, ntx, tile * channels)), axis=2, dtype=xp.uint32)
+        sums[r : r + n, :] = xp.sum(xp.reshape(columns, (n, ntx, tile * channels)), axis=2, dtype=acc)
+        sums2[r : r + n, :] = xp.sum(xp.reshape(columns2, (n, ntx, tile * channels)), axis=2, dtype=acc)
     return xp.astype(sums, xp.int64), xp.astype(sums2, xp.int64)
 
 
@@ -94,7 +97,12 @@ def variance_from_moments(s1: Any, s2: Any, count: Any) -> Any:
     """
     xp = array_namespace(s1)
     count = xp.asarray(count, dtype=xp.int64)
-    numerator = xp.astype(count * s2 - s1 * s1, xp.float64)
+    largest = int(xp.max(count)) if count.ndim and count.size else int(count) if not count.ndim else 0
+    if largest * largest * 255**2 < 2**63:  # exact: count * s2 <= count**2 * 255**2 fits int64
+        numerator = xp.astype(count * s2 - s1 * s1, xp.float64)
+    else:  # patches over ~1990 px: float64 (relative error ~1e-16 of count**2 * 255**2)
+        c, f1, f2 = (xp.astype(a, xp.float64) for a in (count, s1, s2))
+        numerator = c * f2 - f1 * f1
     denominator = xp.astype(count * count, xp.float64)
     safe = xp.where(denominator > 0, denominator, xp.asarray(1.0, dtype=xp.float64))
     return xp.where(denominator > 0, numerator / safe, xp.asarray(float("nan"), dtype=xp.float64))
