@@ -21,7 +21,7 @@ from wsi_xr.errors import InvalidArgumentError
 __all__ = ["Fold", "leave_one_slide_out"]
 
 #: Slides the shipped default weights were trained on (file names; README "The shipped weights").
-DEFAULT_TRAINING_SLIDES = ("cmu-1-small-region.svs",)
+DEFAULT_TRAINING_SLIDES = ("cmu-1-small-region.svs", "kidney-48-5.tif")
 
 
 @dataclass
