@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from wsi_xr.datasets import write_synthetic_slide
-from wsi_xr.models.loso import fold_table, leave_one_slide_out
+from wsi_xr.loso import fold_table, leave_one_slide_out
 from wsi_xr.sampling import sample_tissue_tiles
 
 

@@ -391,7 +391,7 @@ def cmd_eval_vae(args: argparse.Namespace) -> int:
 
         check_output_file(args.json, "json")  # fail fast on an unwritable path
     if args.leave_one_out:
-        from wsi_xr.models.loso import fold_table, leave_one_slide_out
+        from wsi_xr.loso import fold_table, leave_one_slide_out
 
         if regions or args.train_slides:
             raise InvalidArgumentError("--leave-one-out holds out whole slides: it takes no --region or --train-slides.")
