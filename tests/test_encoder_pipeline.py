@@ -171,3 +171,32 @@ def test_cli_runs_a_torchscript_encoder(slide: Path, net: PooledLinear, tmp_path
     rows = pd.read_parquet(tmp_path / "rows.parquet")
     assert len(rows) == int(stored.tile_mask.sum()) and f"latent_{FEATURES - 1}" in rows
     _assert_features(stored.compute(), slide, net)  # the scripted module: within the same float32 bound
+
+
+def test_bf16_is_opt_in_refused_without_hardware_and_recorded(slide: Path, net: PooledLinear, tmp_path: Path) -> None:
+    """The precision rules hold for any encoder: fp32 by default; bf16 only where the CPU has
+    bfloat16 instructions (refused before any work elsewhere), recorded, its error measured."""
+    from wsi_xr.encode import _cpu_flags
+
+    has_bf16 = bool(_cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+    store = tmp_path / "bf16.zarr"
+    if not has_bf16:
+        with pytest.raises(InvalidArgumentError, match="precision='bf16' needs a CPU with bfloat16"):
+            wsi_xr.process_slide(slide, store, encoder=net, encoder_spec=SPEC, precision="bf16")
+        assert not store.exists()
+        return
+    ds = wsi_xr.process_slide(slide, store, encoder=net, encoder_spec=SPEC, precision="bf16", threshold=30.0).compute()
+    exact = wsi_xr.process_slide(slide, tmp_path / "fp32.zarr", encoder=net, encoder_spec=SPEC, threshold=30.0).compute()
+    assert decode_attrs(ds.attrs)["precision"] == "bf16" and decode_attrs(exact.attrs)["precision"] == "fp32"
+    mask = exact.tile_mask.values
+    np.testing.assert_array_equal(ds.tile_mask.values, mask)
+    # bf16 keeps 8 bits of mantissa: each product's inputs (and the bias) are rounded to relative
+    # 2**-9, so the error is within 2 * 2**-9 * (|W| |x| + |b|) plus the float32 sums' bounds
+    rows, cols, tiles = _assert_features(exact, slide, net)
+    _, bound32 = _expected(net, tiles)
+    mean, std = np.asarray(IMAGENET_MEAN).reshape(1, 3, 1, 1), np.asarray(IMAGENET_STD).reshape(1, 3, 1, 1)
+    x = ((tiles.transpose(0, 3, 1, 2).astype(np.float64) / 255.0 - mean) / std).reshape(len(tiles), -1)
+    magnitude = np.abs(x) @ np.abs(net.linear.weight.detach().double().numpy()).T + np.abs(net.linear.bias.detach().double().numpy())
+    error = np.abs(ds.latent.values[rows, cols] - exact.latent.values[rows, cols])
+    assert (error <= 2 * 2.0**-9 * magnitude + 2 * bound32).all()
+    assert error.max() > 0  # it did run in bf16
