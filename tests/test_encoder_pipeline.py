@@ -200,3 +200,39 @@ def test_bf16_is_opt_in_refused_without_hardware_and_recorded(slide: Path, net: 
     error = np.abs(ds.latent.values[rows, cols] - exact.latent.values[rows, cols])
     assert (error <= 2 * 2.0**-9 * magnitude + 2 * bound32).all()
     assert error.max() > 0  # it did run in bf16
+
+
+def test_default_chunks_stay_small_for_encoder_patches() -> None:
+    """An encoder's 896-px patch on Aperio's 240-px TIFF tiles meet every 26880 px: such a chunk
+    would be 2 GB; the default falls back to whole patches (a reviewer found the 26880)."""
+    from wsi_xr.readers.probe import LevelInfo
+    from wsi_xr.slide import default_chunk_size
+
+    aperio = LevelInfo(0, 50000, 50000, 1.0, 1.0, 240, 240, 7, "jpeg")
+    assert default_chunk_size(aperio, 896) == 3584  # two 1792-px patch pairs: whole patches, about TARGET_CHUNK
+    assert default_chunk_size(aperio, 256) == 3840  # the VAE's: still on TIFF tile borders
+    assert default_chunk_size(LevelInfo(0, 50000, 50000, 1.0, 1.0, 256, 256, 7, "jpeg"), 896) == 3584  # on 256-px tiles too
+
+
+def test_a_lost_subtile_chunk_is_found_and_repaired(slide: Path, net: PooledLinear, tmp_path: Path) -> None:
+    store = tmp_path / "f.zarr"
+    wsi_xr.process_slide(slide, store, encoder=net, encoder_spec=SPEC, chunks=896)
+    reference = xr.open_zarr(store).compute()
+    lost = next((store / "subtile_variance" / "c").rglob("*"))
+    while lost.is_dir():
+        lost = next(lost.iterdir())
+    lost.unlink()
+    report = wsi_xr.verify_store(store)
+    assert not report.ok and any(p.variable == "subtile_variance" for p in report.problems)
+    repaired = wsi_xr.process_slide(slide, store, encoder=net, encoder_spec=SPEC, chunks=896).compute()
+    assert wsi_xr.verify_store(store).ok and decode_attrs(repaired.attrs)["complete"] is True
+    np.testing.assert_array_equal(repaired.tissue_fraction.values, reference.tissue_fraction.values)
+
+
+def test_mismatched_level_and_resampled_masks_are_refused(slide: Path, net: PooledLinear, tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError, match="level=1: encoder 'pooled-linear' works at 0.5"):
+        wsi_xr.process_slide(slide, tmp_path / "a.zarr", encoder=net, encoder_spec=SPEC, level=1)
+    image = wsi_xr.open_slide(slide)
+    resampled = wsi_xr.tissue_mask(image, tile=TILE, patch=4 * TILE, target_mpp=0.5)
+    with pytest.raises(InvalidArgumentError, match="encode\\(\\) reads the image's own pixels"):
+        wsi_xr.encode(image, resampled, encoder=net, encoder_spec=SPEC)

@@ -81,11 +81,17 @@ def test_level_choice_reads_the_coarsest_level_at_or_finer_than_the_target(scans
     assert (choose_scale(info, 0.5, 64).level, choose_scale(info, 0.5, 64).level_tile) == (1, 64)
     assert (choose_scale(info, 0.75, 64).level, choose_scale(info, 0.75, 64).level_tile) == (1, 96)
     assert (choose_scale(info, 0.25, 64).level, choose_scale(info, 0.25, 64).level_tile) == (0, 64)
-    # a 0.2527 µm/px scan (Aperio 40x) for 0.5: level 0 (level 1 is 0.5054, coarser than the target), 127 px per tile
+    # a 0.2527 µm/px scan (Aperio 40x) for 0.5: its level 1 (0.5054) is "at" the target (within 2%), read as it is
     scale = choose_scale(info.with_mpp(0.2527), 0.5, 64)
-    assert (scale.level, scale.level_tile) == (0, 127) and scale.tile_mpp == pytest.approx(0.2527 * 127 / 64)
-    # within half a pixel per tile the level is read as it is (0.499 for 0.5: no resampling)
+    assert (scale.level, scale.level_tile, scale.resampled) == (1, 64, False) and scale.tile_mpp == pytest.approx(0.5054)
+    # a 0.26 µm/px scan: level 1 (0.52) is 4% coarser, so level 0 is area-averaged, 123 px per tile
+    scale = choose_scale(info.with_mpp(0.26), 0.5, 64)
+    assert (scale.level, scale.level_tile) == (0, 123) and scale.tile_mpp == pytest.approx(0.26 * 123 / 64)
+    # finer by less than half a pixel per tile: read as it is (0.499 for 0.5); 0.24: level 1 at 0.48, 67 px
     assert not choose_scale(info.with_mpp(0.4990 / 2), 0.5, 64).resampled
+    assert (choose_scale(info.with_mpp(0.24), 0.5, 64).level, choose_scale(info.with_mpp(0.24), 0.5, 64).level_tile) == (1, 67)
+    # a 20x scan at 0.504 µm/px for a 0.5 target is read as it is, not refused (224-px tiles too)
+    assert (choose_scale(info.with_mpp(0.504), 0.5, 224).level, choose_scale(info.with_mpp(0.504), 0.5, 224).level_tile) == (0, 224)
 
 
 @pytest.mark.parametrize(("level_tile", "tile"), [(128, 64), (127, 64), (96, 64), (145, 64), (64, 64), (5, 3)])

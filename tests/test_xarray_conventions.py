@@ -298,3 +298,20 @@ def test_plot_refuses_what_it_cannot_draw_and_names_the_fix(run: tuple[Path, xr.
     # one tile: its size comes from the Dataset's attributes
     one = ds.isel(tile_y=[1], tile_x=[2])
     assert one.wsi.plot("tile_variance").get_extent() == [128, 192, 128, 64]
+
+
+def test_plot_takes_levels_with_a_non_integer_downsample() -> None:
+    """An Aperio level at downsample 4.0005 has integer coordinates whose steps alternate
+    (1792, 1793 for 448-px tiles): still a regular grid, drawn on its mean step."""
+    import numpy as np
+    import xarray as xr
+
+    from wsi_xr.plot import cell_size
+
+    coords = np.round(np.arange(6) * 448 * 4.0005).astype(np.int64)
+    assert set(np.diff(coords)) == {1792, 1793}
+    grid = xr.DataArray(np.zeros((6, 6), dtype=bool), dims=("tile_y", "tile_x"), coords={"tile_y": coords, "tile_x": coords})
+    assert cell_size(grid, "tile_x") == pytest.approx(448 * 4.0005, abs=0.5)
+    uneven = grid.assign_coords(tile_x=np.array([0, 10, 20, 40, 50, 60]))
+    with pytest.raises(wsi_xr.InvalidArgumentError, match="not evenly spaced"):
+        cell_size(uneven, "tile_x")

@@ -403,6 +403,11 @@ def encode(
     pipeline (:func:`wsi_xr.process_slide`) fuses both into one read.
     """
     tile = int(mask.attrs.get("tile", 64))
+    if mask.attrs.get("resampling") == "area" or mask.attrs.get("read_level", image.attrs.get("level")) != image.attrs.get("level"):
+        raise InvalidArgumentError(
+            "the mask was made at a target mpp (another level, or resampled pixels) but encode() reads the image's own pixels; "
+            "use wsi_xr.process_slide(..., target_mpp=...), which encodes the resampled tiles, or a mask of this image without target_mpp."
+        )
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise InvalidArgumentError(f"batch_size={batch_size}: must be an integer >= 1 (or None: the measured default).")
     data = image.data if isinstance(image.data, da.Array) else da.from_array(image.data, chunks=(2048, 2048, -1))

@@ -101,11 +101,17 @@ class ReadScale:
         }
 
 
+#: A level counts as *at* the target when its mpp is at most this share coarser (a 20x scan at
+#: 0.504 µm/px for 0.5, an Aperio level at 0.5054): it is read as it is, never upsampled.
+AT_TARGET = 0.02
+
+
 def choose_scale(info: SlideInfo, target_mpp: float, tile: int) -> ReadScale:
     """The level to read for ``target_mpp`` and its pixels per tile.
 
-    The coarsest level whose tile is at least ``tile`` level pixels (at or finer than the
-    target, within half a pixel per tile: a 0.499 µm/px scan is read as it is for 0.5).
+    The coarsest level at or finer than the target: its mpp at most :data:`AT_TARGET` (2%)
+    above it. A tile is ``round(tile * target / level_mpp)`` level pixels, at least ``tile``
+    (a level within half a pixel per tile of the target, or "at" it, is read as it is).
     Raises :class:`InvalidArgumentError` when the slide has no mpp (pass ``mpp=``) or the
     target is finer than level 0 (wsi_xr does not upsample).
     """
@@ -118,13 +124,15 @@ def choose_scale(info: SlideInfo, target_mpp: float, tile: int) -> ReadScale:
     best: ReadScale | None = None
     for lv in info.levels:
         level_mpp = info.mpp * lv.downsample
-        level_tile = round(tile * target / level_mpp)
-        if level_tile >= tile and (best is None or level_tile < best.level_tile):
+        if level_mpp > target * (1 + AT_TARGET):
+            continue
+        level_tile = max(tile, round(tile * target / level_mpp))
+        if best is None or (level_tile, -level_mpp) < (best.level_tile, -best.level_mpp):
             best = ReadScale(target, lv.index, level_mpp, tile, level_tile)
     if best is None:
         raise InvalidArgumentError(
             f"{info.path}: target_mpp={target} is finer than level 0 ({info.mpp} µm/px, mpp from the {info.mpp_source}); "
-            f"wsi_xr does not upsample: use target_mpp >= {info.mpp}."
+            f"wsi_xr does not upsample: use target_mpp >= {round(info.mpp / (1 + AT_TARGET), 4)}."
         )
     return best
 

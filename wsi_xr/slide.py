@@ -41,6 +41,9 @@ __all__ = [
 CHUNK_MULTIPLE = 256
 #: The default chunk side we aim for (see benchmarks/RESULTS.md).
 TARGET_CHUNK = 2048
+#: The largest chunk side accepted to keep chunk borders on TIFF tile borders (above it the
+#: chunk is a multiple of the patch only).
+MAX_ALIGNED_CHUNK = 4 * TARGET_CHUNK
 #: ``chunks=`` may be an int (square), a ``(y, x)`` pair, or a ``{"y": .., "x": ..}`` mapping.
 ChunkSpec = int | tuple[int, int] | dict[str, int] | None
 #: Where a slide comes from: a path, or a file already opened with :func:`wsi_xr.readers.open_file`.
@@ -207,11 +210,18 @@ def default_chunk_size(level: LevelInfo, multiple: int = CHUNK_MULTIPLE) -> int:
     """Smallest multiple of lcm(TIFF tile, 256, ``multiple``) that is at least :data:`TARGET_CHUNK`.
 
     Every chunk border then falls on a TIFF tile border, so no tile is decoded twice;
-    ``multiple`` (a patch side) makes every chunk hold whole patches.
+    ``multiple`` (a patch side) makes every chunk hold whole patches. When that lcm passes
+    :data:`MAX_ALIGNED_CHUNK` (an encoder's 896-px patch on 240-px TIFF tiles: 26880), the
+    chunk is a multiple of lcm(256, ``multiple``) only.
     """
     base = math.lcm(CHUNK_MULTIPLE, multiple)
     if level.tiled and level.tile_width == level.tile_height:
-        base = math.lcm(level.tile_width, base)
+        aligned = math.lcm(level.tile_width, base)
+        # an encoder's patch (896 = 4 x 224) and Aperio's 240-px tiles meet only every 26880 px:
+        # a chunk that large is gigabytes, so such chunks hold whole patches and the TIFF tiles
+        # on their borders are decoded twice (see README "Any encoder")
+        if aligned <= MAX_ALIGNED_CHUNK:
+            base = aligned
     return base * max(1, -(-TARGET_CHUNK // base))
 
 

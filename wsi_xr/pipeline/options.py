@@ -129,6 +129,11 @@ def validate_run_options(
         )
     if target is None and not isinstance(model, Model):
         target = model.spec.target_mpp  # the resolution the encoder was trained at
+        if target is not None and options.level != 0:
+            raise InvalidArgumentError(
+                f"level={options.level}: encoder {model.spec.name!r} works at {target} µm/px (its spec's target_mpp), which chooses the level; "
+                "leave level unset, or give target_mpp= yourself."
+            )
     resolved = RunOptions(**{**options.__dict__, "tile": encoder_tile, "target_mpp": target, "model": model})
     return RunOptions(**{**resolved.__dict__, "patch": resolved.mask.patch})  # checks tile and patch (default: 4 tiles)
 

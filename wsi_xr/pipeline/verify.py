@@ -194,8 +194,8 @@ def verify_group(folder: Path, group_name: str | None, report: VerifyReport | No
     unreadable = bool(problems)
     if all(present.get("chunk_done", {}).values()):
         done = contents.values["chunk_done"]
-        for name in ("tile_variance", "patch_variance"):
-            for coords, stored in present[name].items():
+        for name in ("tile_variance", "patch_variance", "subtile_variance"):
+            for coords, stored in present.get(name, {}).items():
                 if done[coords[0], coords[1]] and not stored and (name, coords) not in bad:
                     problems.append(Problem(group_name, name, coords, "chunk missing, though chunk_done says this chunk was written"))
         if complete and not done.all():
@@ -330,7 +330,12 @@ def damaged_chunks(folder: Path, group_name: str | None) -> tuple[set[tuple[int,
     for coords in np.ndindex(*done.shape):
         if coords in redo or not present["chunk_done"].get(coords) or not bool(done[coords]):
             continue
-        if not present["tile_variance"].get(coords) or not present["patch_variance"].get(coords):
+        subtiles = present.get("subtile_variance")
+        if (
+            not present["tile_variance"].get(coords)
+            or not present["patch_variance"].get(coords)
+            or (subtiles is not None and not subtiles.get((*coords, 0)))
+        ):
             problems.append(Problem(group_name, "tile_variance", coords, "chunk missing, though chunk_done says this chunk was written"))
             redo.add((coords[0], coords[1]))
         elif (coords[0], coords[1]) in lacking:

@@ -101,6 +101,8 @@ class SlideInfo:
                 f"{self.path}: mpp={mpp!r}: give the microns per level-0 pixel, a number from {_MPP_RANGE[0]} to {_MPP_RANGE[1]} "
                 "(0.25 for a 40x scan, 0.5 for 20x)."
             )
+        if self.mpp is not None and float(mpp) == self.mpp:
+            return self  # the file's own value: still the file's (a store made with it resumes)
         return replace(self, mpp=float(mpp), mpp_source="user")
 
     def problem(self, backend: str) -> str | None:
