@@ -225,22 +225,14 @@ def resolve_torch_threads(torch_threads: int | str | None) -> int | None:
 
 @contextlib.contextmanager
 def torch_threads_scope(threads: int | None) -> Iterator[None]:
-    """Run torch with ``threads`` threads in this thread for the block, then put the setting back.
-
-    Opt-in (None: nothing changes). Torch's thread count is per calling thread for its
-    OpenMP regions, so each Dask task sets and restores its own.
-    """
+    """:func:`wsi_xr.models.vae.torch_threads_scope` (torch imported only when a count is set)."""
     if threads is None:
         yield
         return
-    import torch
+    from wsi_xr.models.vae import torch_threads_scope as scope
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with scope(threads):
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def check_torch_threads(torch_threads: Any) -> None:

@@ -47,7 +47,7 @@ import re
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +57,8 @@ import torch
 from torch import nn
 
 from wsi_xr.errors import InvalidArgumentError, WeightsError, WsiXrError
-from wsi_xr.models.vae import CHANNELS, LATENT_SIZE, PRECISIONS, TILE_SIZE, VAE2, encode_tiles, torch_device
-from wsi_xr.models.weights import _one_line, _torch_detail
+from wsi_xr.models.vae import CHANNELS, LATENT_SIZE, PRECISIONS, TILE_SIZE, VAE2, encode_tiles, torch_device, torch_threads_scope
+from wsi_xr.models.weights import _one_line, _torch_detail, existing_file
 
 __all__ = [
     "DEFAULT_ENCODER_BATCH",
@@ -346,19 +346,8 @@ def state_dict_sha256(state: nn.Module | Mapping[str, torch.Tensor]) -> str:
 
 
 def _existing_file(path: str | os.PathLike[str], what: str) -> Path:
-    """``path`` as an existing, non-empty regular file, or a WeightsError naming it."""
-    p = Path(os.fspath(path)).expanduser()
-    if not p.exists():
-        raise WeightsError(f"{what} '{p}' does not exist; check the path (wsi_xr never downloads weights: pass a local file)")
-    if p.is_dir():
-        raise WeightsError(f"{what} '{p}' is a directory, not a file; pass the file inside it")
-    try:
-        size = p.stat().st_size
-    except OSError as err:
-        raise WeightsError(f"{what} '{p}' cannot be read ({err.strerror}); check its permissions") from err
-    if size == 0:
-        raise WeightsError(f"{what} '{p}' is empty (0 bytes): it was not written completely; save or copy it again")
-    return p
+    """``path`` as an existing, non-empty regular file (:func:`~wsi_xr.models.weights.existing_file`)."""
+    return existing_file(path, what, "check the path (wsi_xr never downloads weights: pass a local file)")
 
 
 def _read(p: Path, what: str) -> bytes:
@@ -886,22 +875,6 @@ def _timm_by_name(
 # Encoding
 
 
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """Torch with ``threads`` threads for the block, then the previous setting (None: untouched)."""
-    if threads is None:
-        yield
-        return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise InvalidArgumentError(f"torch_threads={threads!r}: use None (leave torch alone) or an integer >= 1")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _module_device(module: Any) -> torch.device:
     for tensor in module.parameters():
         return torch.device(tensor.device)
@@ -966,7 +939,9 @@ def encode_batch(
             f"encoder {spec.name!r} is in training mode: call .eval() first (BatchNorm and dropout would make features depend on the batch)"
         )
     t, as_numpy = _as_tiles(tiles, spec)
-    with _torch_threads(torch_threads):
+    if torch_threads is not None and (isinstance(torch_threads, bool) or not isinstance(torch_threads, int) or torch_threads < 1):
+        raise InvalidArgumentError(f"torch_threads={torch_threads!r}: use None (leave torch alone) or an integer >= 1")
+    with torch_threads_scope(torch_threads):
         if spec.kind == "vae":
             return encode_tiles(module, tiles, batch_size=batch_size, precision=precision)
         device = _module_device(module)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,7 @@ __all__ = [
     "encode_tiles",
     "tiles_to_tensor",
     "torch_device",
+    "torch_threads_scope",
     "vae_loss",
 ]
 
@@ -294,3 +296,21 @@ def encode_tiles(model: VAE2, tiles: Any, *, batch_size: int | None = None, prec
             x = tiles_to_tensor(tiles[start : start + batch_size]).to(device, non_blocking=True)
             out[start : start + x.shape[0]] = features(x).float()
     return out.cpu().numpy() if as_numpy else out
+
+
+@contextlib.contextmanager
+def torch_threads_scope(threads: int | None) -> Iterator[None]:
+    """Run torch with ``threads`` threads in this thread for the block, then put the setting back.
+
+    Opt-in (None: nothing changes). Torch's thread count is per calling thread for its
+    OpenMP regions, so each Dask task sets and restores its own.
+    """
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -73,17 +73,23 @@ def _resolve(path: str | os.PathLike[str] | None) -> Path:
                 "pass the path of a weights file, or train weights with `wsi-xr train`"
             )
         return p
+    return existing_file(path, "weights file", "check the path or train weights with `wsi-xr train`")
+
+
+def existing_file(path: str | os.PathLike[str], what: str, missing: str = "check the path") -> Path:
+    """``path`` as an existing, non-empty regular file, or a :class:`WeightsError` naming it
+    as ``what`` (``missing``: the advice when it does not exist)."""
     p = Path(os.fspath(path)).expanduser()
     if not p.exists():
-        raise WeightsError(f"weights file '{p}' does not exist; check the path or train weights with `wsi-xr train`")
+        raise WeightsError(f"{what} '{p}' does not exist; {missing}")
     if p.is_dir():
-        raise WeightsError(f"weights path '{p}' is a directory, not a file; pass the .pt file inside it")
+        raise WeightsError(f"{what} '{p}' is a directory, not a file; pass the file inside it")
     try:
         size = p.stat().st_size
     except OSError as err:
-        raise WeightsError(f"weights file '{p}' cannot be read ({err.strerror}); check its permissions") from err
+        raise WeightsError(f"{what} '{p}' cannot be read ({err.strerror}); check its permissions") from err
     if size == 0:
-        raise WeightsError(f"weights file '{p}' is empty (0 bytes): it was not written completely; save or copy it again")
+        raise WeightsError(f"{what} '{p}' is empty (0 bytes): it was not written completely; save or copy it again")
     return p
 
 
