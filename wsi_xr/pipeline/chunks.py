@@ -146,6 +146,10 @@ def _chunk_task(
             latents = encode_block(
                 pixels, candidates, job.ref, tile=tile, batch_size=job.batch_size, weights=weights, torch_threads=job.torch_threads
             )
+        subtile_var = None
+        if job.subtiles:  # an encoder's tissue fraction: from the pixels in memory, timed as statistics
+            with stage("statistics"):
+                subtile_var = subtile_variances(pixels, excluded, read_patches, job)
         with stage("write"):
             if job.reject_pen:
                 zarr_array(g, "pen_mask")[ty0 : ty0 + nty, tx0 : tx0 + ntx] = stats.pen
@@ -153,8 +157,8 @@ def _chunk_task(
             zarr_array(g, "tile_variance")[ty0 : ty0 + nty, tx0 : tx0 + ntx] = stats.tile_variance.astype(np.float32)
             zarr_array(g, "patch_variance")[ty0 // k : ty0 // k + patch_var.shape[0], tx0 // k : tx0 // k + patch_var.shape[1]] = patch_var
             zarr_array(g, "latent")[ty0 : ty0 + nty, tx0 : tx0 + ntx, :] = latents
-            if job.subtiles:
-                zarr_array(g, "subtile_variance")[ty0 : ty0 + nty, tx0 : tx0 + ntx, :] = subtile_variances(pixels, excluded, read_patches, job)
+            if subtile_var is not None:
+                zarr_array(g, "subtile_variance")[ty0 : ty0 + nty, tx0 : tx0 + ntx, :] = subtile_var
         count = int(candidates.sum())
     elif nty and ntx:  # nothing to read here (coarse skip): the variances are stored as not read (NaN),
         with stage("write"):  # so every chunk marked done has its variance chunks (checked on rerun)
