@@ -16,7 +16,7 @@ import tifffile
 import xarray as xr
 
 import wsi_xr
-from wsi_xr.datasets.ink import INK_OD, ink_mask_region, ink_od_region, make_strokes
+from wsi_xr.datasets.ink import HELD_OUT_COLOURS, INK_OD, TUNING_COLOURS, ink_mask_region, ink_od_region, make_strokes
 from wsi_xr.datasets.synth import SynthSpec, ink_tile_fraction, render_region, tile_tissue_fraction, write_synthetic_slide
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.plot import PEN_COLOUR, overlay_classes, plot_mask_overlay
@@ -25,11 +25,14 @@ from wsi_xr.tissue.pen import DEFAULT_PEN_RULE, PenRule, ink_fractions, ink_pixe
 from wsi_xr.tissue.threshold import auto_threshold
 
 from .conftest import data_file
+from .data.make_truth import TRUTH
 
 TILE, PATCH = 64, 256
 
 #: (width, height, seed, tissue_fraction): together they hold ink-only tiles of all four inks.
 SLIDES = [(2048, 2048, 1, 0.3), (3072, 2048, 2, 0.5), (2560, 2560, 3, 0.2), (2560, 2560, 5, 0.35)]
+#: JPEG quality of the test slides: what scanners write (Aperio ~70), with 2 x 2 chroma subsampling.
+JPEG_QUALITY = 75
 
 
 def reference_rule(pixels: np.ndarray) -> tuple[np.ndarray, float]:
@@ -42,7 +45,7 @@ def reference_rule(pixels: np.ndarray) -> tuple[np.ndarray, float]:
 class Scored:
     """One synthetic slide with ink, read back from its JPEG TIFF, scored against truth."""
 
-    def __init__(self, path: Path, spec: SynthSpec) -> None:
+    def __init__(self, path: Path, spec: SynthSpec, colours: tuple[str, ...] = TUNING_COLOURS) -> None:
         self.spec = spec
         image = wsi_xr.open_slide(path, chunks=1024)
         self.pixels = image.values
@@ -55,17 +58,37 @@ class Scored:
         self.tissue = tile_tissue_fraction(spec, TILE)
         self.ink_only = (self.ink >= 0.5) & (self.tissue == 0)
         self.clean_tissue = (self.tissue >= 0.5) & (self.ink == 0)
+        self.per_colour = {c: ink_tile_fraction(spec, TILE, colour=c) for c in colours}
+        self.inks_on_tile = sum((f > 0).astype(int) for f in self.per_colour.values())
+
+    def one_ink_only(self, colour: str) -> np.ndarray:
+        """Tiles at least half covered by ``colour``, with no tissue and no other ink."""
+        return (self.per_colour[colour] >= 0.5) & (self.tissue == 0) & (self.inks_on_tile == 1)
 
 
 @pytest.fixture(scope="module")
 def all_scored(tmp_path_factory: pytest.TempPathFactory) -> list[Scored]:
-    """The test slides (6 strokes each), written as JPEG TIFFs and scored once."""
+    """The test slides (6 strokes each, the tuning colours), written as JPEG TIFFs and scored once."""
     folder = tmp_path_factory.mktemp("pen")
     scored = []
     for width, height, seed, fraction in SLIDES:
         path = folder / f"ink-{seed}.tif"
-        spec = write_synthetic_slide(path, width, height, seed=seed, tissue_fraction=fraction, pen_strokes=6)
+        spec = write_synthetic_slide(path, width, height, seed=seed, tissue_fraction=fraction, pen_strokes=6, jpeg_quality=JPEG_QUALITY)
         scored.append(Scored(path, spec))
+    return scored
+
+
+@pytest.fixture(scope="module")
+def held_out_scored(tmp_path_factory: pytest.TempPathFactory) -> list[Scored]:
+    """Slides with the held-out inks (cyan, navy, orange, violet, pink), which the rule was not tuned on."""
+    folder = tmp_path_factory.mktemp("pen-held-out")
+    scored = []
+    for width, height, seed, fraction in SLIDES[:3]:
+        path = folder / f"ink-{seed}.tif"
+        spec = write_synthetic_slide(
+            path, width, height, seed=seed + 100, tissue_fraction=fraction, pen_strokes=10, pen_colours=HELD_OUT_COLOURS, jpeg_quality=JPEG_QUALITY
+        )
+        scored.append(Scored(path, spec, HELD_OUT_COLOURS))
     return scored
 
 
@@ -82,10 +105,15 @@ def test_ink_only_tiles_are_rejected(scored: Scored) -> None:
     assert ink_only.sum() >= 10
     # the problem: the variance rule alone takes most of them for tissue
     assert scored.reference[ink_only].mean() >= 0.5
+    # under one ink; where two inks cross, the mix can absorb like H&E (red over blue is
+    # violet), so all ink-only tiles together are held to less (README "Pen marks")
+    one_ink = ink_only & (scored.inks_on_tile == 1)
+    rejected = 1.0 - scored.final[one_ink].mean()
+    assert one_ink.sum() >= 10 and rejected >= 0.95, f"only {rejected:.3f} of {one_ink.sum()} tiles under one ink rejected"
     rejected = 1.0 - scored.final[ink_only].mean()
-    assert rejected >= 0.90, f"only {rejected:.3f} of {ink_only.sum()} ink-only tiles rejected"
+    assert rejected >= 0.75, f"only {rejected:.3f} of {ink_only.sum()} ink-only tiles rejected"
     # glass tiles that ink reaches at all (stroke edges too) and the variance rule keeps
-    touched = scored.reference & (scored.ink > 0) & (scored.tissue == 0)
+    touched = scored.reference & (scored.ink > 0) & (scored.tissue == 0) & (scored.inks_on_tile == 1)
     assert scored.pen[touched].mean() >= 0.85
 
 
@@ -105,16 +133,39 @@ def test_tissue_with_a_little_ink_survives(scored: Scored) -> None:
     assert scored.final[little].mean() >= 0.9
 
 
+def _flagged(cases: list[Scored], colour: str, *, one_ink: bool) -> tuple[int, int]:
+    """(ink-only tiles of ``colour`` over ``cases``, how many of them are pen)."""
+    total = flagged = 0
+    for case in cases:
+        tiles = case.one_ink_only(colour) if one_ink else (case.tissue == 0) & (case.per_colour[colour] >= 0.5)
+        total += int(tiles.sum())
+        flagged += int(case.pen[tiles].sum())
+    return total, flagged
+
+
 def test_every_ink_colour_is_rejected(all_scored: list[Scored]) -> None:
-    """All four inks, over the test slides: >= 85 % of each colour's ink-only tiles are pen."""
-    for colour in INK_OD:
-        total = flagged = 0
-        for case in all_scored:
-            tiles = (case.tissue == 0) & (ink_tile_fraction(case.spec, TILE, colour=colour) >= 0.5)
-            total += int(tiles.sum())
-            flagged += int(case.pen[tiles].sum())
+    """All four tuning inks, faint to heavy: >= 95 % of the tiles under that ink alone are
+    pen, and >= 75 % of all its ink-only tiles (crossings of two inks included)."""
+    for colour in TUNING_COLOURS:
+        total, flagged = _flagged(all_scored, colour, one_ink=False)
         assert total >= 20, f"{colour}: only {total} ink-only tiles on the test slides"
-        assert flagged >= 0.85 * total, f"{colour}: {flagged} of {total} ink-only tiles flagged"
+        assert flagged >= 0.75 * total, f"{colour}: {flagged} of {total} ink-only tiles flagged"
+        total, flagged = _flagged(all_scored, colour, one_ink=True)
+        assert total >= 10 and flagged >= 0.95 * total, f"{colour}: {flagged} of {total} tiles under this ink alone flagged"
+
+
+def test_held_out_colours(held_out_scored: list[Scored]) -> None:
+    """Inks the rule was not tuned on. Cyan and orange are rejected as the tuning inks are;
+    navy, violet and pink absorb like haematoxylin/eosin and are kept as tissue: the limit
+    the README states ("Pen marks"). If the second half fails, the rule got better: say so there."""
+    for colour in ("cyan", "orange"):
+        total, flagged = _flagged(held_out_scored, colour, one_ink=True)
+        assert total >= 10 and flagged >= 0.95 * total, f"{colour}: {flagged} of {total} tiles under this ink alone flagged"
+    for colour in ("navy", "violet", "pink"):
+        total, flagged = _flagged(held_out_scored, colour, one_ink=True)
+        assert total >= 10 and flagged <= 0.5 * total, f"{colour}: {flagged} of {total} flagged; update the README's limits"
+    for case in held_out_scored:  # and clean tissue is still kept on these slides
+        assert case.pen[case.clean_tissue].sum() <= 0.01 * case.clean_tissue.sum()
 
 
 # ----------------------------------------------------------------------------- real H&E
@@ -129,14 +180,18 @@ def cmu_pixels() -> np.ndarray:
 def test_cmu_tissue_is_not_pen(cmu_pixels: np.ndarray) -> None:
     tissue, _ = reference_rule(cmu_pixels)
     assert tissue.sum() == 720  # the known count at the Otsu threshold (README)
+    stained = np.load(TRUTH / "cmu-1-small-region.svs.npz")["stained_fraction"]  # the colour-labelled truth
     pen = pen_tiles(cmu_pixels, TILE)
-    # The one flagged tile is a speck of teal marking dye on glass, not tissue.
-    assert (pen & tissue).sum() <= 1
-    ink, stained = ink_fractions(cmu_pixels, TILE)
-    # 2.4 % of its stained tissue samples look like ink, most of them teal marking dye
-    assert float(ink[tissue].sum() / stained[tissue].sum()) < 0.04
+    # The 8 flagged tiles are margins with under 10 % stain: teal marking dye on and beside
+    # fibres, dark specks, a bluish edge (README "Pen marks"); no tile of real tissue bulk.
+    assert (pen & tissue).sum() <= 8
+    assert (stained[pen & tissue] < 0.10).all()
+    ink, stained_share = ink_fractions(cmu_pixels, TILE)
+    # 8 % of its stained tissue samples look like ink (teal dye, bluish nuclei): the tile rule absorbs them
+    assert float(ink[tissue].sum() / stained_share[tissue].sum()) < 0.10
     # every pixel too, not only the default 1-in-16 samples
-    assert (pen_tiles(cmu_pixels, TILE, PenRule(stride=1)) & tissue).sum() <= 1
+    every = pen_tiles(cmu_pixels, TILE, PenRule(stride=1)) & tissue
+    assert every.sum() <= 8 and (stained[every] < 0.10).all()
 
 
 def test_real_h_and_e_colours_are_not_ink(cmu_pixels: np.ndarray) -> None:
@@ -179,8 +234,9 @@ def test_real_h_and_e_colours_are_not_ink(cmu_pixels: np.ndarray) -> None:
 
 
 def test_marker_colours_are_ink() -> None:
-    for colour, od in INK_OD.items():
-        for density in (0.7, 1.0, 1.5, 2.5):
+    for colour in (*TUNING_COLOURS, "cyan", "orange"):
+        od = INK_OD[colour]
+        for density in (0.4, 0.7, 1.0, 1.5, 2.5):  # a faint stroke as a heavy one
             pixel = np.clip(241 * np.exp(-np.asarray(od) * density) + 0.5, 0, 255).astype(np.uint8)
             ink, stained = ink_pixels(pixel[None, :])
             assert ink[0] and stained[0], f"{colour} ink at density {density} ({pixel}) not taken for ink"
@@ -280,8 +336,8 @@ def test_bad_arguments_are_refused() -> None:
 
 def test_rule_attrs_record_every_threshold() -> None:
     attrs = DEFAULT_PEN_RULE.attrs()
-    assert attrs["pen_rule"] == "od-v1"
-    assert attrs["pen_stride"] == 4 and attrs["pen_min_share"] == 0.5 and attrs["pen_cool"] == 0.3
+    assert attrs["pen_rule"] == "od-v2"
+    assert attrs["pen_stride"] == 4 and attrs["pen_min_share"] == 0.5 and attrs["pen_cool"] == 0.25
     assert PenRule(**{k[4:]: v for k, v in attrs.items() if k != "pen_rule"}) == DEFAULT_PEN_RULE
     assert all(isinstance(v, (int, float, str)) for v in attrs.values())  # netCDF/Zarr attrs
 

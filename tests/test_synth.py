@@ -403,3 +403,32 @@ def test_ink_truth_colours_kinds_and_tiles() -> None:
 def ink_truth_of(spec: SynthSpec, stroke: InkStroke) -> np.ndarray:
     """Pixel truth of one stroke alone."""
     return ink_mask_region((stroke,), 0, 0, spec.width, spec.height)
+
+
+def test_pen_colours_choose_the_inks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``pen_colours`` picks the inks (held-out ones included); each renders as its absorbance says."""
+    from wsi_xr.cli import main
+    from wsi_xr.datasets.ink import INK_OD
+
+    spec = SynthSpec(2048, 1536, seed=1, tissue_fraction=0.35, pen_strokes=10, pen_colours=["cyan", "orange"])  # type: ignore[arg-type]
+    assert spec.pen_colours == ("cyan", "orange")  # a list is kept as a tuple: the spec stays hashable
+    strokes = ink_strokes(spec)
+    assert {s.colour for s in strokes} == {"cyan", "orange"}
+    assert all(3.0 <= s.edge <= 14.0 for s in strokes)  # out-of-focus borders, per stroke
+    pixels = render_region(spec, 0, 0, 2048, 1536).astype(np.float64)
+    tissue = tissue_truth(spec)
+    for colour in ("cyan", "orange"):
+        only = ink_truth(spec, colour=colour) & ~tissue & ~ink_truth(spec, colour="orange" if colour == "cyan" else "cyan")
+        assert only.sum() > 1000
+        od = np.log(241.0 / np.median(pixels[only], axis=0))  # through glass lit at ~241
+        # the channel order of the ink's absorbance is the rendered one
+        np.testing.assert_array_equal(np.argsort(od), np.argsort(INK_OD[colour]))
+    for bad in (("purple",), (), "cyan"):
+        with pytest.raises(InvalidArgumentError, match="pen colours"):
+            SynthSpec(64, 64, pen_strokes=1, pen_colours=bad)  # type: ignore[arg-type]
+    out = tmp_path / "cli.tif"
+    argv = ["synth", str(out), "--width", "512", "--height", "512", "--pen-strokes", "2", "--pen-colours", "navy,pink"]
+    assert main([*argv, "--jpeg-quality", "70", "--quiet"]) == 0
+    with tifffile.TiffFile(out) as tif:
+        assert tif.pages[0].description.endswith("pen_strokes=2 pen_colours=navy,pink")
+    capsys.readouterr()

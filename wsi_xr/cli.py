@@ -72,6 +72,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
         tissue_fraction=args.tissue_fraction,
         compression=args.compression,
         pen_strokes=args.pen_strokes,
+        pen_colours=tuple(args.pen_colours.split(",")) if args.pen_colours else None,
+        jpeg_quality=args.jpeg_quality,
         progress=not args.quiet,
     )
     print(f"wrote {out} ({spec.width} x {spec.height}, seed {spec.seed}) in {time.perf_counter() - start:.1f} s")
@@ -706,6 +708,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tissue-fraction", type=float, default=0.3, help="share of the slide covered by tissue (default 0.3)")
     p.add_argument("--compression", choices=["jpeg", "deflate", "none"], default="jpeg", help="tile compression (default jpeg)")
     p.add_argument("--pen-strokes", type=int, default=0, help="marker-ink strokes to draw, with ground truth (default 0)")
+    p.add_argument(
+        "--pen-colours",
+        default=None,
+        help="comma-separated inks the strokes cycle through: blue, green, red, black (the default) and the held-out cyan, navy, orange, violet, pink",
+    )
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 (default 90; Aperio scanners write about 70)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)

@@ -11,12 +11,22 @@ region:
   pixels apart: an elliptic arc, a gently bent line, or a dot) with a constant half
   width. A pixel is **ink** (ground truth) when its centre lies within the half width
   of the centre line. Rendering and truth use the same distance, so they agree exactly.
-* **Colour.** Each stroke has one of four marker colours (:data:`INK_OD`: blue, green,
-  red, black), as an absorbance per RGB channel at unit density, jittered a little per
-  stroke, times a per-stroke density (how much ink was laid down). Within a stroke the
-  density varies as real marker ink does: streaks along the stroke from the felt tip,
-  slow fading along its length, ink pooling at its edges, and a soft (3-px) border.
-  Where strokes cross, their densities add.
+* **Colour.** Each stroke has one marker colour (:data:`INK_OD`), an absorbance per
+  RGB channel at unit density, jittered per stroke (±6 % per channel, so the hue
+  varies between strokes as between pens), times a per-stroke density from faint (0.4)
+  to heavy (1.3). The tuning colours (:data:`TUNING_COLOURS`) are what scanners show of
+  the usual markers: royal blue, a teal-leaning green, a *pinkish* red (blue is absorbed
+  almost as much as green: ``OD_B / OD_G`` 0.73, the colour that makes red ink hard to
+  tell from eosin) and a black that is a little bluish. :data:`HELD_OUT_COLOURS` (cyan,
+  navy, orange, violet, pink) are for checking a rule on colours it was not tuned on.
+* **What a scanner sees.** The ink lies on the coverslip, about 0.17 mm above the
+  focal plane, so its border is out of focus: a soft edge of 3-14 px (per stroke)
+  centred on the truth boundary. Within a stroke the density varies as real marker
+  ink does: streaks along the stroke from the felt tip, slow fading along its length,
+  blotchy drying (mottle of ±10 % over tens of pixels) and ink pooling at its edges.
+  Where strokes cross, their densities add. JPEG's colour shift (2 x 2 chroma
+  subsampling, which bleeds a saturated ink's colour a few pixels into its
+  neighbours and desaturates thin strokes) comes from the slide writer's YCbCr JPEG.
 * **Placement.** Strokes are drawn deterministically from the slide's seed; each is
   one of three kinds, in turn: on glass only, over tissue only, or crossing from glass
   onto tissue (found by rejection sampling against the slide's tissue field).
@@ -29,32 +39,73 @@ partly-inked 64-px tiles; real strokes at 0.5 um/px are far wider (0.5-2 mm).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["INK_COLOURS", "INK_OD", "InkStroke", "ink_mask_region", "ink_od_region", "make_strokes"]
+from wsi_xr.errors import InvalidArgumentError
+
+__all__ = [
+    "HELD_OUT_COLOURS",
+    "INK_COLOURS",
+    "INK_OD",
+    "TUNING_COLOURS",
+    "InkStroke",
+    "check_colours",
+    "ink_mask_region",
+    "ink_od_region",
+    "make_strokes",
+]
 
 #: Absorbance (natural-log optical density) per RGB channel of each marker ink at unit
-#: density. Through glass lit at ~241 they give (62, 108, 197) blue, (59, 154, 108)
-#: green, (207, 51, 69) red and (46, 49, 56) black: typical scanned marker colours.
+#: density; the colour through glass lit at ~241 is given beside each. The first four
+#: are the tuning colours, modelled on scanned markers; the rest are held out.
 INK_OD: dict[str, tuple[float, float, float]] = {
-    "blue": (1.35, 0.80, 0.20),
-    "green": (1.40, 0.45, 0.80),
-    "red": (0.15, 1.55, 1.25),
-    "black": (1.65, 1.60, 1.45),
+    "blue": (1.35, 0.80, 0.20),  # (62, 108, 197) royal blue
+    "green": (1.20, 0.45, 0.65),  # (73, 154, 126) teal-leaning green
+    "red": (0.12, 1.10, 0.80),  # (214, 80, 108) pinkish red: OD_B / OD_G 0.73
+    "black": (1.70, 1.55, 1.45),  # (44, 51, 56) bluish black
+    "cyan": (1.30, 0.25, 0.35),  # (66, 188, 170)
+    "navy": (1.55, 1.30, 0.60),  # (51, 66, 132)
+    "orange": (0.05, 0.70, 1.50),  # (229, 120, 54)
+    "violet": (0.80, 1.35, 0.45),  # (108, 62, 154): absorbs like haematoxylin + eosin
+    "pink": (0.10, 0.95, 0.50),  # (218, 93, 146): absorbs like eosin
 }
-#: The colours, in the order strokes cycle through them.
+#: The colours a pen rule may be tuned on; strokes cycle through them by default.
+TUNING_COLOURS: tuple[str, ...] = ("blue", "green", "red", "black")
+#: Colours for checking a rule on inks it was not tuned on.
+HELD_OUT_COLOURS: tuple[str, ...] = ("cyan", "navy", "orange", "violet", "pink")
+#: Every colour, tuning colours first.
 INK_COLOURS: tuple[str, ...] = tuple(INK_OD)
 #: Stroke kinds, in the order strokes cycle through them.
 _KINDS = ("glass", "tissue", "crossing")
-#: Soft border of a stroke (pixels from 0 to full ink).
-_EDGE = 3.0
+#: Range of a stroke's soft border (pixels from 0 to full ink): out of focus on the coverslip.
+_EDGE_RANGE = (3.0, 14.0)
+#: Range of a stroke's mean density (faint to heavy).
+_DENSITY_RANGE = (0.4, 1.3)
 #: Distance between centre-line points (pixels).
 _SPACING = 6.0
 #: Rejection-sampling attempts per stroke before the last candidate is kept.
 _TRIES = 300
+
+
+def check_colours(colours: Sequence[str] | None) -> tuple[str, ...]:
+    """The ink colours to draw: ``None`` gives :data:`TUNING_COLOURS`.
+
+    Raises
+    ------
+    InvalidArgumentError
+        If ``colours`` is empty, a bare string, or names a colour not in :data:`INK_OD`.
+    """
+    if colours is None:
+        return TUNING_COLOURS
+    if isinstance(colours, str) or not len(colours):
+        raise InvalidArgumentError(f"pen colours {colours!r}: give a non-empty list of colours from {list(INK_COLOURS)}")
+    unknown = [c for c in colours if c not in INK_OD]
+    if unknown:
+        raise InvalidArgumentError(f"pen colours {unknown}: not an ink; choose from {list(INK_COLOURS)}")
+    return tuple(colours)
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,8 +124,13 @@ class InkStroke:
         One of :data:`INK_COLOURS`.
     kind : str
         ``"glass"``, ``"tissue"`` or ``"crossing"``: where it was placed.
+    edge : float
+        Width of the soft (out-of-focus) border, pixels, centred on the truth boundary.
     streak_period, streak_phase, fade_period, fade_phase : float
         Parameters of the density variation (pixels, radians).
+    mottle : numpy.ndarray
+        ``float64 (3, 3)``: wavelength (px), direction (radians) and phase of three plane
+        waves whose sum makes the blotchy drying pattern.
     """
 
     points: np.ndarray
@@ -82,15 +138,17 @@ class InkStroke:
     od: np.ndarray
     colour: str
     kind: str
+    edge: float
     streak_period: float
     streak_phase: float
     fade_period: float
     fade_phase: float
+    mottle: np.ndarray
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
         """``(x_min, y_min, x_max, y_max)`` of every pixel the stroke can touch."""
-        reach = self.half_width + _EDGE
+        reach = self.half_width + self.edge
         (x0, y0), (x1, y1) = self.points.min(axis=0), self.points.max(axis=0)
         return x0 - reach, y0 - reach, x1 + reach, y1 + reach
 
@@ -144,6 +202,7 @@ def make_strokes(
     height: int,
     count: int,
     is_tissue: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    colours: Sequence[str] | None = None,
 ) -> tuple[InkStroke, ...]:
     """``count`` strokes for a ``width`` x ``height`` slide, deterministically from ``rng``.
 
@@ -157,19 +216,22 @@ def make_strokes(
         Number of strokes.
     is_tissue : callable
         ``is_tissue(x, y)`` -> bool array: whether level-0 points lie on tissue.
+    colours : sequence of str or None
+        Inks to cycle through (names of :data:`INK_OD`); ``None``: :data:`TUNING_COLOURS`.
 
     Returns
     -------
     tuple of InkStroke
-        Colours cycle through :data:`INK_COLOURS` and kinds through glass / tissue /
+        Colours cycle through ``colours`` and kinds through glass / tissue /
         crossing, each from a random start. A stroke whose kind cannot be found in
         :data:`_TRIES` attempts (e.g. no tissue at all) keeps its last candidate.
     """
+    palette = check_colours(colours)
     scale = float(min(width, height))
     colour_start, kind_start = (int(v) for v in rng.integers(0, 12, 2))
     strokes = []
     for i in range(count):
-        colour = INK_COLOURS[(colour_start + i) % len(INK_COLOURS)]
+        colour = palette[(colour_start + i) % len(palette)]
         kind = _KINDS[(kind_start + i) % len(_KINDS)]
         for _ in range(_TRIES):
             points, half_width = _candidate(rng, width, height, scale)
@@ -181,8 +243,8 @@ def make_strokes(
                 break
             if kind == "crossing" and 0.25 <= on.mean() <= 0.75:
                 break
-        jitter = 1.0 + 0.04 * rng.standard_normal(3)
-        density = rng.uniform(0.8, 1.25)
+        jitter = 1.0 + 0.06 * rng.standard_normal(3)
+        density = rng.uniform(*_DENSITY_RANGE)
         od = (np.asarray(INK_OD[colour]) * jitter * density).astype(np.float32)
         strokes.append(
             InkStroke(
@@ -191,10 +253,12 @@ def make_strokes(
                 od=od,
                 colour=colour,
                 kind=kind,
+                edge=float(rng.uniform(*_EDGE_RANGE)),
                 streak_period=float(rng.uniform(5.0, 9.0)),
                 streak_phase=float(rng.uniform(0, 2 * math.pi)),
                 fade_period=float(rng.uniform(300.0, 900.0)),
                 fade_phase=float(rng.uniform(0, 2 * math.pi)),
+                mottle=np.stack([rng.uniform(20.0, 80.0, 3), rng.uniform(0, math.pi, 3), rng.uniform(0, 2 * math.pi, 3)]),
             )
         )
     return tuple(strokes)
@@ -215,7 +279,7 @@ def _geometry(stroke: InkStroke, x0: int, y0: int, width: int, height: int) -> t
         return None
     region = (slice(top - y0, bottom - y0), slice(left - x0, right - x0))
     x0, y0, width, height = left, top, right - left, bottom - top
-    reach = stroke.half_width + _EDGE
+    reach = stroke.half_width + stroke.edge
     distance = np.full((height, width), np.inf, dtype=np.float32)
     across = np.zeros((height, width), dtype=np.float32)
     along = np.zeros((height, width), dtype=np.float32)
@@ -263,10 +327,11 @@ def ink_mask_region(strokes: tuple[InkStroke, ...], x0: int, y0: int, width: int
 def ink_od_region(strokes: tuple[InkStroke, ...], x0: int, y0: int, width: int, height: int) -> np.ndarray | None:
     """Ink absorbance ``float32 (3, height, width)`` of a region, or ``None`` if it has none.
 
-    The density of a stroke at a pixel is its soft coverage (0 to 1 across a 3-px
-    border centred on the truth boundary) times +-12 % streaks across the stroke (two
-    incommensurate sines), ``1 - 0.1 (1 + sin)`` slow fading along it and up to +30 % pooling at its
-    edges; strokes add.
+    The density of a stroke at a pixel is its soft coverage (0 to 1 across the stroke's
+    out-of-focus border, centred on the truth boundary) times +-12 % streaks across the
+    stroke (two incommensurate sines), ``1 - 0.1 (1 + sin)`` slow fading along it, a
+    +-10 % mottle (three plane waves of 20-80 px in the slide's frame) and up to +30 %
+    pooling at its edges; strokes add.
     """
     total: np.ndarray | None = None
     for stroke in strokes:
@@ -275,14 +340,22 @@ def ink_od_region(strokes: tuple[InkStroke, ...], x0: int, y0: int, width: int, 
             continue
         window, distance, across, along = geometry
         hw = np.float32(stroke.half_width)
-        coverage = np.clip((hw - distance) / np.float32(_EDGE) + np.float32(0.5), 0.0, 1.0)
+        coverage = np.clip((hw - distance) / np.float32(stroke.edge) + np.float32(0.5), 0.0, 1.0)
         if not coverage.any():
             continue
         phase = across * np.float32(2 * math.pi / stroke.streak_period) + np.float32(stroke.streak_phase)
         streaks = 1.0 + 0.07 * np.sin(phase) + 0.05 * np.sin(phase * np.float32(0.618) + np.float32(1.3))
         fade = 1.0 - 0.1 * (1.0 + np.sin(along * np.float32(2 * math.pi / stroke.fade_period) + np.float32(stroke.fade_phase)))
         pooling = 1.0 + 0.3 * np.minimum(np.abs(across) / hw, 1.0) ** 6
-        density = (coverage * streaks * fade * pooling).astype(np.float32)
+        rows, cols = window
+        py = (np.arange(y0 + rows.start, y0 + rows.stop, dtype=np.float32) + np.float32(0.5))[:, None]
+        px = (np.arange(x0 + cols.start, x0 + cols.stop, dtype=np.float32) + np.float32(0.5))[None, :]
+        mottle = np.zeros_like(coverage)
+        for wavelength, angle, wave_phase in stroke.mottle.T:
+            k = np.float32(2 * math.pi / wavelength)
+            mottle += np.sin(px * (k * np.float32(math.cos(angle))) + py * (k * np.float32(math.sin(angle))) + np.float32(wave_phase))
+        blotches = 1.0 + np.float32(0.1 / 3) * mottle
+        density = (coverage * streaks * fade * pooling * blotches).astype(np.float32)
         if total is None:
             total = np.zeros((3, height, width), dtype=np.float32)
         total[(slice(None), *window)] += stroke.od[:, None, None] * density[None]

@@ -52,7 +52,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import tifffile
 
-from wsi_xr.datasets.ink import INK_COLOURS, InkStroke, ink_mask_region, ink_od_region, make_strokes
+from wsi_xr.datasets.ink import INK_COLOURS, InkStroke, check_colours, ink_mask_region, ink_od_region, make_strokes
 from wsi_xr.errors import InvalidArgumentError
 
 _T = TypeVar("_T")
@@ -127,6 +127,10 @@ class SynthSpec:
     pen_strokes : int
         Number of marker-pen strokes drawn on the slide (0 to 64; 0, the default,
         draws none and leaves every pixel as without the option).
+    pen_colours : tuple of str or None
+        Inks the strokes cycle through (names of
+        :data:`wsi_xr.datasets.ink.INK_OD`); ``None``: the four tuning colours
+        (blue, green, red, black).
 
     Raises
     ------
@@ -144,6 +148,7 @@ class SynthSpec:
     jpeg_quality: int = 90
     mpp: float | None = 0.5
     pen_strokes: int = 0
+    pen_colours: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("width", "height"):
@@ -165,6 +170,8 @@ class SynthSpec:
             raise InvalidArgumentError(f"mpp={self.mpp!r}: give a positive number of microns per pixel, or None")
         if not _is_int(self.pen_strokes) or not 0 <= self.pen_strokes <= _MAX_STROKES:
             raise InvalidArgumentError(f"pen_strokes={self.pen_strokes!r}: give an integer from 0 (no ink) to {_MAX_STROKES}")
+        if self.pen_colours is not None:
+            object.__setattr__(self, "pen_colours", check_colours(self.pen_colours))  # a list becomes a hashable tuple
         most = _max_levels(self.width, self.height)
         if self.levels is not None and (not _is_int(self.levels) or not 1 <= self.levels <= most):
             raise InvalidArgumentError(
@@ -372,7 +379,7 @@ def _model(spec: SynthSpec) -> _Model:
         def on_tissue(px: np.ndarray, py: np.ndarray) -> np.ndarray:
             return _points(shape, step, px, py) > threshold
 
-        strokes = make_strokes(np.random.default_rng([seed, 6]), width, height, spec.pen_strokes, on_tissue)
+        strokes = make_strokes(np.random.default_rng([seed, 6]), width, height, spec.pen_strokes, on_tissue, spec.pen_colours)
     return _Model(
         spec=spec,
         step=step,
@@ -796,8 +803,8 @@ def tile_truth(spec: SynthSpec, tile: int = 64, *, min_fraction: float = 0.5) ->
 def ink_strokes(spec: SynthSpec) -> tuple[InkStroke, ...]:
     """The marker-pen strokes of a slide (empty unless ``spec.pen_strokes``).
 
-    Each :class:`~wsi_xr.datasets.ink.InkStroke` says its ``colour`` (blue, green, red,
-    black), its ``kind`` (drawn on glass, over tissue, or crossing both) and geometry.
+    Each :class:`~wsi_xr.datasets.ink.InkStroke` says its ``colour`` (one of
+    ``spec.pen_colours``, by default blue, green, red, black), its ``kind`` (drawn on glass, over tissue, or crossing both) and geometry.
     """
     return _model(spec).strokes
 
@@ -1016,6 +1023,7 @@ def write_synthetic_slide(
     jpeg_quality: int = 90,
     mpp: float | None = 0.5,
     pen_strokes: int = 0,
+    pen_colours: tuple[str, ...] | None = None,
     progress: bool = False,
 ) -> SynthSpec:
     """Write a synthetic H&E-like pyramidal tiled TIFF.
@@ -1053,6 +1061,9 @@ def write_synthetic_slide(
     pen_strokes : int
         Marker-pen strokes to draw (0-64; default 0: none, and the file is exactly
         as without the option). Their truth: :func:`ink_truth`, :func:`ink_tile_fraction`.
+    pen_colours : tuple of str or None
+        Inks the strokes cycle through; ``None``: blue, green, red and black (see
+        :mod:`wsi_xr.datasets.ink` for the held-out colours).
     progress : bool
         Show a progress bar per level (tqdm).
 
@@ -1081,6 +1092,7 @@ def write_synthetic_slide(
         jpeg_quality=jpeg_quality,
         mpp=mpp,
         pen_strokes=pen_strokes,
+        pen_colours=pen_colours,
     )
     path = os.fspath(path)
     model = _model(spec)
@@ -1130,6 +1142,8 @@ def write_synthetic_slide(
     description = f"wsi_xr synthetic slide seed={spec.seed} tissue_fraction={float(spec.tissue_fraction):g}"
     if spec.pen_strokes:
         description += f" pen_strokes={spec.pen_strokes}"
+        if spec.pen_colours is not None:
+            description += f" pen_colours={','.join(spec.pen_colours)}"
     with tifffile.TiffWriter(path, bigtiff=bigtiff) as writer:
         write(writer, _level0_tiles(model, size), 0, description=description)
     for level in range(1, spec.n_levels):
