@@ -280,7 +280,7 @@ def _context() -> dict[str, Any]:
     import importlib.metadata as md
 
     versions = {}
-    for package in ("wsi_xr", "cucim-cu12", "dask", "distributed", "numpy", "torch", "tifffile", "zarr", "xarray"):
+    for package in ("wsi_xr", "cucim-cu13", "dask", "distributed", "numpy", "torch", "tifffile", "zarr", "xarray"):
         with contextlib.suppress(md.PackageNotFoundError):
             versions[package] = md.version(package)
     return {

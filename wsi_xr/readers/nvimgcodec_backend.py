@@ -61,7 +61,7 @@ AGREEMENT_MEAN_LEVELS = 2.0
 #: Decoder options: libjpeg-style interpolated chroma upsampling, as imagecodecs does.
 DEFAULT_OPTIONS = ":fancy_upsampling=1"
 #: How to install what is missing.
-_INSTALL = "pip install -e '.[gpu]' (CuPy and nvidia-nvimgcodec-cu12 with nvJPEG and nvJPEG2000)"
+_INSTALL = "pip install -e '.[gpu]' (CuPy and nvidia-nvimgcodec-cu13 with nvJPEG and nvJPEG2000)"
 
 
 def nvimgcodec_available() -> tuple[bool, str]:
