@@ -98,6 +98,33 @@ def test_pipeline_never_encodes_a_tile_the_decoder_complained_about(flipped: tup
     assert stored.wsi.attrs["complete"] is True and int(stored.read_error.sum()) == int(truth.sum())
 
 
+def test_cufile_start_up_noise_after_torch_is_logged_not_printed(tmp_path: Path) -> None:
+    """With torch (a CUDA build, which loads libcufile) imported first, cuCIM's first import and
+    open print "cuFile initialization failed" past the C stream variables (std::cout) and write
+    cufile.log into the current folder: wsi_xr reads print nothing, leave no file and no
+    environment variable behind, and the text is a log record."""
+    slide = tmp_path / "s.tif"
+    write_synthetic_slide(slide, 512, 512, seed=2)
+    script = (
+        "import logging, sys, torch, wsi_xr\n"
+        "logging.basicConfig(level=logging.INFO, stream=open(sys.argv[2], 'w'))\n"
+        "image = wsi_xr.open_slide(sys.argv[1])\n"
+        "assert image.attrs['backend'] == 'cucim', image.attrs['backend']\n"
+        "assert image.values.std() > 0\n"
+        "import os; assert 'CUFILE_LOGFILE_PATH' not in os.environ\n"
+    )
+    log = tmp_path / "log.txt"
+    work = tmp_path / "cwd"
+    work.mkdir()
+    run = subprocess.run([sys.executable, "-c", script, str(slide), str(log)], capture_output=True, text=True, timeout=300, cwd=work)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "" and run.stderr == "", (run.stdout, run.stderr)
+    assert list(work.iterdir()) == []  # no cufile.log
+    logged = log.read_text()
+    if "cuFile" in logged:  # only where this torch build carries libcufile
+        assert "wsi_xr.thirdparty:cucim: cuFile initialization failed" in logged
+
+
 def test_cucim_warnings_go_to_logging_not_the_terminal(tmp_path: Path) -> None:
     """kidney-48-5.tif (stripped): cuCIM's slow-path warning appears with -v only, as a log record."""
     from tests.conftest import data_file

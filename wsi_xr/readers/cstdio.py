@@ -21,6 +21,14 @@ cuCIM call of wsi_xr runs inside :func:`c_output`:
 
 This works with glibc, where ``stdout``/``stderr`` are variables a program may assign.
 Elsewhere (no such symbols), nothing is captured and cuCIM prints as it does.
+
+Some C++ code prints past those variables (``std::cout`` keeps its own handle on the original
+stream): with a CUDA build of torch imported first (it loads ``libcufile``), cuCIM's first
+import and its first ``CuImage`` try to start cuFile (GPUDirect Storage) and, with no GPU
+driver, print ``dlopen error libcuda.so.1 ... cuFile initialization failed`` partly that way.
+Such once-per-process start-up work runs inside :func:`fd_output_captured`, which points
+file descriptors 1 and 2 themselves at temporary files for that moment and logs what was
+written there.
 """
 
 from __future__ import annotations
@@ -30,13 +38,15 @@ import ctypes
 import logging
 import os
 import re
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 log = logging.getLogger("wsi_xr.thirdparty")
 
-__all__ = ["Captured", "c_output", "decoder_error"]
+__all__ = ["Captured", "c_output", "decoder_error", "fd_output_captured"]
 
 
 @dataclass
@@ -219,3 +229,44 @@ def c_output(*, exclusive: bool = False) -> Iterator[Captured]:
             yield captured
         finally:
             _streams.leave(token, captured)
+
+
+@contextlib.contextmanager
+def fd_output_captured() -> Iterator[Captured]:
+    """Point file descriptors 1 and 2 at temporary files during the block; log what was written.
+
+    For short, once-per-process start-up work of C++ libraries that print past the C
+    ``stdout``/``stderr`` variables (``std::cout`` keeps its own handle on the original
+    stream; see the module docstring). Unlike :func:`c_output` this catches everything
+    written to the two descriptors in the block, by any thread (Python's ``sys.stdout``
+    and ``sys.stderr`` included): nothing is lost, it goes to the ``wsi_xr.thirdparty`` log
+    at INFO. All C streams are flushed before the descriptors are put back, also on an
+    exception. The returned :class:`Captured` holds the text once the block has ended.
+    """
+    captured = Captured()
+
+    def flush_all() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if _streams.available:
+            _streams.libc.fflush(None)  # every C output stream, std::cout's included
+
+    flush_all()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            flush_all()
+            for fd, old in ((1, saved[0]), (2, saved[1])):
+                os.dup2(old, fd)
+                os.close(old)
+            out.seek(0)
+            err.seek(0)
+            captured.stdout = out.read().decode("utf-8", "replace")
+            captured.stderr = err.read().decode("utf-8", "replace")
+            for line in (captured.stdout + "\n" + captured.stderr).splitlines():
+                if line.strip():
+                    log.info("cucim: %s", line.strip())

@@ -17,15 +17,68 @@ without an error. Tiled levels are read concurrently.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import tempfile
 import threading
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from wsi_xr.readers.base import DecoderComplaint
-from wsi_xr.readers.cstdio import c_output, decoder_error
+from wsi_xr.readers.cstdio import c_output, decoder_error, fd_output_captured
 from wsi_xr.readers.probe import SlideInfo
+
+log = logging.getLogger("wsi_xr.thirdparty")
+
+#: Whether this process has imported cuCIM and opened a first ``CuImage`` (see ``_open``).
+_started = False
+_start_lock = threading.Lock()
+
+
+def _open(path: str) -> Any:
+    """``cucim.CuImage(path)``; the process's first import and open run with descriptors 1 and 2 captured.
+
+    With a CUDA build of torch imported first, both try to start cuFile and, with no GPU
+    driver, print "cuFile initialization failed" partly past :func:`c_output` (through
+    ``std::cout``) and write a ``cufile.log`` into the current directory: once per process.
+    The printed text is logged (``wsi-xr -v``), not printed, and unless the user chose a
+    place for it (``CUFILE_LOGFILE_PATH``), cuFile's log goes to a temporary folder for that
+    moment and into the same log, so no file is left behind.
+    """
+    global _started
+    if not _started:
+        with _start_lock:
+            if not _started:
+                with tempfile.TemporaryDirectory(prefix="wsi_xr-cufile-") as folder:
+                    cufile_log = os.path.join(folder, "cufile.log")
+                    chosen = os.environ.get("CUFILE_LOGFILE_PATH")
+                    if chosen is None:
+                        os.environ["CUFILE_LOGFILE_PATH"] = cufile_log
+                    try:
+                        with fd_output_captured():
+                            image = _open_plainly(path)
+                    finally:
+                        if chosen is None:
+                            del os.environ["CUFILE_LOGFILE_PATH"]
+                    if os.path.exists(cufile_log):
+                        with open(cufile_log, encoding="utf-8", errors="replace") as written:
+                            for line in written.read().splitlines():
+                                if line.strip():
+                                    log.info("cufile: %s", line.strip())
+                _started = True
+                return image
+    return _open_plainly(path)
+
+
+def _open_plainly(path: str) -> Any:
+    # imported here: importing cucim costs ~0.5 s. cucim exports CuImage, but its stub
+    # (__init__.pyi) builds __all__ at run time, so mypy does not see the export.
+    from cucim import CuImage  # type: ignore[attr-defined]
+
+    with c_output():  # e.g. "[Warning] Loading image(...) with a slow-path": logged, not printed
+        return CuImage(path)
 
 
 class CuCIMReader:
@@ -34,15 +87,10 @@ class CuCIMReader:
     name: ClassVar[str] = "cucim"
 
     def __init__(self, info: SlideInfo) -> None:
-        # imported here: importing cucim costs ~0.5 s. cucim exports CuImage, but its stub
-        # (__init__.pyi) builds __all__ at run time, so mypy does not see the export.
-        from cucim import CuImage  # type: ignore[attr-defined]
-
         if not info.cucim_safe:
             raise ValueError(f"{info.path}: not safe for cuCIM: {info.cucim_unsafe_reason}")
         self.info = info
-        with c_output():  # e.g. "[Warning] Loading image(...) with a slow-path": logged, not printed
-            self._image = CuImage(info.path)
+        self._image: Any = _open(info.path)
         self._downsamples = tuple(float(d) for d in self._image.resolutions["level_downsamples"])
         self._stripped = frozenset(lv.index for lv in info.levels if not lv.tiled)
         self._strip_lock = threading.Lock()
