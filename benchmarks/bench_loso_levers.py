@@ -51,9 +51,7 @@ def main() -> None:
         options = dict(LEVERS[lever])
         epochs = args.epochs * int(options.pop("epochs_factor", 1))
         start = time.perf_counter()
-        folds = leave_one_slide_out(
-            slides, epochs=epochs, stride=args.stride, max_train_tiles=args.max_train_tiles, default_weights=False, **options
-        )
+        folds = leave_one_slide_out(slides, epochs=epochs, stride=args.stride, max_train_tiles=args.max_train_tiles, default_weights=False, **options)
         seconds = time.perf_counter() - start
         for fold in folds:
             gain = fold.beats_pca_by()
@@ -74,7 +72,11 @@ def main() -> None:
         f"Leave-one-slide-out per lever; CPU capability {torch.backends.cpu.get_cpu_capability()}; "
         f"{args.epochs} epochs (2x: {2 * args.epochs}), stride {args.stride}, at most {args.max_train_tiles} training tiles per fold."
     )
-    save("loso-levers", {"epochs": args.epochs, "stride": args.stride, "max_train_tiles": args.max_train_tiles, "rows": rows}, header + "\n\n" + markdown_table(rows, list(rows[0])))
+    save(
+        "loso-levers",
+        {"epochs": args.epochs, "stride": args.stride, "max_train_tiles": args.max_train_tiles, "rows": rows},
+        header + "\n\n" + markdown_table(rows, list(rows[0])),
+    )
 
 
 if __name__ == "__main__":

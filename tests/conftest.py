@@ -10,6 +10,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("WSI_XR_TESTDATA", ROOT.parent / "shared" / "data"))
 
+# Tests that call cuCIM directly (a second reader) after torch start cuFile, which without a
+# GPU driver writes cufile.log into the current folder; wsi_xr's own reads keep it out
+# (tests/test_decoder_messages.py), these tests' direct calls are sent to /dev/null here.
+os.environ.setdefault("CUFILE_LOGFILE_PATH", os.devnull)
+
 
 def pytest_report_header(config: pytest.Config) -> str:
     """Say which CPU kernels oneDNN dispatches to: float32 results differ in their last bits between them."""

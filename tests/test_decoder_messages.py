@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -116,13 +117,50 @@ def test_cufile_start_up_noise_after_torch_is_logged_not_printed(tmp_path: Path)
     log = tmp_path / "log.txt"
     work = tmp_path / "cwd"
     work.mkdir()
-    run = subprocess.run([sys.executable, "-c", script, str(slide), str(log)], capture_output=True, text=True, timeout=300, cwd=work)
+    env = {k: v for k, v in os.environ.items() if k != "CUFILE_LOGFILE_PATH"}  # as a user's shell has it
+    run = subprocess.run([sys.executable, "-c", script, str(slide), str(log)], capture_output=True, text=True, timeout=300, cwd=work, env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout == "" and run.stderr == "", (run.stdout, run.stderr)
     assert list(work.iterdir()) == []  # no cufile.log
     logged = log.read_text()
     if "cuFile" in logged:  # only where this torch build carries libcufile
         assert "wsi_xr.thirdparty:cucim: cuFile initialization failed" in logged
+
+
+def test_fd_capture_passes_other_output_on_and_restores_descriptors(tmp_path: Path) -> None:
+    """fd_output_captured: cuFile's lines become log records, any other line written to the
+    descriptors meanwhile reaches them afterwards, and the descriptors come back after an
+    exception; with stdout closed it captures nothing and still runs the block."""
+    script = (
+        "import logging, os, sys\n"
+        "from wsi_xr.readers.cstdio import fd_output_captured\n"
+        "logging.basicConfig(level=logging.INFO, stream=open(sys.argv[1], 'w'), format='%(name)s|%(message)s')\n"
+        "try:\n"
+        "    with fd_output_captured():\n"
+        "        os.write(1, b' cuFile initialization failed\\n')\n"
+        "        os.write(2, b'another thread says hello\\n')\n"
+        "        raise KeyError('inside')\n"
+        "except KeyError:\n"
+        "    pass\n"
+        "os.write(2, b'after\\n')\n"
+        "print('printed', flush=True)\n"
+    )
+    log = tmp_path / "log.txt"
+    run = subprocess.run([sys.executable, "-c", script, str(log)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "printed\n"
+    assert run.stderr == "another thread says hello\nafter\n"
+    assert log.read_text() == "wsi_xr.thirdparty|cucim: cuFile initialization failed\n"
+    closed = subprocess.run(
+        [sys.executable, "-c", "from wsi_xr.readers.cstdio import fd_output_captured\nwith fd_output_captured():\n    x = 1\n"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        pass_fds=(),
+        preexec_fn=lambda: os.close(1),
+    )
+    assert closed.returncode == 0, closed.stderr
 
 
 def test_cucim_warnings_go_to_logging_not_the_terminal(tmp_path: Path) -> None:

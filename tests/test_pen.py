@@ -182,8 +182,9 @@ def test_cmu_tissue_is_not_pen(cmu_pixels: np.ndarray) -> None:
     assert tissue.sum() == 720  # the known count at the Otsu threshold (README)
     stained = np.load(TRUTH / "cmu-1-small-region.svs.npz")["stained_fraction"]  # the colour-labelled truth
     pen = pen_tiles(cmu_pixels, TILE)
-    # The 8 flagged tiles are margins with under 10 % stain: teal marking dye on and beside
-    # fibres, dark specks, a bluish edge (README "Pen marks"); no tile of real tissue bulk.
+    # 8 of these 720 Otsu tiles are flagged (6 of them among the 716 tiles of the colour truth,
+    # README "Pen marks"): margins with under 10 % stain, teal marking dye on and beside fibres,
+    # dark specks, a bluish edge; no tile of real tissue bulk.
     assert (pen & tissue).sum() <= 8
     assert (stained[pen & tissue] < 0.10).all()
     ink, stained_share = ink_fractions(cmu_pixels, TILE)

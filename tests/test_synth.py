@@ -427,7 +427,7 @@ def test_pen_colours_choose_the_inks(tmp_path: Path, capsys: pytest.CaptureFixtu
         with pytest.raises(InvalidArgumentError, match="pen colours"):
             SynthSpec(64, 64, pen_strokes=1, pen_colours=bad)  # type: ignore[arg-type]
     out = tmp_path / "cli.tif"
-    argv = ["synth", str(out), "--width", "512", "--height", "512", "--pen-strokes", "2", "--pen-colours", "navy,pink"]
+    argv = ["synth", str(out), "--width", "512", "--height", "512", "--pen-strokes", "2", "--pen-colours", "navy, pink"]
     assert main([*argv, "--jpeg-quality", "70", "--quiet"]) == 0
     with tifffile.TiffFile(out) as tif:
         assert tif.pages[0].description.endswith("pen_strokes=2 pen_colours=navy,pink")

@@ -72,7 +72,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         tissue_fraction=args.tissue_fraction,
         compression=args.compression,
         pen_strokes=args.pen_strokes,
-        pen_colours=tuple(args.pen_colours.split(",")) if args.pen_colours else None,
+        pen_colours=tuple(c.strip() for c in args.pen_colours.split(",")) if args.pen_colours else None,
         jpeg_quality=args.jpeg_quality,
         progress=not args.quiet,
     )

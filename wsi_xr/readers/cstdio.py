@@ -231,42 +231,65 @@ def c_output(*, exclusive: bool = False) -> Iterator[Captured]:
             _streams.leave(token, captured)
 
 
+#: Lines cuFile prints at start-up without a GPU driver (its own and its loader's).
+_CUFILE_NOISE = re.compile(r"cuFile|cufio|libcuda\.so|cuda symbols|dlopen error", re.IGNORECASE)
+
+
+def _flush_everything() -> None:
+    """Flush Python's and C's output streams (all of C's, ``std::cout``'s buffer included)."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+    if _streams.available:
+        _streams.libc.fflush(None)
+
+
 @contextlib.contextmanager
 def fd_output_captured() -> Iterator[Captured]:
-    """Point file descriptors 1 and 2 at temporary files during the block; log what was written.
+    """Point file descriptors 1 and 2 at temporary files during the block; sort out what was written.
 
     For short, once-per-process start-up work of C++ libraries that print past the C
     ``stdout``/``stderr`` variables (``std::cout`` keeps its own handle on the original
-    stream; see the module docstring). Unlike :func:`c_output` this catches everything
-    written to the two descriptors in the block, by any thread (Python's ``sys.stdout``
-    and ``sys.stderr`` included): nothing is lost, it goes to the ``wsi_xr.thirdparty`` log
-    at INFO. All C streams are flushed before the descriptors are put back, also on an
-    exception. The returned :class:`Captured` holds the text once the block has ended.
+    stream; see the module docstring). Lines that are cuFile's start-up noise go to the
+    ``wsi_xr.thirdparty`` log at INFO; every other line written to the two descriptors in
+    the block (another thread's output, say) is written back to its descriptor when the
+    block ends, so nothing is lost. The descriptors are put back also on an exception.
+    Where a descriptor cannot be duplicated (closed stdout), nothing is captured. The
+    returned :class:`Captured` holds all the text once the block has ended.
     """
     captured = Captured()
-
-    def flush_all() -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if _streams.available:
-            _streams.libc.fflush(None)  # every C output stream, std::cout's included
-
-    flush_all()
-    saved = [os.dup(1), os.dup(2)]
+    _flush_everything()
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # a closed descriptor: nothing to protect, nothing to capture
+        yield captured
+        return
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        os.dup2(out.fileno(), 1)
-        os.dup2(err.fileno(), 2)
         try:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
             yield captured
         finally:
-            flush_all()
-            for fd, old in ((1, saved[0]), (2, saved[1])):
-                os.dup2(old, fd)
-                os.close(old)
-            out.seek(0)
-            err.seek(0)
-            captured.stdout = out.read().decode("utf-8", "replace")
-            captured.stderr = err.read().decode("utf-8", "replace")
-            for line in (captured.stdout + "\n" + captured.stderr).splitlines():
-                if line.strip():
-                    log.info("cucim: %s", line.strip())
+            try:
+                _flush_everything()
+            finally:
+                for fd, old in ((1, saved[0]), (2, saved[1])):
+                    os.dup2(old, fd)
+                    os.close(old)
+            for fd, sink in ((1, out), (2, err)):
+                sink.seek(0)
+                text = sink.read().decode("utf-8", "replace")
+                if fd == 1:
+                    captured.stdout = text
+                else:
+                    captured.stderr = text
+                passed_on = []
+                for line in text.splitlines(keepends=True):
+                    if _CUFILE_NOISE.search(line):
+                        log.info("cucim: %s", line.strip())
+                    elif line.strip():
+                        passed_on.append(line)
+                if passed_on:
+                    with contextlib.suppress(OSError):
+                        os.write(fd, "".join(passed_on).encode("utf-8", "replace"))

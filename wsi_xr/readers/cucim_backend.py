@@ -37,47 +37,66 @@ _started = False
 _start_lock = threading.Lock()
 
 
-def _open(path: str) -> Any:
-    """``cucim.CuImage(path)``; the process's first import and open run with descriptors 1 and 2 captured.
+def _cufile_loaded() -> bool:
+    """Whether ``libcufile`` is mapped into this process (a CUDA build of torch loads it); True when unknown."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            return "libcufile" in maps.read()
+    except OSError:
+        return True
 
-    With a CUDA build of torch imported first, both try to start cuFile and, with no GPU
-    driver, print "cuFile initialization failed" partly past :func:`c_output` (through
-    ``std::cout``) and write a ``cufile.log`` into the current directory: once per process.
-    The printed text is logged (``wsi-xr -v``), not printed, and unless the user chose a
-    place for it (``CUFILE_LOGFILE_PATH``), cuFile's log goes to a temporary folder for that
-    moment and into the same log, so no file is left behind.
+
+def _open(path: str) -> Any:
+    """``cucim.CuImage(path)``, with the process's first import and open kept quiet.
+
+    With ``libcufile`` already loaded (a CUDA build of torch imported first), cuCIM's first
+    import and open start cuFile and, with no GPU driver, print "cuFile initialization
+    failed" partly past :func:`c_output` (through ``std::cout``) and write ``cufile.log``
+    into the current directory: once per process. Only then, that first open runs inside
+    :func:`fd_output_captured` (the noise is logged, ``wsi-xr -v``; anything else printed
+    meanwhile is passed on) and, unless the user chose a place for it
+    (``CUFILE_LOGFILE_PATH``), with cuFile's log in a temporary folder whose lines join the
+    same log: no file is left behind, and the variable is removed again.
     """
     global _started
     if not _started:
         with _start_lock:
             if not _started:
-                with tempfile.TemporaryDirectory(prefix="wsi_xr-cufile-") as folder:
-                    cufile_log = os.path.join(folder, "cufile.log")
-                    chosen = os.environ.get("CUFILE_LOGFILE_PATH")
-                    if chosen is None:
-                        os.environ["CUFILE_LOGFILE_PATH"] = cufile_log
-                    try:
-                        with fd_output_captured():
-                            image = _open_plainly(path)
-                    finally:
-                        if chosen is None:
-                            del os.environ["CUFILE_LOGFILE_PATH"]
-                    if os.path.exists(cufile_log):
-                        with open(cufile_log, encoding="utf-8", errors="replace") as written:
-                            for line in written.read().splitlines():
-                                if line.strip():
-                                    log.info("cufile: %s", line.strip())
+                image = _first_open(path) if _cufile_loaded() else _open_plainly(path)
                 _started = True
                 return image
     return _open_plainly(path)
 
 
+def _first_open(path: str) -> Any:
+    with tempfile.TemporaryDirectory(prefix="wsi_xr-cufile-") as folder:
+        cufile_log = os.path.join(folder, "cufile.log")
+        chosen = os.environ.get("CUFILE_LOGFILE_PATH")
+        if chosen is None:
+            os.environ["CUFILE_LOGFILE_PATH"] = cufile_log
+        try:
+            # c_output outside: its own log records are written after the descriptors are back
+            with c_output(), fd_output_captured():
+                from cucim import CuImage  # type: ignore[attr-defined]
+
+                image = CuImage(path)
+        finally:
+            if chosen is None:
+                os.environ.pop("CUFILE_LOGFILE_PATH", None)
+        if os.path.exists(cufile_log):
+            with open(cufile_log, encoding="utf-8", errors="replace") as written:
+                for line in written.read().splitlines():
+                    if line.strip():
+                        log.info("cufile: %s", line.strip())
+    return image
+
+
 def _open_plainly(path: str) -> Any:
     # imported here: importing cucim costs ~0.5 s. cucim exports CuImage, but its stub
     # (__init__.pyi) builds __all__ at run time, so mypy does not see the export.
-    from cucim import CuImage  # type: ignore[attr-defined]
-
     with c_output():  # e.g. "[Warning] Loading image(...) with a slow-path": logged, not printed
+        from cucim import CuImage  # type: ignore[attr-defined]
+
         return CuImage(path)
 
 

@@ -27,7 +27,7 @@ Marker inks break that pattern:
   ``OD_B - OD_G >= warm * m`` (0.20); CMU-1's 99th percentile is +0.01, kidney's
   (an IHC slide) -0.07.
 * **red ink**: red light passes while green *and* blue are absorbed:
-  ``OD_G >= red_green`` (0.4, G <= 171), ``OD_B >= red_blue * OD_G`` (0.60) and
+  ``OD_G >= red_green`` (0.4, G <= 170), ``OD_B >= red_blue * OD_G`` (0.60) and
   ``OD_R <= red_red * OD_G`` (0.25). Scanned red marker is pinkish: ``OD_B / OD_G``
   0.62-0.78 and ``OD_R / OD_G`` 0.12-0.28. Eosin overlaps in part (CMU-1's stained
   tissue samples: ``OD_B / OD_G`` 0.46-0.82, ``OD_R / OD_G`` 0.20-0.90, 5-95 %): single eosin samples pass,
@@ -67,8 +67,8 @@ with it).
 Sampling: one pixel per ``stride`` x ``stride`` cell (``stride`` 4: 256 samples in a
 64-px tile), the one nearest the cell's centre. Marker strokes are hundreds of pixels
 wide at level 0, so a tile decision loses little (an ink line thinner than the stride
-can fall between samples), and the kernel costs about half the variance kernel
-instead of ~10x; ``stride=1`` scores every pixel.
+can fall between samples), and the kernel costs 0.6-0.7x the variance kernel (od-v2,
+4096² block) instead of ~10x; ``stride=1`` scores every pixel.
 """
 
 from __future__ import annotations
