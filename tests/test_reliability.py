@@ -56,8 +56,11 @@ _FUZZ_RUNNER = textwrap.dedent(
     r"""
     import json, os, signal, sys, threading, time, traceback
     import numpy as np
-    import dask, torch, cucim  # noqa: F401  (imported once, before forking)
+    import dask, torch  # noqa: F401  (imported once, before forking)
     import wsi_xr
+    from wsi_xr.readers.cstdio import c_output, fd_output_captured
+    with c_output(), fd_output_captured():  # after torch, cuCIM's import prints cuFile's start-up noise
+        import cucim  # noqa: F401
     from wsi_xr.encode import encode
 
     spec = json.load(open(sys.argv[1]))
