@@ -217,6 +217,17 @@ def test_a_notice_naming_a_path_is_not_a_decoder_error(tmp_path: Path) -> None:
     assert not mask.read_error.values.any()
 
 
+def test_cufile_start_up_lines_are_not_decoder_errors() -> None:
+    """cuFile starts in a thread of its own and may print into a read's capture (seen: CMU-1's
+    first window called unreadable in a forked worker); its lines are no decoder's complaint,
+    while a real complaint next to them still is."""
+    from wsi_xr.readers.cstdio import decoder_error
+
+    cufile = "dlopen error libcuda.so.1: cannot open shared object file: No such file or directory\n missing cuda symbols while dynamic loading\n cuFile initialization failed\n"
+    assert not decoder_error(cufile)
+    assert decoder_error(cufile + "ERROR in line 205 while decompressing JPEG image: Corrupt JPEG data: premature end of data segment\n")
+
+
 def test_a_store_started_without_decoder_checks_is_not_resumed(flipped: tuple[Path, Path], weights: Path, tmp_path: Path) -> None:
     """A half-done 0.2.0 store: its finished chunks were scored without the decoder check."""
     import json

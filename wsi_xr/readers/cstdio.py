@@ -68,6 +68,9 @@ class Captured:
 
 #: Quoted text (a file path in a message) is not evidence: a slide in ``failed_scans/`` is not a failure.
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+#: Lines cuFile prints at start-up without a GPU driver (its own and its loader's). cuFile
+#: starts in a thread of its own, so they can land inside any capture, a read's included.
+_CUFILE_NOISE = re.compile(r"cuFile|cufio|libcuda\.so|cuda symbols|dlopen error", re.IGNORECASE)
 #: Words of a decoder reporting bad data (libjpeg-turbo, libtiff, cuCIM's own errors).
 _FAILURE = re.compile(r"\b(error|corrupt|premature|invalid|bogus|not enough data|failed|unsupported)\b", re.IGNORECASE)
 
@@ -77,9 +80,13 @@ def decoder_error(text: str) -> bool:
 
     Each line is judged with its quoted parts (paths) removed; cuCIM's notices (lines
     starting ``[Warning]`` or ``[Info]``, e.g. the slow-path warning for stripped TIFFs)
-    are not failures.
+    are not failures, nor are cuFile's start-up messages ("cuFile initialization failed",
+    "dlopen error libcuda.so.1 ...": no GPU driver), which its own thread may print during
+    any read.
     """
     for line in text.splitlines():
+        if _CUFILE_NOISE.search(line):  # cuFile starting (in a thread of its own) without a GPU driver
+            continue
         line = _QUOTED.sub("", line).strip()
         if line and not line.startswith(("[Warning]", "[Info]")) and _FAILURE.search(line):
             return True
@@ -229,10 +236,6 @@ def c_output(*, exclusive: bool = False) -> Iterator[Captured]:
             yield captured
         finally:
             _streams.leave(token, captured)
-
-
-#: Lines cuFile prints at start-up without a GPU driver (its own and its loader's).
-_CUFILE_NOISE = re.compile(r"cuFile|cufio|libcuda\.so|cuda symbols|dlopen error", re.IGNORECASE)
 
 
 def _flush_everything() -> None:
