@@ -58,7 +58,7 @@ from torch import nn
 
 from wsi_xr.errors import InvalidArgumentError, WeightsError, WsiXrError
 from wsi_xr.models.vae import CHANNELS, LATENT_SIZE, PRECISIONS, TILE_SIZE, VAE2, encode_tiles, torch_device, torch_threads_scope
-from wsi_xr.models.weights import _one_line, _torch_detail, existing_file
+from wsi_xr.models.weights import _one_line, _torch_detail, existing_file, sha256_of_file
 
 __all__ = [
     "DEFAULT_ENCODER_BATCH",
@@ -313,15 +313,7 @@ class LoadedEncoder:
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
-    p = _existing_file(path, "weights file")
-    digest = hashlib.sha256()
-    try:
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as err:
-        raise WeightsError(f"weights file '{p}' cannot be read ({err.strerror}); check its permissions") from err
-    return digest.hexdigest()
+    return sha256_of_file(_existing_file(path, "weights file"))
 
 
 def state_dict_sha256(state: nn.Module | Mapping[str, torch.Tensor]) -> str:

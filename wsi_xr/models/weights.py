@@ -283,7 +283,17 @@ def read_metadata(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
 
 def weights_hash(path: str | os.PathLike[str] | None = None) -> str:
     """SHA-256 (hex) of the weights file's bytes, for provenance. ``None``: the default weights."""
-    p = _resolve(path)
+    return sha256_of_file(_resolve(path))
+
+
+def sha256_of_file(p: Path) -> str:
+    """SHA-256 (hex) of an existing file's bytes, read in 1 MiB blocks.
+
+    Raises
+    ------
+    WeightsError
+        If the file cannot be read.
+    """
     digest = hashlib.sha256()
     try:
         with open(p, "rb") as fh:

@@ -283,10 +283,7 @@ def fd_output_captured() -> Iterator[Captured]:
             for fd, sink in ((1, out), (2, err)):
                 sink.seek(0)
                 text = sink.read().decode("utf-8", "replace")
-                if fd == 1:
-                    captured.stdout = text
-                else:
-                    captured.stderr = text
+                setattr(captured, "stdout" if fd == 1 else "stderr", text)
                 passed_on = []
                 for line in text.splitlines(keepends=True):
                     if _CUFILE_NOISE.search(line):
