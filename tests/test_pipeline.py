@@ -69,6 +69,21 @@ def test_pipeline_matches_tissue_mask_and_reads_once(synth_slide: Path, weights:
     _check_latents_against_direct_encoder(ds, synth_slide, weights)
 
 
+def test_store_rewritten_with_other_chunks_in_one_process_gets_fresh_arrays(synth_slide: Path, weights: Path, tmp_path: Path) -> None:
+    # Chunk tasks reuse the arrays they opened for a store, group and layout (opening them
+    # is ~40% of a task's writes): a store overwritten at the same path with another chunk
+    # grid must be written with its own metadata, not the first run's.
+    store, fresh = tmp_path / "same.zarr", tmp_path / "fresh.zarr"
+    with dask.config.set(scheduler="threads"):
+        process_slide(synth_slide, store, weights=weights, chunks=1024, progress=False)
+        rewritten = process_slide(synth_slide, store, weights=weights, chunks=512, overwrite=True, progress=False)
+        expected = process_slide(synth_slide, fresh, weights=weights, chunks=512, progress=False)
+    assert wsi_xr.verify_store(store).ok
+    assert zarr.open_group(store, mode="r")["latent"].chunks[:2] == (8, 8)
+    np.testing.assert_array_equal(rewritten.tile_mask.values, expected.tile_mask.values)
+    np.testing.assert_array_equal(rewritten.latent.values, expected.latent.values)
+
+
 def test_finalize_blanks_only_encoded_non_tissue_and_checks_what_it_reads(synth_slide: Path, weights: Path, tmp_path: Path) -> None:
     from wsi_xr.pipeline import CANDIDATE_FLOOR
     from wsi_xr.tissue.mask import two_stage_rule

@@ -119,7 +119,7 @@ def _prepare(
     if resumed:  # a store this process just built holds nothing to repair
         repair(group, folder, group_name, plan)
     done = read_array(group, "chunk_done")
-    job = ChunkJob.of(str(store_path.resolve()), group_name, options)
+    job = ChunkJob.of(str(store_path.resolve()), group_name, options, plan.fingerprint)
     assert options.model is not None
     tasks = chunk_graph(plan, job, done, options.model.graph_input(client)) if not done.all() else None
     return _SlideRun(plan, group, group_name, folder, tasks, start)
