@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import tifffile
@@ -146,8 +147,70 @@ def test_bf16_refused_where_it_would_be_slow(monkeypatch: pytest.MonkeyPatch, sy
 def test_default_batch_size_per_device_and_precision() -> None:
     from wsi_xr.models import default_batch_size
 
-    assert (default_batch_size("fp32"), default_batch_size("bf16")) == (64, 128)  # measured in the CPU pipeline
+    assert (default_batch_size("fp32"), default_batch_size("bf16"), default_batch_size("int8")) == (64, 128, 64)  # measured in the CPU pipeline
     assert (default_batch_size("fp32", "cuda"), default_batch_size("bf16", "cuda")) == (128, 256)
     assert default_batch_size("fp32", "mps") == 64  # an unmeasured device type: the CPU's
     with pytest.raises(KeyError):
         default_batch_size("fp16")
+
+
+#: int8 error bound (relative, Frobenius) of ``mu``: each of the five products rounds its
+#: weights to 255 levels per tensor and its activations to 128 levels per batch (fbgemm's
+#: reduced range on x86), a relative step of ~1/127 and ~1/64 of the largest value; summed
+#: over K = 48...2048 terms the errors average out to ~1% per product and add over the
+#: chain. Measured 1.9-2.0% (benchmarks/bench_precision.py, README "Precision"); 5% leaves
+#: room for other CPUs' kernels, and a layout mistake (a permuted kernel) is > 50%.
+INT8_RELATIVE_TOLERANCE = 0.05
+
+
+def test_int8_products_are_close_to_fp32_on_real_tiles(cmu: Path) -> None:
+    from wsi_xr.encode import encode_block, prepare_model
+
+    tiles = _cmu_tiles(cmu)
+    model = load_vae()
+    fp32 = _eager_mu(model, tiles)
+    int8 = encode_tiles(model, tiles, precision="int8")  # the arithmetic, whatever its speed here
+    relative = np.linalg.norm(int8 - fp32) / np.linalg.norm(fp32)
+    assert 0 < relative < INT8_RELATIVE_TOLERANCE, f"int8 relative error {relative:.4f} on {torch.backends.cpu.get_cpu_capability()}"
+    cosine = (int8 * fp32).sum(1) / np.linalg.norm(int8, axis=1) / np.linalg.norm(fp32, axis=1)
+    assert cosine.min() > 0.99
+    # a chunk task's path (encode_block with an int8 ModelRef) gives the same values
+    block = tiles[:16].reshape(4, 4, 64, 64, 3).transpose(0, 2, 1, 3, 4).reshape(256, 256, 3)
+    prepared = prepare_model(None, precision="int8")  # the shipped weights (no speed check: that is check_precision's)
+    latents = encode_block(block, np.ones((4, 4), bool), prepared.ref, weights=prepared.data)
+    np.testing.assert_array_equal(latents.reshape(16, -1), encode_tiles(model, tiles[:16], precision="int8"))
+    with pytest.raises(wsi_xr.InvalidArgumentError, match="VAE2"):  # only the VAE has an int8 path
+        from wsi_xr.models.encoders import EncoderSpec, encode_batch
+
+        encode_batch(torch.nn.Flatten().eval(), tiles[:2], EncoderSpec("flat", tile=64), precision="int8")
+
+
+def test_int8_refused_where_measured_slower_accepted_and_recorded_where_faster(
+    monkeypatch: pytest.MonkeyPatch, synth_slide: Path, tmp_path: Path
+) -> None:
+    from wsi_xr.models import gemm
+
+    fp32_speed, int8_speed = gemm.int8_speed()  # measured on this CPU
+    assert fp32_speed > 0 and int8_speed > 0
+    if int8_speed <= fp32_speed:
+        with pytest.raises(wsi_xr.InvalidArgumentError, match=r"slower than fp32 .*int8 \d+ tiles/s, fp32 \d+ tiles/s"):
+            check_precision("int8", "cpu")
+    else:
+        check_precision("int8", "cpu")
+    with pytest.raises(wsi_xr.InvalidArgumentError, match="CPU only"):
+        check_precision("int8", "cuda")
+    # Either outcome, on any CPU: a slower int8 is refused before anything is written ...
+    monkeypatch.setattr(gemm, "int8_speed", lambda tiles=128: (2000.0, 1000.0))
+    with pytest.raises(wsi_xr.InvalidArgumentError, match="int8 1000 tiles/s, fp32 2000 tiles/s"):
+        process_slide(synth_slide, tmp_path / "slow.zarr", precision="int8", progress=False)
+    assert not (tmp_path / "slow.zarr").exists()
+    # ... and a faster one runs, is recorded, and keeps the mask of fp32
+    monkeypatch.setattr(gemm, "int8_speed", lambda tiles=128: (1000.0, 2000.0))
+    with dask.config.set(scheduler="threads"):
+        ds = process_slide(synth_slide, tmp_path / "int8.zarr", precision="int8", chunks=1024, progress=False)
+        exact = process_slide(synth_slide, tmp_path / "fp32.zarr", chunks=1024, progress=False)
+    assert ds.attrs["precision"] == "int8" and ds.wsi.attrs["wsi_xr_run"]["precision"] == "int8"
+    tissue = exact.tile_mask.values
+    np.testing.assert_array_equal(ds.tile_mask.values, tissue)
+    a, b = exact.latent.values[tissue], ds.latent.values[tissue]
+    assert np.linalg.norm(b - a) / np.linalg.norm(a) < INT8_RELATIVE_TOLERANCE

@@ -48,8 +48,9 @@ __all__ = [
     "torch_threads_scope",
 ]
 
-#: Accepted ``precision=`` values: exact float32 (default), or bfloat16 autocast (opt-in).
-PRECISIONS = ("fp32", "bf16")
+#: Accepted ``precision=`` values: exact float32 (default); opt-in approximations: bfloat16
+#: autocast, int8 products (the VAE on a CPU).
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,20 @@ def check_precision(precision: str, device: str = "cpu") -> None:
     ``"bf16"`` needs bfloat16 arithmetic in hardware: on the CPU AVX512-BF16 or AMX
     (x86) or the BF16 extension (ARM); on CUDA a GPU torch reports bf16 support for
     (Ampere or newer). Without it autocast would run, only slower than fp32.
+
+    ``"int8"`` (the VAE's products as dynamically quantised int8, on the CPU) is measured
+    against fp32 on this CPU once per process (:func:`wsi_xr.models.gemm.int8_speed`, about
+    0.5 s) and refused unless it is faster, with both speeds in the message.
     """
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)}.")
     if precision == "fp32":
         return
     import torch
+
+    if precision == "int8":
+        _check_int8(device)
+        return
 
     if device == "cuda":
         if not torch.cuda.is_available() or not torch.cuda.is_bf16_supported():
@@ -103,6 +112,26 @@ def check_precision(precision: str, device: str = "cpu") -> None:
             "precision='bf16' needs a CPU with bfloat16 instructions (x86 AVX512-BF16 or AMX, ARM BF16); "
             f"this CPU has none ({torch.backends.cpu.get_cpu_capability()}), so bf16 would run slower than fp32. "
             "Use precision='fp32'."
+        )
+
+
+def _check_int8(device: str) -> None:
+    import torch
+
+    if device != "cpu":
+        raise InvalidArgumentError(f"precision='int8' runs on the CPU only, not on {device!r}; use precision='fp32' or 'bf16' there.")
+    if not {"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines):
+        raise InvalidArgumentError(
+            f"precision='int8' needs torch's x86/fbgemm quantised engine, which this torch lacks "
+            f"({', '.join(torch.backends.quantized.supported_engines)}); use precision='fp32'."
+        )
+    from wsi_xr.models.gemm import int8_speed
+
+    fp32, int8 = int8_speed()
+    if int8 <= fp32:
+        raise InvalidArgumentError(
+            f"precision='int8' is slower than fp32 on this CPU ({torch.backends.cpu.get_cpu_capability()}, one thread: "
+            f"int8 {int8:.0f} tiles/s, fp32 {fp32:.0f} tiles/s, measured now), so it is refused; use precision='fp32' (exact)."
         )
 
 

@@ -286,7 +286,7 @@ class LoadedEncoder:
     def with_options(self, *, device: str | None = None, precision: str | None = None) -> LoadedEncoder:
         """The same encoder run on another device or at another precision (the bytes are shared)."""
         device = self.ref.device if device is None else str(torch_device(device))
-        precision = self.ref.precision if precision is None else _check_precision(precision)
+        precision = self.ref.precision if precision is None else _check_precision(precision, vae=self.spec.kind == "vae")
         return LoadedEncoder(dataclasses.replace(self.ref, device=device, precision=precision), self.data)
 
     def graph_input(self, client: Any = None) -> Any:
@@ -371,9 +371,11 @@ def _is_safetensors(data: bytes) -> bool:
     return 0 < size <= len(data) - 8 and data[8:9] == b"{"
 
 
-def _check_precision(precision: str) -> str:
+def _check_precision(precision: str, *, vae: bool = False) -> str:
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)} (fp32 is exact; bf16 is an opt-in autocast)")
+    if precision == "int8" and not vae:
+        raise InvalidArgumentError("precision='int8' is built for the VAE (VAE2) only; run other encoders with precision='fp32' or 'bf16'.")
     return precision
 
 
@@ -646,7 +648,7 @@ def vae_encoder(weights: str | os.PathLike[str] | VAE2 | None = None, *, device:
     from wsi_xr.models.weights import default_weights_path, load_vae, load_vae_bytes, vae_bytes
 
     dev = str(torch_device(device))
-    _check_precision(precision)
+    _check_precision(precision, vae=True)
     if isinstance(weights, VAE2):
         data, source = vae_bytes(weights), None
         model = load_vae_bytes(data, label="VAE2 object")
@@ -923,7 +925,7 @@ def encode_batch(
         Tiles of another shape or dtype, a bad batch size or precision, a module in training mode,
         or a module whose output is not ``(N, D)`` (with ``D = spec.features`` when known).
     """
-    _check_precision(precision)
+    _check_precision(precision, vae=spec.kind == "vae")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise InvalidArgumentError(f"batch_size={batch_size!r}: must be an integer >= 1 (or None: the default)")
     if getattr(module, "training", False):

@@ -18,6 +18,7 @@ BatchNorm as its own step); only the order of the additions differs, so
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import weakref
@@ -25,7 +26,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["KINDS", "LAYERS_BY_CAPABILITY", "LayeredEncoder", "choose_layers", "cpu_layers", "layered_encoder"]
+__all__ = [
+    "KINDS",
+    "LAYERS_BY_CAPABILITY",
+    "Int8Encoder",
+    "LayeredEncoder",
+    "choose_layers",
+    "cpu_layers",
+    "int8_encoder",
+    "int8_speed",
+    "layered_encoder",
+]
 
 #: How a convolution may run: oneDNN's direct convolution, or im2col + GEMM.
 KINDS = ("conv", "gemm")
@@ -141,3 +152,87 @@ def layered_encoder(model: Any) -> LayeredEncoder:
         if encoder is None:
             encoder = _encoders[model] = LayeredEncoder(model, cpu_layers())
         return encoder
+
+
+class Int8Encoder:
+    """``mu`` of a :class:`~wsi_xr.models.VAE2` with every matrix product in int8: an opt-in
+    approximation (``precision="int8"``), never the default.
+
+    Each convolution runs as im2col + a dynamically quantised linear layer (weights int8 per
+    tensor, activations quantised per batch on the fly: torch's ``quantize_dynamic`` on the
+    fbgemm/x86 engine), ``fc1`` too; BatchNorm and the activations stay float32. Its error
+    against exact fp32 is measured in ``benchmarks/bench_precision.py`` and the README.
+    """
+
+    def __init__(self, model: Any) -> None:
+        import warnings
+
+        from torch import nn
+        from torch.ao.quantization import quantize_dynamic
+
+        products = nn.ModuleList()
+        for i in CONVS:
+            conv = model.encoder[i]
+            linear = nn.Linear(KERNEL * KERNEL * conv.in_channels, conv.out_channels)
+            linear.weight.data = conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.out_channels, -1).clone()
+            linear.bias.data = conv.bias.detach().clone()
+            products.append(linear)
+        products.append(model.fc1)
+        with warnings.catch_warnings():  # torch marks its quantised tensors as deprecated: said once in the README, not per call
+            warnings.simplefilter("ignore")
+            self.products = quantize_dynamic(copy.deepcopy(products).eval(), {nn.Linear}, dtype=torch.qint8)
+        self.model = model
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for index in range(len(CONVS)):
+            nhwc = h.permute(0, 2, 3, 1)
+            n, height, width, channels = nhwc.shape
+            out_h, out_w = (height - KERNEL) // STRIDE + 1, (width - KERNEL) // STRIDE + 1
+            s_n, s_h, s_w, s_c = nhwc.stride()
+            windows = nhwc.as_strided((n, out_h, out_w, KERNEL, KERNEL, channels), (s_n, STRIDE * s_h, STRIDE * s_w, s_h, s_w, s_c))
+            rows = windows.reshape(n * out_h * out_w, KERNEL * KERNEL * channels)
+            h = self.products[index](rows).view(n, out_h, out_w, -1).permute(0, 3, 1, 2)
+            if CONVS[index] + 1 == NORM:
+                h = self.model.encoder[NORM](h)
+            h = torch.relu_(h)
+        return self.products[len(CONVS)](h.reshape(h.shape[0], -1))
+
+
+_int8_encoders: weakref.WeakKeyDictionary[Any, Int8Encoder] = weakref.WeakKeyDictionary()
+
+
+def int8_encoder(model: Any) -> Int8Encoder:
+    """The :class:`Int8Encoder` of ``model``, built once per model."""
+    with _lock:
+        encoder = _int8_encoders.get(model)
+        if encoder is None:
+            encoder = _int8_encoders[model] = Int8Encoder(model)
+        return encoder
+
+
+_int8_speed: dict[tuple[str, int], tuple[float, float]] = {}
+
+
+def int8_speed(tiles: int = 128) -> tuple[float, float]:
+    """Tiles per second of the fp32 encoder (as :func:`layered_encoder` runs it) and of the
+    int8 one on this CPU, one torch thread, best of 3 on ``tiles`` random tiles of a seeded
+    VAE2 (speed does not depend on the weights). Measured once per process and CPU
+    capability (about 0.7 s): :func:`wsi_xr.encode.check_precision` refuses int8 where it is
+    not faster."""
+    from wsi_xr.models.vae import VAE2, torch_threads_scope
+
+    key = (str(torch.backends.cpu.get_cpu_capability()), tiles)
+    with _lock:
+        if key in _int8_speed:
+            return _int8_speed[key]
+    with torch.random.fork_rng():  # leaves the caller's random state as it was
+        torch.manual_seed(0)
+        model = VAE2().eval()
+        x = torch.rand((tiles, 3, 64, 64)).contiguous(memory_format=torch.channels_last)
+    fp32, int8 = LayeredEncoder(model, cpu_layers()), Int8Encoder(model)
+    with torch_threads_scope(1), torch.inference_mode():
+        speeds = (tiles / _seconds(lambda: fp32(x), 3), tiles / _seconds(lambda: int8(x), 3))
+    with _lock:
+        _int8_speed[key] = speeds
+    return speeds

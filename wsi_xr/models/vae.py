@@ -241,15 +241,16 @@ def tiles_to_tensor(tiles: Any) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.channels_last).div_(255.0)
 
 
-#: Accepted ``precision=`` values of inference: exact float32, or bfloat16 autocast.
-PRECISIONS = ("fp32", "bf16")
+#: Accepted ``precision=`` values of inference: exact float32, bfloat16 autocast, or int8
+#: products (the VAE on a CPU only: :class:`~wsi_xr.models.gemm.Int8Encoder`).
+PRECISIONS = ("fp32", "bf16", "int8")
 #: Default encoder batch per device type and precision. CPU: measured in the pipeline on the
 #: project's 2-core CPU (one torch thread per Dask thread, each decoding its chunk, then
 #: encoding it; ``python -m benchmarks.bench_scale``, "Encoder batch in the pipeline"):
 #: small batches keep the layers' temporaries small, so each thread reuses its heap instead
 #: of mapping and faulting in fresh memory for every batch. CUDA: not measured on a GPU
 #: here; larger batches keep a GPU busy (``benchmarks/bench_gpu.py`` sweeps them).
-DEFAULT_BATCH_SIZE = {"cpu": {"fp32": 64, "bf16": 128}, "cuda": {"fp32": 128, "bf16": 256}}
+DEFAULT_BATCH_SIZE = {"cpu": {"fp32": 64, "bf16": 128, "int8": 64}, "cuda": {"fp32": 128, "bf16": 256}}
 
 
 def default_batch_size(precision: str, device_type: str = "cpu") -> int:
@@ -267,12 +268,17 @@ def encode_tiles(model: VAE2, tiles: Any, *, batch_size: int | None = None, prec
     under bfloat16 autocast (faster on CPUs with AVX512-BF16/AMX and on recent GPUs; see
     the README for its measured error); ``"fp32"`` is exact. On the CPU in fp32, each encoder
     convolution runs as oneDNN's convolution or as im2col + GEMM, whichever this CPU runs
-    faster (:mod:`wsi_xr.models.gemm`): the same sums in another order. Returns ``(N, z_dim)``
-    float32: a NumPy array for NumPy input, a tensor on the model's device for tensor input.
+    faster (:mod:`wsi_xr.models.gemm`): the same sums in another order. ``"int8"`` (CPU only)
+    runs every product in int8 (:class:`~wsi_xr.models.gemm.Int8Encoder`), whatever its
+    speed: :func:`wsi_xr.encode.check_precision` is where a run refuses it on a CPU where it
+    is slower. Returns ``(N, z_dim)`` float32: a NumPy array for NumPy input, a tensor on the
+    model's device for tensor input.
     """
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)}")
     device = next(model.parameters()).device
+    if precision == "int8" and device.type != "cpu":
+        raise InvalidArgumentError(f"precision='int8' runs on the CPU only (the model is on {device.type}); use fp32 or bf16 there.")
     if batch_size is None:
         batch_size = default_batch_size(precision, device.type)
     if batch_size < 1:
@@ -291,6 +297,10 @@ def encode_tiles(model: VAE2, tiles: Any, *, batch_size: int | None = None, prec
         from wsi_xr.models.gemm import layered_encoder
 
         features = layered_encoder(model)  # each convolution as this CPU runs it fastest: the same sums
+    elif precision == "int8":
+        from wsi_xr.models.gemm import int8_encoder
+
+        features = int8_encoder(model)
     with torch.inference_mode(), autocast:
         for start in range(0, n, batch_size):
             x = tiles_to_tensor(tiles[start : start + batch_size]).to(device, non_blocking=True)
