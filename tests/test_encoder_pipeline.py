@@ -214,6 +214,30 @@ def test_default_chunks_stay_small_for_encoder_patches() -> None:
     assert default_chunk_size(LevelInfo(0, 50000, 50000, 1.0, 1.0, 256, 256, 7, "jpeg"), 896) == 3584  # on 256-px tiles too
 
 
+def test_the_pipeline_reads_large_levels_in_larger_chunks(synth_slide: Path) -> None:
+    """From 32768² on (64 chunks of 4096 px), a run's default chunk is 4096 px on the tile
+    borders (each chunk costs ~10 ms of Zarr files); smaller levels keep ~2048, and so do
+    Aperio's 240-px tiles (3840 already; 7680 would be too large)."""
+    from wsi_xr.pipeline.options import run_chunks, validate_run_options
+    from wsi_xr.readers import open_file
+    from wsi_xr.readers.probe import LevelInfo
+    from wsi_xr.slide import large_level_chunk
+
+    def level(side: int, tile: int) -> LevelInfo:
+        return LevelInfo(0, side, side, 1.0, 1.0, tile, tile, 7, "jpeg")
+
+    assert large_level_chunk(level(49152, 256)) == 4096
+    assert large_level_chunk(level(32768, 512)) == 4096
+    assert large_level_chunk(level(32767, 256)) is None  # fewer than 64 chunks of 4096
+    assert large_level_chunk(level(16384, 256)) is None
+    assert large_level_chunk(level(49152, 240)) is None  # 7680 would be the aligned side: the default's 3840 stays
+    assert large_level_chunk(level(49152, 256), 896) == 5376  # an encoder's 896-px patches: whole patches
+    # a run on a small slide keeps the slide's default; given chunks always win
+    opened = open_file(synth_slide)
+    assert run_chunks(opened, validate_run_options(None)) is None
+    assert run_chunks(opened, validate_run_options(None, chunks=512)) == 512
+
+
 def test_a_lost_subtile_chunk_is_found_and_repaired(slide: Path, net: PooledLinear, tmp_path: Path) -> None:
     store = tmp_path / "f.zarr"
     wsi_xr.process_slide(slide, store, encoder=net, encoder_spec=SPEC, chunks=896)

@@ -76,6 +76,8 @@ def test_store_rewritten_with_other_chunks_in_one_process_gets_fresh_arrays(synt
     store, fresh = tmp_path / "same.zarr", tmp_path / "fresh.zarr"
     with dask.config.set(scheduler="threads"):
         process_slide(synth_slide, store, weights=weights, chunks=1024, progress=False)
+        with pytest.raises(wsi_xr.StoreError, match=r"other chunks \(1024-px\).*--chunk 1024"):  # how to resume it
+            process_slide(synth_slide, store, weights=weights, chunks=512, progress=False)
         rewritten = process_slide(synth_slide, store, weights=weights, chunks=512, overwrite=True, progress=False)
         expected = process_slide(synth_slide, fresh, weights=weights, chunks=512, progress=False)
     assert wsi_xr.verify_store(store).ok

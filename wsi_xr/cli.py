@@ -545,7 +545,12 @@ def _add_mask_options(p: argparse.ArgumentParser, *, encoder_tiles: bool = False
     p.add_argument(
         "--coarse", type=_coarse, default=defaults.coarse, help=f"auto, none, or the pyramid level for the coarse skip (default {defaults.coarse})"
     )
-    p.add_argument("--chunk", type=_positive_int, default=None, help="chunk side in pixels (multiple of --patch)")
+    p.add_argument(
+        "--chunk",
+        type=_positive_int,
+        default=None,
+        help="chunk side in pixels (multiple of --patch; default: ~2048 on the file's tiles, 4096 from 32768² on)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="CuPy chunks on the GPU (auto: when a GPU is present)")
     p.add_argument("--reject-pen", action="store_true", help="remove tiles covered by pen ink from the mask (adds pen_mask)")
 

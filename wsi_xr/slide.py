@@ -44,6 +44,14 @@ TARGET_CHUNK = 2048
 #: The largest chunk side accepted to keep chunk borders on TIFF tile borders (above it the
 #: chunk is a multiple of the patch only).
 MAX_ALIGNED_CHUNK = 4 * TARGET_CHUNK
+#: The pipeline's chunk side on large levels (:func:`wsi_xr.pipeline.options.run_chunks`):
+#: each chunk costs the pipeline a handful of Zarr chunk files written, read back and checked,
+#: ~10 ms a chunk, so a 49152² slide ran 17% faster with 4096-px chunks than with 2048
+#: (benchmarks/RESULTS.md, "Encoder on every CPU, small jobs, a peer pipeline").
+LARGE_LEVEL_CHUNK = 4096
+#: A level is large when it holds at least this many :data:`LARGE_LEVEL_CHUNK` chunks (from
+#: 32768² on): enough chunks that no core idles long at the end of a run.
+LARGE_LEVEL_CHUNKS = 64
 #: ``chunks=`` may be an int (square), a ``(y, x)`` pair, or a ``{"y": .., "x": ..}`` mapping.
 ChunkSpec = int | tuple[int, int] | dict[str, int] | None
 #: Where a slide comes from: a path, or a file already opened with :func:`wsi_xr.readers.open_file`.
@@ -206,8 +214,9 @@ def opened_slide_of(image: xr.DataArray) -> OpenedSlide | None:
     return None
 
 
-def default_chunk_size(level: LevelInfo, multiple: int = CHUNK_MULTIPLE) -> int:
-    """Smallest multiple of lcm(TIFF tile, 256, ``multiple``) that is at least :data:`TARGET_CHUNK`.
+def default_chunk_size(level: LevelInfo, multiple: int = CHUNK_MULTIPLE, target: int = TARGET_CHUNK) -> int:
+    """Smallest multiple of lcm(TIFF tile, 256, ``multiple``) that is at least ``target``
+    (default :data:`TARGET_CHUNK`).
 
     Every chunk border then falls on a TIFF tile border, so no tile is decoded twice;
     ``multiple`` (a patch side) makes every chunk hold whole patches. When that lcm passes
@@ -222,7 +231,19 @@ def default_chunk_size(level: LevelInfo, multiple: int = CHUNK_MULTIPLE) -> int:
         # on their borders are decoded twice (see README "Any encoder")
         if aligned <= MAX_ALIGNED_CHUNK:
             base = aligned
-    return base * max(1, -(-TARGET_CHUNK // base))
+    return base * max(1, -(-target // base))
+
+
+def large_level_chunk(level: LevelInfo, multiple: int = CHUNK_MULTIPLE) -> int | None:
+    """The pipeline's chunk side for a large level (:data:`LARGE_LEVEL_CHUNKS` chunks of
+    :data:`LARGE_LEVEL_CHUNK` px or more): the smallest multiple of the same alignment as
+    :func:`default_chunk_size` that is at least :data:`LARGE_LEVEL_CHUNK`. None for smaller
+    levels, and where that alignment would make chunks over 1.5x :data:`LARGE_LEVEL_CHUNK`
+    (240-px Aperio tiles: 7680): their default (3840) is large already."""
+    if level.height * level.width < LARGE_LEVEL_CHUNKS * LARGE_LEVEL_CHUNK**2:
+        return None
+    side = default_chunk_size(level, multiple, target=LARGE_LEVEL_CHUNK)
+    return side if side <= LARGE_LEVEL_CHUNK * 3 // 2 else None
 
 
 def _chunk_sides(chunks: ChunkSpec, level: LevelInfo) -> tuple[int, int]:

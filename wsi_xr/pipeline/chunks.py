@@ -28,7 +28,7 @@ from dask.base import tokenize
 from wsi_xr._failpoints import failpoint
 from wsi_xr._timing import stage
 from wsi_xr.encode import ModelRef, encode_block
-from wsi_xr.pipeline.options import RunOptions, candidate_floor, run_fingerprint
+from wsi_xr.pipeline.options import RunOptions, candidate_floor, run_chunks, run_fingerprint
 from wsi_xr.readers import OpenedSlide, unpack_window
 from wsi_xr.store import SlideLayout, zarr_array
 from wsi_xr.tissue.core import chunk_statistics, masked_statistics, two_stage_rule
@@ -75,7 +75,7 @@ class RunPlan:
 
 def plan_run(opened: OpenedSlide, options: RunOptions) -> RunPlan:
     """The run's plan of one slide: :func:`~wsi_xr.tissue.plan_mask` and the fingerprint."""
-    mask = plan_mask(opened, options.level, options.chunks, options.mask, options.scale(opened))
+    mask = plan_mask(opened, options.level, run_chunks(opened, options), options.mask, options.scale(opened))
     return RunPlan(mask, options, run_fingerprint(opened, options, mask.chunks))
 
 

@@ -9,7 +9,7 @@ from wsi_xr.encode import Model, ModelRef, check_precision, check_torch_threads,
 from wsi_xr.errors import InvalidArgumentError
 from wsi_xr.readers import GPU_BACKENDS, OpenedSlide
 from wsi_xr.resample import ReadScale, check_target_mpp, choose_scale
-from wsi_xr.slide import ChunkSpec
+from wsi_xr.slide import ChunkSpec, large_level_chunk
 from wsi_xr.tissue.params import MaskParams
 from wsi_xr.tissue.plan import Chunks, plan_chunks
 from wsi_xr.tissue.threshold import THRESHOLD_RANGE
@@ -138,6 +138,19 @@ def validate_run_options(
     return RunOptions(**{**resolved.__dict__, "patch": resolved.mask.patch})  # checks tile and patch (default: 4 tiles)
 
 
+def run_chunks(opened: OpenedSlide, options: RunOptions) -> ChunkSpec:
+    """The chunks a run reads: ``options.chunks`` when given; else, on a large level,
+    :func:`~wsi_xr.slide.large_level_chunk` (4096 px on the file's tile borders from 32768²
+    on); else None (the slide's default, ~2048 px).
+
+    A fixed rule of the level's size, not of the machine, so a store resumes on any machine.
+    """
+    levels = opened.info.levels
+    if options.chunks is not None or options.target_mpp is not None or not 0 <= options.level < len(levels):
+        return options.chunks  # a level that does not exist is refused by plan_chunks
+    return large_level_chunk(levels[options.level], options.mask.patch)
+
+
 def check_slide_options(opened: OpenedSlide, options: RunOptions) -> Chunks:
     """The checks of a run's options that need the slide (cheap: no pixels are read).
 
@@ -145,7 +158,7 @@ def check_slide_options(opened: OpenedSlide, options: RunOptions) -> Chunks:
     """
     if options.device == "cpu" and opened.backend in GPU_BACKENDS:
         raise InvalidArgumentError(f"{opened.info.path}: backend {opened.backend!r} needs device='cuda'.")
-    return plan_chunks(opened, options.level, options.chunks, options.mask, options.scale(opened))
+    return plan_chunks(opened, options.level, run_chunks(opened, options), options.mask, options.scale(opened))
 
 
 def run_fingerprint(opened: OpenedSlide, options: RunOptions, chunks: Chunks) -> dict[str, Any]:

@@ -229,6 +229,12 @@ def check_slide_target(store: Path, group_name: str | None, fingerprint: dict[st
                 "so its finished chunks may hold tiles scored and encoded from damaged data. Pass --overwrite "
                 "(overwrite=True) to recompute it."
             )
+        if differ == ["chunks"]:  # e.g. started by a wsi_xr that read large slides in 2048-px chunks
+            side = existing["chunks"][0][0] if existing.get("chunks") and existing["chunks"][0] else None
+            raise StoreError(
+                f"{where}: was started with other chunks ({side}-px) than this run's; pass --chunk {side} "
+                f"(chunks={side}) to resume it, or --overwrite (overwrite=True) to recompute it."
+            )
         if differ:
             raise StoreError(
                 f"{where}: was made from a different slide or with different parameters ({', '.join(differ)} "
