@@ -53,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiles", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--name", help="results file name (default encoder_kernels or encoder_kernels_avx2)")
     args = parser.parse_args()
     from wsi_xr.models import load_vae
     from wsi_xr.models.gemm import CONVS, LayeredEncoder, choose_layers, cpu_layers
@@ -116,7 +117,7 @@ def main() -> None:
     )
     payload = {"cpu": capability, "peak_gflops": peak / 1e9, "chosen": chosen, "layers": layers_rows, "encoders": rows}
     table = markdown_table(layers_rows, list(layers_rows[0])) + "\n\n" + markdown_table(rows, list(rows[0]))
-    name = "encoder_kernels" if capability != "AVX2" else "encoder_kernels_avx2"
+    name = args.name or ("encoder_kernels" if capability != "AVX2" else "encoder_kernels_avx2")
     save(name, payload, note + "\n\n" + table)
 
 

@@ -16,7 +16,7 @@ Against it, ``wsi-xr run SLIDE STORE`` (the default, a LocalCluster on this mach
 threaded scheduler when the job is small) and ``wsi-xr run --scheduler threads``, each in a
 fresh process, alternated. With ``--previous``, the same ``wsi-xr run`` of that commit too
 (from a git worktree), so old and new are compared in the same run. Every figure names the CPU
-capability. Writes benchmarks/results/peer.json and .md.
+capability. Writes benchmarks/results/peer.json and .md (``--name`` for another name).
 """
 
 from __future__ import annotations
@@ -262,6 +262,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="16384,49152")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--previous", default="", help="a commit whose `wsi-xr run` is timed too")
+    parser.add_argument("--name", default="peer", help="results file name in benchmarks/results")
     parser.add_argument("--no-fixed-costs", dest="fixed_costs", action="store_false", help="skip `wsi-xr --help` and CMU-1")
     args = parser.parse_args()
     if args.case == "peer":
@@ -346,7 +347,7 @@ def main() -> None:
     table = markdown_table([{k: v for k, v in row.items() if k != "runs"} for row in rows], columns)
     if fixed:
         table += "\n\nFixed costs (fresh processes, best of the rounds):\n\n" + markdown_table(fixed, ["what", "best_s", "runs"])
-    save("peer", {"rows": rows, "fixed_costs": fixed, "cpu": capability, "rounds": args.rounds}, note + "\n\n" + table)
+    save(args.name, {"rows": rows, "fixed_costs": fixed, "cpu": capability, "rounds": args.rounds}, note + "\n\n" + table)
 
 
 if __name__ == "__main__":

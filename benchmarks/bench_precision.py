@@ -70,10 +70,11 @@ def measure(weights: str | None) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default=None)
+    parser.add_argument("--name", default="precision", help="results file name in benchmarks/results")
     args = parser.parse_args()
     rows = measure(args.weights)
     save(
-        "precision",
+        args.name,
         {"weights": args.weights or "default", "rows": rows},
         markdown_table(
             rows, ["tiles", "precision", "n", "mean_abs_mu", "max_abs_diff", "mean_abs_diff", "relative_error", "min_cosine", "speed_vs_fp32", "cpu"]
