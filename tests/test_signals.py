@@ -20,7 +20,15 @@ import xarray as xr
 
 from wsi_xr.datasets.synth import write_synthetic_slide
 
-CLI = [sys.executable, "-m", "wsi_xr.cli"]
+#: ``wsi-xr`` as a terminal's foreground job gets it: Ctrl-C raises KeyboardInterrupt. A process
+#: started in the background (``pytest &``, ``nohup``, some CI runners) inherits SIGINT ignored,
+#: and Python, like every POSIX program, keeps ignoring it in its children; so the run is
+#: started with SIGINT's default handler put back, whatever this test process inherited.
+CLI_WITH_CTRL_C = [
+    sys.executable,
+    "-c",
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); from wsi_xr.cli import main; sys.exit(main(sys.argv[1:]))",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +59,7 @@ def test_interrupt_prints_one_line_and_a_rerun_resumes(
 ) -> None:
     store = tmp_path / "s.zarr"
     # one slide runs on the threaded scheduler by default; --workers 1 starts a LocalCluster
-    args = CLI + ["run", str(slow_slide), str(store), "--weights", str(weights), "--chunk", "512", "--quiet", *cluster]
+    args = CLI_WITH_CTRL_C + ["run", str(slow_slide), str(store), "--weights", str(weights), "--chunk", "512", "--quiet", *cluster]
     run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while _done_on_disk(store) < 8 and run.poll() is None and time.monotonic() < deadline:
